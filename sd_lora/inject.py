@@ -1,0 +1,115 @@
+"""Choose which layers get LoRA, add it through PEFT, and read the trained weights back.
+
+The LoRA math lives in PEFT; this module only decides targets (in one table per component) and
+translates between PEFT's injected layers and `AdapterState`.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+
+from sd_lora.lora_state import AdapterState, LoraModule
+
+ADAPTER_NAME = "default"
+
+# Target groups a user names in the config, and the module-name suffixes each one covers.
+UNET_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),  # self- and cross-attention projections
+    "proj": ("proj_in", "proj_out"),  # the transformer blocks' in/out projections
+    "ff": ("ff.net.0.proj", "ff.net.2"),  # the transformer blocks' feed-forward
+}
+TEXT_ENCODER_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "mlp": ("fc1", "fc2"),
+}
+TARGET_GROUPS = {
+    "unet": UNET_TARGET_GROUPS,
+    "text_encoder": TEXT_ENCODER_TARGET_GROUPS,
+    "text_encoder_2": TEXT_ENCODER_TARGET_GROUPS,
+}
+CLIP_PREFIX = "text_model."
+
+
+def target_suffixes(component: str, groups: tuple[str, ...]) -> list[str]:
+    """Module-name suffixes for the named target groups; raises naming the supported groups."""
+    table = TARGET_GROUPS.get(component)
+    if table is None:
+        raise ValueError(f"no LoRA targets for component {component!r}; known: {list(TARGET_GROUPS)}")
+    if not groups:
+        raise ValueError(f"{component}: choose at least one target group from {sorted(table)}")
+    suffixes: list[str] = []
+    for group in groups:
+        if group not in table:
+            raise ValueError(
+                f"{component}: unknown LoRA target {group!r}; supported: {sorted(table)}"
+            )
+        suffixes.extend(table[group])
+    return suffixes
+
+
+def target_module_names(model: torch.nn.Module, suffixes: list[str]) -> list[str]:
+    """Full names of the Linear layers whose names end with one of the suffixes."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(
+            name == s or name.endswith("." + s) for s in suffixes
+        ):
+            names.append(name)
+    return names
+
+
+def add_lora(
+    model: torch.nn.Module,
+    component: str,
+    groups: tuple[str, ...],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+) -> list[str]:
+    """Inject trainable LoRA layers (fp32) into a frozen model; returns the adapted module names."""
+    names = target_module_names(model, target_suffixes(component, groups))
+    if not names:
+        raise ValueError(
+            f"{component}: none of the target groups {list(groups)} matched a layer of this model"
+        )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    for name, param in model.named_parameters():
+        is_lora = "lora_A" in name or "lora_B" in name
+        param.requires_grad_(is_lora)
+        if is_lora and param.dtype != torch.float32:
+            # Train the adapter in fp32 even when the frozen base is half precision.
+            param.data = param.data.float()
+    return names
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def canonical_name(component: str, module_name: str) -> str:
+    """Module path as community files spell it: CLIP names keep their `text_model.` level."""
+    if component.startswith("text_encoder") and not module_name.startswith(CLIP_PREFIX):
+        return CLIP_PREFIX + module_name
+    return module_name
+
+
+def read_lora(model: torch.nn.Module, component: str) -> dict[str, LoraModule]:
+    """The current LoRA weights of a model injected by `add_lora`, keyed by canonical name."""
+    modules: dict[str, LoraModule] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            modules[canonical_name(component, name)] = LoraModule(
+                lora_A=module.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone(),
+                lora_B=module.lora_B[ADAPTER_NAME].weight.detach().float().cpu().clone(),
+                alpha=float(module.lora_alpha[ADAPTER_NAME]),
+            )
+    return modules
+
+
+def read_adapter_state(components: dict[str, torch.nn.Module], family: str) -> AdapterState:
+    """Collect the LoRA weights of every injected component into one `AdapterState`."""
+    modules = {comp: read_lora(model, comp) for comp, model in components.items()}
+    return AdapterState(family=family, modules={c: m for c, m in modules.items() if m})
