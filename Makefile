@@ -1,0 +1,34 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch (or anything that pulls torchvision)
+# resolves a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/sd-lora train --data datasets/sample_stripes --base tiny --output runs/demo --name demo --max-steps 200 $(if $(wildcard runs/demo/checkpoint-*),--resume,)
+	$(BIN)/sd-lora generate --base tiny --lora runs/demo/demo.safetensors:0.8 --prompt "zkstripes, a red circle on a blue background" --seed 1 --output runs/demo/generated.png
+	$(BIN)/sd-lora inspect runs/demo/demo.safetensors
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/train_speed.py
+
+clean:
+	rm -rf runs .pytest_cache

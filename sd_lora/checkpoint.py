@@ -1,0 +1,171 @@
+"""Training checkpoints: complete or absent, and never pickled.
+
+A checkpoint is a folder `checkpoint-000100/` holding the trainable LoRA tensors, the optimizer
+moments and the RNG states as safetensors, and everything else (step, epoch, batch position,
+learning-rate schedule, optimizer hyper-parameters) as JSON. It is written under a temporary name,
+fsynced, then renamed, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})$")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands: optimizer steps done, and the data position to continue from."""
+
+    global_step: int
+    epoch: int
+    batches_done_in_epoch: int  # micro-batches of `epoch` already consumed
+
+
+def named_trainable(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """Trainable parameters keyed `<component>.<parameter name>`: stable across runs."""
+    return {
+        f"{comp}.{name}": p
+        for comp, model in models.items()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def save_checkpoint(
+    folder: Path,
+    models: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    progress: Progress,
+    noise_generator: torch.Generator,
+) -> Path:
+    """Write `folder` atomically; returns it."""
+    params = named_trainable(models)
+    index_of = {id(p): i for i, p in enumerate(_optimizer_params(optimizer))}
+    moments: dict[str, torch.Tensor] = {}
+    state = optimizer.state_dict()["state"]
+    for name, p in params.items():
+        for key, value in state.get(index_of[id(p)], {}).items():
+            moments[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "lora.safetensors")
+    save_file(moments or {"__empty__": torch.zeros(0)}, tmp / "optimizer.safetensors")
+    save_file(_rng_tensors(noise_generator), tmp / "rng.safetensors")
+    meta = {
+        "progress": asdict(progress),
+        "param_groups": optimizer.state_dict()["param_groups"],
+        "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
+        "python_random": _python_rng_json(),
+    }
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    _fsync_tree(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_checkpoint(
+    folder: Path,
+    models: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    noise_generator: torch.Generator,
+) -> Progress:
+    """Restore everything `save_checkpoint` wrote; raises naming the file on any mismatch."""
+    meta = json.loads((folder / "state.json").read_text())
+    params = named_trainable(models)
+    saved = load_file(folder / "lora.safetensors")
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise ValueError(
+            f"{folder}: checkpoint does not match this run's LoRA layers "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}); was the config changed?"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    _load_optimizer(folder, params, optimizer, meta["param_groups"])
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    rng = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    noise_generator.set_state(rng["noise"])
+    version, internal, gauss = meta["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    return Progress(**meta["progress"])
+
+
+def _load_optimizer(folder, params, optimizer, param_groups) -> None:
+    moments = load_file(folder / "optimizer.safetensors")
+    index_of = {id(p): i for i, p in enumerate(_optimizer_params(optimizer))}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in moments.items():
+        if key == "__empty__":
+            continue
+        name, _, field = key.partition("::")
+        state.setdefault(index_of[id(params[name])], {})[field] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in step order (temporary folders are ignored)."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return output_dir / f"checkpoint-{step:06d}"
+
+
+def _optimizer_params(optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _rng_tensors(noise_generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"torch": torch.get_rng_state(), "noise": noise_generator.get_state()}
+
+
+def _python_rng_json() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _jsonable(obj):
+    """LR-scheduler state without callables (LambdaLR keeps its lambdas as None)."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items() if not callable(v)}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

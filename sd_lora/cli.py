@@ -1,0 +1,152 @@
+"""`sd-lora train | generate | inspect`: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sd_lora.errors import UserError
+
+TRAIN_FLAGS = {  # command-line flag -> dotted config field
+    "data": "data.path",
+    "base": "model.base",
+    "output": "train.output_dir",
+    "name": "train.name",
+    "max_steps": "train.max_steps",
+    "resolution": "data.resolution",
+    "mixed_precision": "train.mixed_precision",
+    "seed": "train.seed",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as exc:
+        if os.environ.get("SD_LORA_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd-lora", description="Train and use Stable Diffusion LoRA adapters.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a LoRA adapter on a folder of captioned images")
+    train.add_argument("--config", type=Path, help="a TOML job config (see examples/)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override a config field, e.g. --set train.learning_rate=2e-4")
+    train.add_argument("--data", help="image folder (data.path)")
+    train.add_argument("--base", help="tiny | diffusers folder | hub id | model.safetensors")
+    train.add_argument("--output", help="run folder (train.output_dir)")
+    train.add_argument("--name", help="adapter name (train.name)")
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--resolution", type=int)
+    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    train.add_argument("--seed", type=int)
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=run_train)
+
+    gen = commands.add_parser("generate", help="render images from a base with adapters")
+    gen.add_argument("--base", default="tiny")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:W | :TE:UNET]",
+                     help="an adapter and its strength (repeatable); A1111's te/unet order")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--guidance", type=float, default=7.0)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--sampler", default="euler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim")
+    gen.add_argument("--count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
+    gen.add_argument("--output", type=Path, default=Path("out.png"))
+    gen.set_defaults(run=run_generate)
+
+    insp = commands.add_parser("inspect", help="describe an adapter file")
+    insp.add_argument("path", type=Path)
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    insp.set_defaults(run=run_inspect)
+    return parser
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    """Flags become `--set` overrides (applied before explicit --set ones)."""
+    overrides = []
+    for flag, dotted in TRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{dotted}={value}" if not isinstance(value, str) else f'{dotted}="{_escape(value)}"')
+    return overrides + list(args.set)
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from sd_lora.config import load_config
+    from sd_lora.train import train
+
+    config = load_config(args.config, train_overrides(args))
+    result = train(config, resume=args.resume, show_progress=not args.no_progress)
+    change = (result.eval_loss_after - result.eval_loss_before) / result.eval_loss_before
+    print(f"\ntrained {result.steps} steps in {result.seconds:.0f} s; "
+          f"evaluation loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} ({change:+.1%})")
+    for fmt, path in result.adapter_files.items():
+        print(f"adapter ({fmt}): {path}")
+    print(f"samples: {result.output_dir / 'samples'}   loss curve: {result.output_dir / 'loss.png'}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from sd_lora.adapter_io import load_adapter, pipeline_module_paths
+    from sd_lora.apply import apply_adapters
+    from sd_lora.formats.metadata import short_hash
+    from sd_lora.generate import generate_images, parse_adapter_choice
+    from sd_lora.models import load_pipeline
+    from sd_lora.sampling import RenderSettings
+    from sd_lora.schedulers import set_sampler
+    from sd_lora.train import native_resolution
+
+    choices = [parse_adapter_choice(text) for text in args.lora]
+    pipe = load_pipeline(args.base)
+    pipe.set_progress_bar_config(disable=True)
+    sampler = set_sampler(pipe, args.sampler)
+    paths = pipeline_module_paths(pipe)
+    states = [(load_adapter(c.path, paths), c) for c in choices]
+    apply_adapters(pipe, [(s, c.unet_strength, c.text_encoder_strength) for s, c in states])
+    size = native_resolution(pipe)
+    settings = RenderSettings(
+        prompt=args.prompt, seed=args.seed, negative_prompt=args.negative_prompt,
+        steps=args.steps, guidance_scale=args.guidance, width=args.width or size,
+        height=args.height or size, sampler=sampler,
+    )
+    hashes = {c.name: short_hash(s) for s, c in states}
+    written = generate_images(pipe, settings, args.count, args.output, choices, hashes, args.base)
+    for path in written:
+        print(path)
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from sd_lora.inspect_adapter import format_inspection, inspect_adapter
+
+    info = inspect_adapter(args.path)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

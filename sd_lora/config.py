@@ -1,0 +1,268 @@
+"""The training job's configuration: one frozen dataclass per concern, loaded from TOML.
+
+Unknown keys and wrong types are errors that name the dotted field and what is accepted; nothing
+is silently corrected. Command-line `--set section.field=value` overrides use TOML value syntax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from sd_lora.errors import UserError
+
+CONFIG_VERSION = 1
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+PredictionType = Literal["auto", "epsilon", "v_prediction"]
+LrSchedule = Literal["constant", "linear", "cosine"]
+ExportFormat = Literal["kohya", "diffusers"]
+ExportDtype = Literal["fp16", "bf16", "fp32"]
+
+
+class ConfigError(UserError):
+    """A configuration problem; the message names the dotted field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str = "tiny"  # "tiny", a diffusers folder, a hub id or a single-file .safetensors
+    prediction_type: PredictionType = "auto"  # "auto": what the base's scheduler says
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "datasets/sample_stripes"
+    resolution: int = 0  # pixels; 0 means the base's native resolution
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_extensions: tuple[str, ...] = (".txt", ".caption")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    unet_r: int = 8
+    unet_alpha: float = 8.0
+    unet_targets: tuple[str, ...] = ("attn",)  # groups: attn, proj, ff
+    train_text_encoder: bool = True
+    text_encoder_r: int = 4
+    text_encoder_alpha: float = 4.0
+    text_encoder_targets: tuple[str, ...] = ("attn",)  # groups: attn, mlp
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    name: str = "demo"
+    max_steps: int = 200
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4  # UNet LoRA
+    text_encoder_learning_rate: float = 5e-5
+    lr_scheduler: LrSchedule = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: MixedPrecision = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 100  # optimizer steps; 0 disables intermediate checkpoints
+    checkpoints_keep: int = 2
+    log_every: int = 10
+    dataloader_workers: int = 0
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: tuple[str, ...] = ("a red circle on a blue background", "two green squares")
+    seeds: tuple[int, ...] = (1, 2)
+    every: int = 100  # optimizer steps; 0: only at the end
+    steps: int = 20
+    guidance_scale: float = 7.0
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    formats: tuple[ExportFormat, ...] = ("kohya",)
+    dtype: ExportDtype = "fp16"
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    version: int = CONFIG_VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Defaults, then the TOML file (if any), then `section.field=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    for item in overrides:
+        _set_dotted(raw, *parse_override(item))
+    config = build(JobConfig, raw, "")
+    validate(config)
+    return config
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'train.learning_rate=2e-4' -> ('train.learning_rate', 0.0002); bare words are strings."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # an unquoted string such as train.name=demo
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *sections, leaf = dotted.split(".")
+    node = raw
+    for part in sections:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
+    node[leaf] = value
+
+
+def build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a dict, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'{hint}"
+            f"; known keys in {prefix.rstrip('.') or 'the top level'}: {', '.join(names)}"
+        )
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], prefix + name)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, dotted: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, dotted + ".")
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"{dotted} = {value!r} is not allowed; use one of {get_args(hint)}")
+        return value
+    if origin is tuple:
+        item_hint = get_args(hint)[0]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{dotted} must be a list, got {value!r}")
+        return tuple(_coerce(item_hint, v, f"{dotted}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{dotted}: union types are not supported in config")  # pragma: no cover
+    return _check_scalar(hint, value, dotted)
+
+
+def _check_scalar(hint: type, value: Any, dotted: str) -> Any:
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        ok = False
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ConfigError(
+            f"{dotted} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+_POSITIVE = {
+    "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps",
+    "lora.unet_r", "lora.text_encoder_r", "sample.steps",
+}
+_NON_NEGATIVE = {
+    "data.resolution", "train.lr_warmup_steps", "train.checkpoint_every",
+    "train.checkpoints_keep", "train.log_every", "train.dataloader_workers", "sample.every",
+    "train.max_grad_norm", "train.adam_weight_decay",
+}
+
+
+def validate(config: JobConfig) -> None:
+    """Range checks that types cannot express; each error names the field and value."""
+    for dotted in sorted(_POSITIVE | _NON_NEGATIVE):
+        section, name = dotted.split(".")
+        value = getattr(getattr(config, section), name)
+        if dotted in _POSITIVE and value <= 0:
+            raise ConfigError(f"{dotted} = {value!r} must be positive")
+        if value < 0:
+            raise ConfigError(f"{dotted} = {value!r} must not be negative")
+    for dotted in ("train.learning_rate", "train.text_encoder_learning_rate"):
+        value = getattr(config.train, dotted.split(".")[1])
+        if not 0 < value < 1:
+            raise ConfigError(f"{dotted} = {value!r} must be between 0 and 1 (e.g. 1e-4)")
+    if not 0 <= config.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout = {config.lora.dropout!r} must be in [0, 1)")
+    if config.data.resolution % 8:
+        raise ConfigError(f"data.resolution = {config.data.resolution} must be a multiple of 8")
+    if len(config.sample.seeds) not in (0, len(config.sample.prompts)):
+        raise ConfigError(
+            f"sample.seeds has {len(config.sample.seeds)} entries; give one per prompt "
+            f"({len(config.sample.prompts)}) or none"
+        )
+    if not config.export.formats:
+        raise ConfigError("export.formats is empty; use ['kohya'] and/or 'diffusers'")
+    if config.version != CONFIG_VERSION:
+        raise ConfigError(f"version = {config.version}; this sd-lora reads version {CONFIG_VERSION}")
+    if not config.train.name or any(c in config.train.name for c in "/\\:"):
+        raise ConfigError(f"train.name = {config.train.name!r} must be a plain file name")
+
+
+def to_toml(config: JobConfig) -> str:
+    """Serialise a config (for the run folder, so every run records what it did)."""
+    lines = [f"version = {config.version}"]
+    for section in dataclasses.fields(config):
+        if section.name == "version":
+            continue
+        lines.append(f"\n[{section.name}]")
+        for key, value in dataclasses.asdict(getattr(config, section.name)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

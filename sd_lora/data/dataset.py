@@ -1,0 +1,86 @@
+"""The torch Dataset: scanned samples expanded by their repeats, loaded as training tensors.
+
+Every random choice (flip, crop offset) is drawn from a generator seeded by (seed, epoch, index),
+so item i of epoch e is the same tensor in an uninterrupted run and in a resumed one, whatever
+the worker process or the order in which items are asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from sd_lora.data.images import DECODE_ERRORS, load_image
+from sd_lora.data.scan import Sample
+
+logger = logging.getLogger(__name__)
+
+
+class ImageCaptionDataset(Dataset):
+    """Item i -> {"pixel_values": (3, R, R) float32 in [-1, 1], "caption": str, "index": int}.
+
+    Call `set_epoch(epoch)` before each pass (Accelerate's data loader does when it wraps this).
+    With DataLoader workers, use non-persistent workers so that each pass sees the new epoch.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if resolution < 1:
+            raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+        self.items = [s for s in samples for _ in range(s.repeats)]
+        if not self.items:
+            raise ValueError("ImageCaptionDataset needs at least one sample (with repeats >= 1)")
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+        self._reported: set[str] = set()  # paths already logged as unreadable (per process)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        """Load item `index`; if its file became unreadable since the scan, the next one that loads."""
+        if not 0 <= index < len(self.items):
+            raise IndexError(f"index {index} out of range for {len(self.items)} items")
+        for offset in range(len(self.items)):
+            i = (index + offset) % len(self.items)
+            pixels = self._load(i)
+            if pixels is not None:
+                return {"pixel_values": pixels, "caption": self.items[i].caption, "index": i}
+        raise RuntimeError(
+            f"none of the {len(self.items)} dataset items can be read any more "
+            f"(first: {self.items[0].image}); did the dataset folder change after the scan?"
+        )
+
+    def _load(self, i: int) -> torch.Tensor | None:
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")  # str seeds hash with SHA-512: stable
+        flip = self.random_flip and rng.random() < 0.5
+        path = self.items[i].image
+        try:
+            pixels = load_image(path, self.resolution, self.center_crop, rng)  # (3, R, R)
+        except DECODE_ERRORS as e:
+            if str(path) not in self._reported:
+                self._reported.add(str(path))
+                logger.warning(
+                    "cannot load %s (%s: %s); using the next item instead",
+                    path,
+                    type(e).__name__,
+                    e,
+                )
+            return None
+        return pixels.flip(-1) if flip else pixels

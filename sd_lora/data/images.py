@@ -1,0 +1,132 @@
+"""Decode an image file into a training tensor: EXIF-rotate, convert to RGB, resize, crop.
+
+Pure functions: the same file, resolution and random state always give the same tensor.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+WHITE = (255, 255, 255)
+# What a failing decode raises: PIL's UnidentifiedImageError and "image file is truncated" are
+# OSErrors; broken headers raise SyntaxError or ValueError; huge images DecompressionBombError.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """Decode the whole file the way `load_image` does and return its (width, height) upright.
+
+    Raises one of `DECODE_ERRORS` when the file is not a readable image. JPEGs are decoded at
+    1/8 scale (every byte is still read), so probing a large dataset stays quick.
+    """
+    with Image.open(path) as im:
+        width, height = im.size
+        im.draft(None, (1, 1))  # JPEG only: DCT scaling; a no-op for other formats
+        upright = ImageOps.exif_transpose(im)  # loads (decodes) the pixels
+        to_rgb(upright)
+        if upright.size != im.size:  # rotated by 90 degrees
+            width, height = height, width
+    return width, height
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited on white, 16-bit is rescaled."""
+    if "transparency" in im.info and im.mode in ("P", "L", "RGB"):
+        im = im.convert("RGBA")  # a palette entry or a colour key marks transparent pixels
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return Image.fromarray(_high_depth_to_uint8(im)).convert("RGB")
+    if im.mode == "CMYK":
+        return _cmyk_to_rgb(im)
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # 1, L, P, YCbCr, HSV, ...; raises ValueError for unknown modes
+
+
+def _high_depth_to_uint8(im: Image.Image) -> np.ndarray:
+    """16-bit and 32-bit grayscale -> 0..255 (16-bit by /257; float taken as 0..1 or 0..255)."""
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
+    elif im.mode == "I" and a.size and a.max() <= 255:
+        scale = 1.0  # 8-bit values stored in a 32-bit container
+    else:
+        scale = 255.0 / 65535.0
+    return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+
+
+def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
+    """CMYK -> sRGB through the embedded ICC profile when there is one, else PIL's formula."""
+    icc = im.info.get("icc_profile")
+    if icc:
+        from PIL import ImageCms  # needs Pillow's littlecms; imported only for such files
+
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            srgb = ImageCms.createProfile("sRGB")
+            return ImageCms.profileToProfile(im, source, srgb, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken profile: the plain conversion below is still a fair rendering
+    return im.convert("RGB")
+
+
+def load_image(
+    path: str | Path,
+    resolution: int,
+    center_crop: bool = True,
+    rng: random.Random | torch.Generator | None = None,
+) -> torch.Tensor:
+    """Read `path` as a (3, resolution, resolution) float32 tensor in [-1, 1].
+
+    The image is turned upright from its EXIF orientation, converted to RGB, its shorter side
+    resized to `resolution` (Lanczos), then cropped to a square: centred, or at a random offset
+    drawn from `rng` (required when `center_crop` is False, so the result is reproducible).
+    """
+    if resolution < 1:
+        raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+    if not center_crop and rng is None:
+        raise ValueError(
+            "a random crop (center_crop=False) needs rng: a random.Random or torch.Generator"
+        )
+    with Image.open(path) as im:
+        im.draft(None, (resolution, resolution))  # JPEG: decode at the smallest scale >= resolution
+        rgb = to_rgb(ImageOps.exif_transpose(im))
+    square = _resize_and_crop(rgb, resolution, None if center_crop else rng)
+    pixels = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy())  # (H, W, 3)
+    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
+
+
+def _resize_and_crop(
+    im: Image.Image, resolution: int, rng: random.Random | torch.Generator | None
+) -> Image.Image:
+    """Scale the shorter side to `resolution`, then crop the longer one (centred when rng is None)."""
+    width, height = im.size
+    scale = resolution / min(width, height)
+    new_w = max(resolution, round(width * scale))
+    new_h = max(resolution, round(height * scale))
+    left = _offset(new_w - resolution, rng)
+    top = _offset(new_h - resolution, rng)
+    # Resample only the crop window: box is in source pixels, the output is resolution x resolution.
+    right, bottom = min(width, (left + resolution) / scale), min(height, (top + resolution) / scale)
+    box = (left / scale, top / scale, right, bottom)
+    return im.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+
+
+def _offset(slack: int, rng: random.Random | torch.Generator | None) -> int:
+    if slack <= 0:
+        return 0
+    if rng is None:
+        return slack // 2
+    if isinstance(rng, torch.Generator):
+        return int(torch.randint(0, slack + 1, (1,), generator=rng).item())
+    return rng.randint(0, slack)

@@ -1,0 +1,77 @@
+"""Config loading: defaults, TOML, overrides, and errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from sd_lora.config import ConfigError, JobConfig, load_config, parse_override, to_toml
+
+
+def test_defaults_are_valid():
+    assert load_config() == JobConfig()
+
+
+def test_toml_then_overrides(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[train]\nlearning_rate = 3e-4\nname = "ink"\n[lora]\nunet_r = 16\n')
+    config = load_config(path, ["train.learning_rate=2e-4", 'lora.unet_targets=["attn", "ff"]'])
+    assert config.train.learning_rate == 2e-4  # the override wins
+    assert config.train.name == "ink"
+    assert config.lora.unet_r == 16
+    assert config.lora.unet_targets == ("attn", "ff")
+
+
+def test_round_trip_through_toml(tmp_path):
+    config = load_config(None, ["train.max_steps=7", "model.prediction_type=v_prediction",
+                                'sample.prompts=["a \\"quoted\\" prompt"]', "sample.seeds=[3]"])
+    path = tmp_path / "saved.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lerning_rate=1e-4", "unknown config key 'train.lerning_rate' (did you mean train.learning_rate?)"),
+        ("trian.max_steps=3", "unknown config key 'trian'"),
+        ('train.max_steps="ten"', "train.max_steps must be int, got str 'ten'"),
+        ("train.max_steps=1.5", "train.max_steps must be int"),
+        ("train.gradient_checkpointing=1", "train.gradient_checkpointing must be bool"),
+        ("train.max_steps=0", "train.max_steps = 0 must be positive"),
+        ("train.learning_rate=3", "train.learning_rate = 3.0 must be between 0 and 1"),
+        ("model.prediction_type=sample", "model.prediction_type = 'sample' is not allowed"),
+        ("train.mixed_precision=fp8", "train.mixed_precision = 'fp8' is not allowed"),
+        ("data.resolution=100", "data.resolution = 100 must be a multiple of 8"),
+        ("sample.seeds=[1,2,3]", "sample.seeds has 3 entries"),
+        ("train.name=a/b", "train.name = 'a/b' must be a plain file name"),
+        ("lora.unet_targets=[1]", "lora.unet_targets[0] must be str"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[train\nmax_steps = 3")
+    with pytest.raises(ConfigError, match="broken.toml is not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_section_given_a_value_is_an_error(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text("train = 3\n")
+    with pytest.raises(ConfigError, match="train must be a table"):
+        load_config(path)
+
+
+def test_parse_override_values():
+    assert parse_override("train.seed=3") == ("train.seed", 3)
+    assert parse_override("train.name=demo") == ("train.name", "demo")  # bare words are strings
+    assert parse_override("train.gradient_checkpointing=true") == ("train.gradient_checkpointing", True)
+    with pytest.raises(ConfigError, match="must look like section.field=value"):
+        parse_override("train.seed")
