@@ -84,8 +84,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    prompts: tuple[str, ...] = ("a red circle on a blue background", "two green squares")
-    seeds: tuple[int, ...] = (1, 2)
+    prompts: tuple[str, ...] = ()  # empty: the first three distinct captions of the dataset
+    seeds: tuple[int, ...] = ()  # empty: 0, 1, 2, ...
     every: int = 100  # optimizer steps; 0: only at the end
     steps: int = 20
     guidance_scale: float = 7.0
@@ -233,7 +233,7 @@ def validate(config: JobConfig) -> None:
         raise ConfigError(f"lora.dropout = {config.lora.dropout!r} must be in [0, 1)")
     if config.data.resolution % 8:
         raise ConfigError(f"data.resolution = {config.data.resolution} must be a multiple of 8")
-    if len(config.sample.seeds) not in (0, len(config.sample.prompts)):
+    if config.sample.seeds and len(config.sample.seeds) != len(config.sample.prompts):
         raise ConfigError(
             f"sample.seeds has {len(config.sample.seeds)} entries; give one per prompt "
             f"({len(config.sample.prompts)}) or none"

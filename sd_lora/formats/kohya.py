@@ -1,0 +1,203 @@
+"""The kohya / sd-scripts LoRA layout that A1111, ComfyUI, InvokeAI and sd-scripts read.
+
+One adapted layer is three tensors under one underscore name:
+
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight  (r, in)
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight    (out, r)
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha             0-dim
+
+The name is the component's prefix plus the module path with `.` replaced by `_`. For SD 1.x/2.x
+the UNet path is the diffusers one and the text encoder's keeps its `text_model.` level
+(`lora_te_text_model_encoder_layers_0_self_attn_q_proj`), which is what sd-scripts writes.
+
+`.alpha` holds the real alpha (the delta is `alpha / r * up @ down`). A file without `.alpha`
+keys means alpha = r (scale 1), the convention of sd-scripts and every loader.
+
+Underscore names are ambiguous (`to_out_0` could be `to.out.0`), so reading resolves them through
+a lookup table built from the target model's own module paths; a name that maps to nothing is an
+error naming it, never a silent skip.
+
+diffusers 0.42.1 reading these files (`load_lora_weights`), measured: it applies one alpha per
+component (the most common) because it mangles the names of per-module alphas, and it drops
+text-encoder q/k/v LoRA unless `out_proj` is adapted too (it detects the layout by `to_out_lora`).
+A1111 and ComfyUI read `.alpha` per module. Per-module alphas survive diffusers in the diffusers
+layout (`peft_diffusers`).
+
+SDXL (not supported yet): sd-scripts writes its UNet names in LDM form; the diffusers -> LDM UNet
+table of `sd_lora.formats.ldm_checkpoint` is the piece to build that mapping from.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from sd_lora.inject import CLIP_PREFIX
+from sd_lora.inject import canonical_name as canonical_path  # CLIP paths keep `text_model.`
+from sd_lora.lora_state import AdapterState, LoraModule
+
+# The prefix written for each component, per base family. SDXL's row is here so that the table
+# is complete, but sd-scripts writes SDXL UNet keys with LDM names (input_blocks_4_1_...), which
+# needs a diffusers <-> LDM module-name table that is not written yet (see SUPPORTED_FAMILIES).
+WRITE_PREFIXES: dict[str, dict[str, str]] = {
+    "sd1": {"unet": "lora_unet", "text_encoder": "lora_te"},
+    "sd2": {"unet": "lora_unet", "text_encoder": "lora_te"},
+    "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+}
+# Extra prefixes accepted on read, never written. diffusers' `convert_state_dict_to_kohya` writes
+# `lora_te1_` for SD 1.x, which sd-scripts and InvokeAI ignore.
+READ_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "sd1": {"text_encoder": ("lora_te1",)},
+    "sd2": {"text_encoder": ("lora_te1",)},
+    "sdxl": {},
+}
+# Families whose UNet names are diffusers paths; the others need an LDM name table.
+SUPPORTED_FAMILIES = ("sd1", "sd2")
+# Model-free parsing: which component a prefix belongs to, longest prefix first.
+PREFIX_COMPONENTS: tuple[tuple[str, str], ...] = (
+    ("lora_unet_", "unet"),
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te_", "text_encoder"),
+)
+# Tensor-name suffixes and the part of the LoRA each holds.
+SUFFIX_KINDS: dict[str, str] = {
+    ".lora_down.weight": "lora_down",
+    ".lora_up.weight": "lora_up",
+    ".alpha": "alpha",
+}
+
+
+class KohyaKeyError(ValueError):
+    """A kohya key that cannot be parsed or resolved; the message names the keys."""
+
+
+class KohyaKey(NamedTuple):
+    component: str  # unet | text_encoder | text_encoder_2
+    module: str  # the kohya module name, e.g. lora_te_text_model_encoder_layers_0_mlp_fc1
+    kind: str  # lora_down | lora_up | alpha
+
+
+def _check_family(family: str, action: str) -> None:
+    if family not in SUPPORTED_FAMILIES:
+        raise NotImplementedError(
+            f"{action} kohya files for {family!r} is not supported yet: sd-scripts uses LDM UNet "
+            f"names and lora_te1_/lora_te2_ for SDXL. Supported families: {SUPPORTED_FAMILIES}; "
+            "use format='diffusers' for SDXL meanwhile."
+        )
+
+
+def kohya_module_name(prefix: str, module_path: str) -> str:
+    """Prefix + path with dots as underscores: `lora_unet` + `a.b_c.0` -> `lora_unet_a_b_c_0`.
+
+    Not invertible by itself (`b_c` vs `b.c`): reading goes through `lookup_table`.
+    """
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def to_kohya(state: AdapterState, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Kohya tensors of `state`: lora_down/lora_up in `dtype`, `.alpha` the real alpha in fp32."""
+    _check_family(state.family, "writing")
+    prefixes = WRITE_PREFIXES[state.family]
+    tensors: dict[str, torch.Tensor] = {}
+    for component, modules in state.modules.items():
+        if component not in prefixes:
+            raise KohyaKeyError(f"{state.family} has no kohya prefix for component {component!r}")
+        for path, module in modules.items():
+            name = kohya_module_name(prefixes[component], canonical_path(component, path))
+            tensors[f"{name}.lora_down.weight"] = module.lora_A.to(dtype).contiguous()
+            tensors[f"{name}.lora_up.weight"] = module.lora_B.to(dtype).contiguous()
+            # float32 whatever `dtype` is, so that an alpha like 0.1 survives exactly enough.
+            tensors[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
+    return tensors
+
+
+def parse_kohya_key(key: str) -> KohyaKey:
+    """Split a kohya tensor name into (component, module name, kind) without a model."""
+    suffix = next((s for s in SUFFIX_KINDS if key.endswith(s)), None)
+    if suffix is None:
+        raise KohyaKeyError(
+            f"{key!r} is not a plain LoRA tensor (expected a name ending in "
+            f"{list(SUFFIX_KINDS)}); LoHa/LoKr/DoRA/LoCon-mid keys are not supported"
+        )
+    module = key[: -len(suffix)]
+    for prefix, component in PREFIX_COMPONENTS:
+        if module.startswith(prefix):
+            return KohyaKey(component, module, SUFFIX_KINDS[suffix])
+    raise KohyaKeyError(
+        f"{key!r} has no known kohya prefix; expected one of {[p for p, _ in PREFIX_COMPONENTS]}"
+    )
+
+
+def is_kohya(keys) -> bool:
+    return any(k.startswith(tuple(p for p, _ in PREFIX_COMPONENTS)) for k in keys)
+
+
+def lookup_table(module_paths: dict[str, list[str]], family: str) -> dict[str, tuple[str, str]]:
+    """kohya module name -> (component, canonical module path), aliases included."""
+    table: dict[str, tuple[str, str]] = {}
+    prefixes = WRITE_PREFIXES[family]
+    for component, paths in module_paths.items():
+        if component not in prefixes:
+            raise KohyaKeyError(f"{family} has no kohya prefix for component {component!r}")
+        names = (prefixes[component], *READ_ALIASES[family].get(component, ()))
+        for path in paths:
+            canonical = canonical_path(component, path)
+            # Also without `text_model_`: diffusers' converter writes that under transformers 5.
+            spellings = {canonical, canonical.removeprefix(CLIP_PREFIX)}
+            for prefix in names:
+                for spelling in spellings:
+                    name = kohya_module_name(prefix, spelling)
+                    other = table.setdefault(name, (component, canonical))
+                    if other != (component, canonical):
+                        raise KohyaKeyError(
+                            f"kohya name {name!r} is ambiguous: it is both {other} and "
+                            f"{(component, canonical)}"
+                        )
+    return table
+
+
+def _group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        parsed = parse_kohya_key(key)
+        groups.setdefault(parsed.module, {})[parsed.kind] = tensor
+    incomplete = [m for m, parts in groups.items() if not {"lora_down", "lora_up"} <= set(parts)]
+    if incomplete:
+        raise KohyaKeyError(
+            f"{len(incomplete)} kohya modules lack lora_down or lora_up: {_first(incomplete)}"
+        )
+    return groups
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(sorted(names)[:n])
+    return shown + (f" ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def from_kohya(
+    tensors: dict[str, torch.Tensor], module_paths: dict[str, list[str]], family: str
+) -> AdapterState:
+    """Inverse of `to_kohya`. `module_paths`: the target model's module paths per component.
+
+    Tensors come back as float32. A module without `.alpha` gets alpha = r.
+    """
+    _check_family(family, "reading")
+    table = lookup_table(module_paths, family)
+    groups = _group(tensors)
+    unmapped = [name for name in groups if name not in table]
+    if unmapped:
+        raise KohyaKeyError(
+            f"{len(unmapped)} kohya modules match no {family} module of the target model: "
+            f"{_first(unmapped)}. Is the adapter for another base family or architecture?"
+        )
+    modules: dict[str, dict[str, LoraModule]] = {}
+    for name, parts in groups.items():
+        component, path = table[name]
+        down, up = parts["lora_down"].float(), parts["lora_up"].float()
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        if path in modules.get(component, {}):
+            raise KohyaKeyError(f"{component} module {path!r} appears twice (e.g. as {name!r})")
+        modules.setdefault(component, {})[path] = LoraModule(lora_A=down, lora_B=up, alpha=alpha)
+    return AdapterState(family=family, modules=modules)

@@ -1,0 +1,147 @@
+"""The diffusers / PEFT layout that `pipe.load_lora_weights(path)` reads.
+
+    unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight   (r, in)
+    text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight         (out, r)
+
+Alpha is not a tensor in this layout: diffusers keeps each component's `LoraConfig` arguments as
+JSON in the safetensors metadata key `lora_adapter_metadata`, flattened with the component as
+prefix (`{"unet.r": 4, "unet.lora_alpha": 8, "unet.target_modules": [...], ...}`). Without that
+key diffusers uses alpha = r, so we always write it; per-module values that differ from the
+component's most common one go into `rank_pattern` / `alpha_pattern`.
+
+Text-encoder naming, measured with diffusers 0.42.1 + transformers 5: diffusers itself writes
+keys without `text_model.` (transformers 5's CLIPTextModel has no such level), and its loader
+strips `text_model.` from tensor keys when the model lacks it, but uses the metadata as is. So we
+write tensor keys WITH `text_model.` (what files made under transformers 4 have, and what older
+loaders need) and metadata module names WITHOUT it: PEFT matches `target_modules` and pattern keys
+as name suffixes, so these match both `encoder.layers.0...` and `text_model.encoder.layers.0...`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import torch
+
+from sd_lora.formats.kohya import CLIP_PREFIX, canonical_path
+from sd_lora.lora_state import COMPONENTS, AdapterState, LoraModule
+
+METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+SUFFIX_PARTS = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}
+
+
+class DiffusersKeyError(ValueError):
+    """A diffusers-layout key or metadata entry that cannot be read; the message names it."""
+
+
+def is_diffusers(keys) -> bool:
+    return any(k.startswith(tuple(f"{c}." for c in COMPONENTS)) and ".lora_" in k for k in keys)
+
+
+def _most_common(values: dict[str, float]) -> float:
+    return Counter(values.values()).most_common(1)[0][0]
+
+
+def _config_name(component: str, path: str) -> str:
+    """Module name as written in the LoRA config (no `text_model.`; see module docstring)."""
+    return path.removeprefix(CLIP_PREFIX) if component.startswith("text_encoder") else path
+
+
+def component_config(component: str, modules: dict[str, LoraModule]) -> dict:
+    """The `LoraConfig` arguments that reproduce each module's rank and alpha."""
+    ranks = {_config_name(component, p): m.r for p, m in modules.items()}
+    alphas = {_config_name(component, p): float(m.alpha) for p, m in modules.items()}
+    r, alpha = _most_common(ranks), _most_common(alphas)
+    return {
+        "r": int(r),
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {name: v for name, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {name: v for name, v in sorted(alphas.items()) if v != alpha},
+    }
+
+
+def to_diffusers(
+    state: AdapterState, dtype: torch.dtype = torch.float16
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) in the layout `load_lora_weights` reads, alpha kept."""
+    tensors: dict[str, torch.Tensor] = {}
+    config: dict[str, object] = {}
+    for component, modules in state.modules.items():
+        for path, module in modules.items():
+            name = f"{component}.{canonical_path(component, path)}"
+            tensors[f"{name}.lora_A.weight"] = module.lora_A.to(dtype).contiguous()
+            tensors[f"{name}.lora_B.weight"] = module.lora_B.to(dtype).contiguous()
+        for key, value in component_config(component, modules).items():
+            config[f"{component}.{key}"] = value
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+    return tensors, metadata
+
+
+def _pattern_value(patterns: dict, name: str):
+    """PEFT's rule (`peft.utils.other.get_pattern_key`): a key matches a module-name suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return None
+
+
+def _alpha_for(config: dict, component: str, path: str, r: int) -> float:
+    """Alpha of one module from the component's config; alpha = r when the file has none."""
+    if not config:
+        return float(r)
+    if "lora_alpha" not in config:
+        raise DiffusersKeyError(f"{METADATA_KEY} for {component} has no lora_alpha: {config}")
+    name = _config_name(component, path)
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, name)
+    return float(config["lora_alpha"] if alpha is None else alpha)
+
+
+def _split_configs(metadata: dict[str, str] | None) -> dict[str, dict]:
+    raw = (metadata or {}).get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DiffusersKeyError(f"{METADATA_KEY} is not valid JSON: {e}") from e
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, field = key.partition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def _split_key(key: str) -> tuple[str, str, str]:
+    component, _, rest = key.partition(".")
+    for suffix, part in SUFFIX_PARTS.items():
+        if component in COMPONENTS and rest.endswith(suffix):
+            return component, rest[: -len(suffix)], part
+    raise DiffusersKeyError(
+        f"{key!r} is not a diffusers LoRA key (expected <component>.<module>.lora_A.weight or "
+        f".lora_B.weight with component one of {COMPONENTS})"
+    )
+
+
+def from_diffusers(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, family: str
+) -> AdapterState:
+    """Inverse of `to_diffusers`; tensors come back as float32, text-encoder paths canonical."""
+    configs = _split_configs(metadata)
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        component, path, part = _split_key(key)
+        parts.setdefault((component, canonical_path(component, path)), {})[part] = tensor
+    missing = [f"{c}.{p}" for (c, p), v in parts.items() if set(v) != set(SUFFIX_PARTS.values())]
+    if missing:
+        raise DiffusersKeyError(f"modules without both lora_A and lora_B: {sorted(missing)[:5]}")
+    modules: dict[str, dict[str, LoraModule]] = {}
+    for (component, path), pair in parts.items():
+        down = pair["lora_A"].float()
+        alpha = _alpha_for(configs.get(component, {}), component, path, down.shape[0])
+        modules.setdefault(component, {})[path] = LoraModule(
+            lora_A=down, lora_B=pair["lora_B"].float(), alpha=alpha
+        )
+    return AdapterState(family=family, modules=modules)

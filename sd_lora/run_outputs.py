@@ -1,0 +1,145 @@
+"""What a training run leaves for people to look at: the loss log and plot, sample grids, the
+exported adapter files and a summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from sd_lora.adapter_io import save_adapter
+from sd_lora.config import JobConfig, SampleConfig
+from sd_lora.formats.metadata import TrainingInfo
+from sd_lora.inject import read_adapter_state
+from sd_lora.sampling import RenderSettings, image_grid, render, save_png
+
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class RunLog:
+    """Per-step loss and learning rate: to TensorBoard (through Accelerate) and to loss.csv."""
+
+    def __init__(self, output_dir: Path, accelerator, resume: bool) -> None:
+        self.path = output_dir / "loss.csv"
+        self.accelerator = accelerator
+        self.started_at = datetime.now(timezone.utc)
+        if accelerator.is_main_process and (not resume or not self.path.exists()):
+            self.path.write_text("step,loss,lr,epoch\n")
+
+    def step(self, step: int, loss: float, lr: float, epoch: int) -> None:
+        self.accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as handle:
+                handle.write(f"{step},{loss:.6f},{lr:.6g},{epoch}\n")
+
+    def plot(self) -> Path:
+        """loss.png: raw per-step loss and its moving average."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = list(csv.DictReader(self.path.open()))
+        steps = [int(r["step"]) for r in rows]
+        losses = [float(r["loss"]) for r in rows]
+        window = max(1, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                  for i in range(len(losses))]
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot(steps, losses, alpha=0.35, label="loss")
+        ax.plot(steps, smooth, label=f"moving average ({window})")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("denoising loss (MSE)")
+        ax.legend()
+        fig.tight_layout()
+        out = self.path.with_suffix(".png")
+        fig.savefig(out)
+        plt.close(fig)
+        return out
+
+
+def sample_prompts(cfg: SampleConfig, captions: list[str], count: int = 3) -> list[str]:
+    """The configured prompts, or else the first `count` distinct captions of the dataset."""
+    if cfg.prompts:
+        return list(cfg.prompts)
+    return list(dict.fromkeys(c for c in captions if c))[:count] or [""]
+
+
+def render_sample_grid(pipe, cfg: SampleConfig, prompts: list[str], resolution: int,
+                       path: Path) -> Path:
+    """One image per prompt (with its fixed seed), in a row, labelled by prompt."""
+    seeds = cfg.seeds or tuple(range(len(prompts)))
+    images = [
+        render(pipe, RenderSettings(prompt=p, seed=s, negative_prompt=cfg.negative_prompt,
+                                    steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                    width=resolution, height=resolution))
+        for p, s in zip(prompts, seeds)
+    ]
+    return save_png(image_grid(images, columns=len(images), labels=prompts), path)
+
+
+def export_adapters(trained, family: str, prediction_type: str, config: JobConfig, scan,
+                    resolution: int, output_dir: Path, started_at: float) -> dict[str, Path]:
+    """Write the adapter in every configured format; returns {format: path}."""
+    state = read_adapter_state(trained, family)
+    info = training_info(config, family, prediction_type, scan, resolution, started_at)
+    dtype = EXPORT_DTYPES[config.export.dtype]
+    files = {}
+    for fmt in config.export.formats:
+        path = adapter_path(output_dir, config.train.name, fmt)
+        files[fmt] = save_adapter(state, path, format=fmt, info=info, dtype=dtype)
+    return files
+
+
+def adapter_path(output_dir: Path, name: str, fmt: str) -> Path:
+    if fmt == "kohya":
+        return output_dir / f"{name}.safetensors"
+    return output_dir / f"{name}-diffusers" / "pytorch_lora_weights.safetensors"
+
+
+def training_info(config: JobConfig, family: str, prediction_type: str, scan, resolution: int,
+                  started_at: float) -> TrainingInfo:
+    """What the file's `ss_*`/`modelspec.*` metadata says about this run."""
+    lora, train = config.lora, config.train
+    network_args = {"unet_targets": ",".join(lora.unet_targets)}
+    if lora.train_text_encoder:
+        network_args["text_encoder_targets"] = ",".join(lora.text_encoder_targets)
+    return TrainingInfo(
+        name=train.name,
+        family=family,
+        prediction_type=prediction_type,
+        resolution=resolution,
+        base_model=config.model.base,
+        steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        unet_lr=train.learning_rate,
+        text_encoder_lr=train.text_encoder_learning_rate if lora.train_text_encoder else None,
+        seed=train.seed,
+        num_train_images=scan.num_train_items,
+        tag_frequency=scan.tag_frequency(),
+        comment=config.export.comment or None,
+        mixed_precision=train.mixed_precision,
+        network_args=network_args,
+        started_at=started_at,
+        finished_at=time.time(),
+    )
+
+
+def write_summary(output_dir: Path, before: float, after: float, steps: int, seconds: float,
+                  files: dict[str, Path]) -> Path:
+    summary = {
+        "eval_loss_before": before,
+        "eval_loss_after": after,
+        "eval_loss_change": (after - before) / before if before else None,
+        "steps": steps,
+        "seconds": round(seconds, 2),
+        "seconds_per_step": round(seconds / steps, 4) if steps else None,
+        "adapters": {fmt: str(p) for fmt, p in files.items()},
+    }
+    path = output_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path

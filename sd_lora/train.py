@@ -1,0 +1,329 @@
+"""The training loop: a recipe of named steps on top of Accelerate.
+
+    scan data -> load frozen base -> add LoRA -> optimizer/schedule -> (resume) -> loop -> export
+
+Each step is a small function taking only the part of the config it needs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from sd_lora.checkpoint import (
+    Progress,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from sd_lora.config import DataConfig, JobConfig, LoraConfig, ModelConfig, TrainConfig, to_toml
+from sd_lora.data import DatasetScan, ImageCaptionDataset, load_image, scan_dataset
+from sd_lora.data.order import EpochSampler
+from sd_lora.errors import UserError
+from sd_lora.evaluate import eval_loss, make_eval_batch
+from sd_lora.inject import add_lora, lora_parameters
+from sd_lora.models import load_pipeline, model_family, prediction_type_of
+from sd_lora.objective import denoising_loss, sample_noise, sample_timesteps, training_schedule
+from sd_lora.run_outputs import (
+    RunLog,
+    export_adapters,
+    render_sample_grid,
+    sample_prompts,
+    write_summary,
+)
+from sd_lora.text import encode_prompts, tokenize
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class RunFolderError(UserError):
+    """The output folder holds a run that this command would overwrite."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_files: dict[str, Path]
+    eval_loss_before: float
+    eval_loss_after: float
+    steps: int
+    seconds: float
+
+
+def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    output_dir = prepare_run_folder(config.train, resume)
+    (output_dir / "config.toml").write_text(to_toml(config), encoding="utf-8")
+    scan = scan_training_data(config.data, output_dir)  # before any model loads: fail fast
+    accelerator = make_accelerator(config.train, output_dir)
+    set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
+    pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
+    resolution = config.data.resolution or native_resolution(pipe)
+    trained = add_adapters(pipe, config.lora)
+    optimizer = make_optimizer(trained, config.train)
+    lr_scheduler = make_lr_scheduler(optimizer, config.train, accelerator.num_processes)
+    dataset, loader = make_dataloader(scan, resolution, config.data, config.train)
+    prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
+    models = dict(zip(trained, prepared[: len(trained)]))
+    optimizer, loader, lr_scheduler = prepared[len(trained) :]
+    schedule = training_schedule(pipe.scheduler.config, prediction_type_of(pipe))
+    noise_generator = torch.Generator().manual_seed(config.train.seed)
+    progress = Progress(global_step=0, epoch=0, batches_done_in_epoch=0)
+    if resume and list_checkpoints(output_dir):
+        last = list_checkpoints(output_dir)[-1]
+        progress = load_checkpoint(last, trained, optimizer, lr_scheduler, noise_generator)
+        accelerator.print(f"resumed from {last} at step {progress.global_step}")
+    eval_batch = make_eval_batch(*_eval_images(scan, resolution), pipe.vae, pipe.tokenizer)
+    with _eval_mode(trained.values()):
+        before = eval_loss(pipe.unet, pipe.text_encoder, schedule, eval_batch)
+    log = RunLog(output_dir, accelerator, resume=progress.global_step > 0)
+    started = time.time()
+    prompts = sample_prompts(config.sample, [s.caption for s in scan.samples])
+    loop = TrainingLoop(config, accelerator, pipe, models, trained, optimizer, lr_scheduler,
+                        schedule, noise_generator, log, output_dir, resolution, prompts)
+    progress = loop.run(loader, dataset, progress, show_progress)
+    seconds = time.time() - started
+    with _eval_mode(trained.values()):
+        after = eval_loss(pipe.unet, pipe.text_encoder, schedule, eval_batch)
+    files: dict[str, Path] = {}
+    if accelerator.is_main_process:
+        render_sample_grid(pipe, config.sample, prompts, resolution, output_dir / "samples" / "final.png")
+        files = export_adapters(trained, model_family(pipe), prediction_type_of(pipe), config, scan,
+                                resolution, output_dir, started)
+        write_summary(output_dir, before, after, progress.global_step, seconds, files)
+        log.plot()
+    accelerator.end_training()
+    return TrainResult(output_dir, files, before, after, progress.global_step, seconds)
+
+
+def prepare_run_folder(cfg: TrainConfig, resume: bool) -> Path:
+    """Create the output folder; refuse to start over on top of a run's checkpoints."""
+    output_dir = Path(cfg.output_dir)
+    existing = list_checkpoints(output_dir)
+    if existing and not resume:
+        raise RunFolderError(
+            f"{output_dir} already holds {existing[-1].name}; pass --resume to continue that run, "
+            "or choose another --output (nothing was changed)"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def scan_training_data(cfg: DataConfig, output_dir: Path) -> DatasetScan:
+    scan = scan_dataset(Path(cfg.path), caption_extensions=cfg.caption_extensions)
+    report = scan.report()
+    (output_dir / "dataset_report.txt").write_text(report + "\n", encoding="utf-8")
+    print(report)
+    return scan
+
+
+def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError(
+            "train.mixed_precision = 'fp16' needs a CUDA GPU (on a CPU it would silently run in "
+            "fp32); use 'bf16' or 'no' here"
+        )
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+    )
+    accelerator.init_trackers("logs")
+    return accelerator
+
+
+def load_frozen_base(cfg: ModelConfig, mixed_precision: str, device: torch.device):
+    prediction_type = None if cfg.prediction_type == "auto" else cfg.prediction_type
+    pipe = load_pipeline(cfg.base, dtype=WEIGHT_DTYPES[mixed_precision], prediction_type=prediction_type)
+    if pipe.vae.dtype != torch.float32:  # encoding in fp32 costs little and avoids fp16 overflow
+        pipe.vae.to(dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def native_resolution(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def add_adapters(pipe, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
+    """Inject LoRA; returns the models that train, keyed by component."""
+    add_lora(pipe.unet, "unet", cfg.unet_targets, cfg.unet_r, cfg.unet_alpha, cfg.dropout)
+    trained = {"unet": pipe.unet}
+    if cfg.train_text_encoder:
+        add_lora(pipe.text_encoder, "text_encoder", cfg.text_encoder_targets,
+                 cfg.text_encoder_r, cfg.text_encoder_alpha, cfg.dropout)
+        trained["text_encoder"] = pipe.text_encoder
+    return trained
+
+
+def make_optimizer(trained: dict[str, torch.nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
+    lrs = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_learning_rate}
+    groups = [{"params": lora_parameters(m), "lr": lrs[name]} for name, m in trained.items()]
+    return torch.optim.AdamW(
+        groups,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+
+
+def make_lr_scheduler(optimizer, cfg: TrainConfig, num_processes: int):
+    # Accelerate steps a prepared scheduler once per process, hence the scaling.
+    return get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps * num_processes,
+        num_training_steps=cfg.max_steps * num_processes,
+    )
+
+
+def make_dataloader(scan: DatasetScan, resolution: int, data: DataConfig, cfg: TrainConfig):
+    dataset = ImageCaptionDataset(
+        scan.samples, resolution, center_crop=data.center_crop,
+        random_flip=data.random_flip, seed=cfg.seed,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=EpochSampler(len(dataset), seed=cfg.seed),
+        num_workers=cfg.dataloader_workers, drop_last=len(dataset) >= cfg.batch_size,
+        # Its own generator: each new iterator draws a worker seed, which would otherwise shift
+        # the global RNG (LoRA dropout) and make a resumed run diverge.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    return dataset, loader
+
+
+def _eval_images(scan: DatasetScan, resolution: int, count: int = 4):
+    """The first `count` images of the dataset at their center crop, with their captions."""
+    samples = scan.samples[:count]
+    pixels = torch.stack([load_image(s.image, resolution, center_crop=True) for s in samples])
+    return pixels, [s.caption for s in samples]
+
+
+class TrainingLoop:
+    """Runs optimizer steps until max_steps, checkpointing and sampling on the way."""
+
+    def __init__(self, config, accelerator, pipe, models, trained, optimizer, lr_scheduler,
+                 schedule, noise_generator, log, output_dir, resolution, prompts):
+        self.config, self.accelerator, self.pipe = config, accelerator, pipe
+        self.models, self.trained = models, trained
+        self.optimizer, self.lr_scheduler, self.schedule = optimizer, lr_scheduler, schedule
+        self.noise_generator, self.log = noise_generator, log
+        self.output_dir, self.resolution, self.prompts = output_dir, resolution, prompts
+
+    def run(self, loader, dataset, progress: Progress, show_progress: bool) -> Progress:
+        cfg = self.config.train
+        bar = tqdm(total=cfg.max_steps, initial=progress.global_step, desc="training",
+                   unit="step", disable=not (show_progress and self.accelerator.is_main_process))
+        step, epoch, skip = progress.global_step, progress.epoch, progress.batches_done_in_epoch
+        done_in_epoch = skip
+        for model in self.models.values():
+            model.train()
+        try:
+            while step < cfg.max_steps:
+                loader.set_epoch(epoch)  # sets the sampler's epoch (and Accelerate's counter)
+                dataset.set_epoch(epoch)
+                batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
+                done_in_epoch = skip
+                for batch in batches:
+                    loss = self.train_micro_batch(batch)
+                    done_in_epoch += 1
+                    if not self.accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                    self.log.step(step, loss, self.lr_scheduler.get_last_lr()[0], epoch)
+                    self.after_step(Progress(step, epoch, done_in_epoch))
+                    if step >= cfg.max_steps:
+                        break
+                else:
+                    epoch, skip = epoch + 1, 0
+                    continue
+                break
+        except KeyboardInterrupt:
+            # Ctrl-C: keep what was learned, then stop.
+            self.save(Progress(step, epoch, done_in_epoch))
+            bar.close()
+            raise
+        bar.close()
+        final = Progress(step, epoch, done_in_epoch)
+        self.save(final)
+        return final
+
+    def train_micro_batch(self, batch) -> float:
+        accelerator = self.accelerator
+        unet = self.models["unet"]
+        text_encoder = self.models.get("text_encoder", self.pipe.text_encoder)
+        with accelerator.accumulate(*self.models.values()):
+            latents = self.encode_images(batch["pixel_values"])
+            noise = sample_noise(latents, self.noise_generator)
+            timesteps = sample_timesteps(latents.shape[0], self.schedule.config.num_train_timesteps,
+                                         self.noise_generator)
+            input_ids = tokenize(self.pipe.tokenizer, batch["caption"]).to(accelerator.device)
+            with torch.set_grad_enabled("text_encoder" in self.models):
+                embeddings = encode_prompts(text_encoder, input_ids)
+            loss = denoising_loss(unet, self.schedule, latents, embeddings, noise, timesteps)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.config.train.max_grad_norm > 0:
+                params = [p for m in self.trained.values() for p in lora_parameters(m)]
+                accelerator.clip_grad_norm_(params, self.config.train.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(accelerator.gather(loss.detach()).mean())
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) scaled latents, sampled from the VAE."""
+        vae = self.pipe.vae
+        pixels = pixel_values.to(self.accelerator.device, torch.float32)
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * sample_noise(posterior.mean, self.noise_generator)
+        unet_dtype = next(self.pipe.unet.parameters()).dtype
+        return (latents * vae.config.scaling_factor).to(unet_dtype)
+
+    def after_step(self, progress: Progress) -> None:
+        cfg, sample = self.config.train, self.config.sample
+        step = progress.global_step
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            self.save(progress)
+        if sample.every and step % sample.every == 0 and step < cfg.max_steps:
+            if self.accelerator.is_main_process:
+                path = self.output_dir / "samples" / f"step-{step:06d}.png"
+                with _eval_mode(self.models.values()):
+                    render_sample_grid(self.pipe, sample, self.prompts, self.resolution, path)
+
+    def save(self, progress: Progress) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            folder = checkpoint_path(self.output_dir, progress.global_step)
+            save_checkpoint(folder, self.trained, self.optimizer, self.lr_scheduler, progress,
+                            self.noise_generator)
+            prune_checkpoints(self.output_dir, self.config.train.checkpoints_keep)
+        self.accelerator.wait_for_everyone()
+
+
+class _eval_mode:
+    """Evaluate or sample without dropout, then put each model back in the mode it was in."""
+
+    def __init__(self, models):
+        self.models = list(models)
+
+    def __enter__(self):
+        self.was_training = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+
+    def __exit__(self, *exc):
+        for m, training in zip(self.models, self.was_training):
+            m.train(training)
+
