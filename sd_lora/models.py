@@ -1,23 +1,46 @@
-"""Load a base model: the built-in tiny one, a local diffusers folder, a hub id, or a single file.
+"""Load a base model: the built-in tiny one, a diffusers folder, a hub id, or a single file.
 
-Every loaded pipeline is frozen (no parameter requires grad) and in eval mode; training code adds
-LoRA layers on top.
+`load_pipeline(base)` accepts:
+- "tiny": the built-in random SD 1.x-topology model (`sd_lora.tiny`);
+- a local diffusers folder (the one holding `model_index.json`);
+- a Hugging Face hub id `org/name`: read from the local cache first (`HF_HUB_CACHE` /
+  `HF_HOME`), downloaded only when not cached and `HF_HUB_OFFLINE` is not set;
+- a single-file A1111/LDM `.safetensors` checkpoint of SD 1.x or 2.x, loaded offline
+  (`sd_lora.single_file`). Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused.
+
+Every loaded pipeline is frozen (no parameter requires grad) and in eval mode, in `dtype`;
+training code adds LoRA layers on top.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
+from sd_lora.errors import UserError
 from sd_lora.tiny import build_tiny_pipeline
 
 BUILTIN_BASES = ("tiny",)
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+HUB_PROBE_TIMEOUT_S = 10
+ACCEPTED_FORMS = (
+    '"tiny" (the built-in test model); '
+    "a diffusers folder containing model_index.json; "
+    'a Hugging Face hub id such as "runwayml/stable-diffusion-v1-5"; '
+    "or a single-file SD 1.x/2.x checkpoint ending in .safetensors"
+)
 
 
-class BaseModelError(ValueError):
+class BaseModelError(UserError):
     """A base model that cannot be found or loaded; the message says what to do."""
 
 
@@ -29,32 +52,162 @@ def load_pipeline(
         raise BaseModelError(
             f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}"
         )
-    if base == "tiny":
+    base = os.fspath(base)
+    path = Path(base).expanduser()
+    if base in BUILTIN_BASES:
         pipe = build_tiny_pipeline()
-    elif Path(base).is_dir():
-        pipe = _load_folder(Path(base), dtype)
+    elif path.is_dir():
+        pipe = _load_folder(path, dtype)
+    elif path.is_file():
+        pipe = _load_file(path, dtype, prediction_type)
+    elif path.suffix.lower() in SINGLE_FILE_SUFFIXES + PICKLE_SUFFIXES:
+        raise BaseModelError(f"base {base!r}: no such file")
+    elif HUB_ID.match(base):
+        pipe = _load_hub(base, dtype)
     else:
         raise BaseModelError(
-            f"base {base!r} is not a built-in base {BUILTIN_BASES} or an existing diffusers folder"
+            f"base {base!r} is not an existing file or folder, nor an org/name hub id. "
+            f"Accepted: {ACCEPTED_FORMS}"
         )
-    if prediction_type is not None:
-        pipe.scheduler.register_to_config(prediction_type=prediction_type)
-    return freeze(pipe.to(dtype=dtype))
+    if prediction_type is not None and prediction_type_of(pipe) != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            pipe.scheduler.config, prediction_type=prediction_type
+        )
+    return freeze(_cast(pipe, dtype))
 
 
-def _load_folder(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
-    if not (path / "model_index.json").is_file():
+def _cast(pipe: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeline:
+    """Cast only components not already in `dtype`: diffusers' ModelMixin.to(dtype) logs a
+    warning on every call (even with no fp32-pinned modules), and loaders already applied it."""
+    for name in COMPONENTS:
+        module = getattr(pipe, name, None)
+        if module is not None and any(p.dtype != dtype for p in module.parameters()):
+            module.to(dtype=dtype)
+    return pipe
+
+
+def _load_file(path: Path, dtype: torch.dtype, prediction_type: str | None) -> DiffusionPipeline:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
         raise BaseModelError(
-            f"{path} is a folder but not a diffusers pipeline (no model_index.json); "
-            "pass the folder that `save_pretrained` wrote"
+            f"{path}: {suffix} checkpoints are Python pickles, which can run code when loaded, so "
+            "they are not opened. Convert it to .safetensors (for example with A1111's or "
+            "ComfyUI's checkpoint tools, or sd-scripts' convert script) and pass that file."
         )
-    return StableDiffusionPipeline.from_pretrained(
-        path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    if suffix not in SINGLE_FILE_SUFFIXES:
+        raise BaseModelError(f"{path}: unknown file type {suffix!r}. Accepted: {ACCEPTED_FORMS}")
+    from sd_lora.single_file import load_single_file  # imports this module
+
+    return load_single_file(path, dtype, prediction_type)
+
+
+def _check_pipeline_class(index: dict, where: str) -> None:
+    name = index.get("_class_name")
+    if name == "StableDiffusionPipeline":
+        return
+    if name and "XL" in name:
+        raise BaseModelError(f"{where} is an SDXL pipeline ({name}); SDXL support comes later")
+    raise BaseModelError(
+        f"{where} is a {name} pipeline; only StableDiffusionPipeline (SD 1.x/2.x) bases are supported"
     )
 
 
+def _load_folder(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise BaseModelError(
+            f"{path} is a folder but not a diffusers pipeline (no model_index.json); pass the "
+            "folder that `save_pretrained` wrote, or a single .safetensors checkpoint file"
+        )
+    _check_pipeline_class(json.loads(index_file.read_text()), str(path))
+    try:
+        return _from_pretrained(str(path), dtype)
+    except (OSError, ValueError) as e:
+        raise BaseModelError(
+            f"{path}: a component of this diffusers folder cannot be loaded: {e}"
+        ) from e
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(
+        source,
+        dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **kwargs,
+    )
+
+
+# --- Hugging Face hub -----------------------------------------------------------------------
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache as the environment says now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "")
+    return flag.upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> DiffusionPipeline:
+    from huggingface_hub import (
+        get_hf_file_metadata,
+        hf_hub_download,
+        hf_hub_url,
+        try_to_load_from_cache,
+    )
+
+    cache = hub_cache_dir()
+    cached_index = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache)
+    if isinstance(cached_index, str):
+        _check_pipeline_class(json.loads(Path(cached_index).read_text()), repo_id)
+        try:
+            return _from_pretrained(repo_id, dtype, cache_dir=cache, local_files_only=True)
+        except (OSError, ValueError):
+            pass  # partly cached: fetch the rest below, if allowed
+    not_here = (
+        f"base {repo_id!r} is neither a local file or folder nor (fully) in the Hugging Face "
+        f"cache at {cache}, and"
+    )
+    advice = (
+        "Pass a local diffusers folder or a single-file .safetensors checkpoint instead, or "
+        "download the model once with network access."
+    )
+    if hub_offline():
+        raise BaseModelError(
+            f"{not_here} HF_HUB_OFFLINE is set, so it cannot be downloaded. {advice}"
+        )
+    try:
+        # One request, no retries: hf_hub_download alone retries with back-off for ~25 s offline.
+        get_hf_file_metadata(hf_hub_url(repo_id, "model_index.json"), timeout=HUB_PROBE_TIMEOUT_S)
+        index = hf_hub_download(repo_id, "model_index.json", cache_dir=cache)
+    except Exception as e:  # network, auth, missing repo: all mean "not reachable from here"
+        raise BaseModelError(
+            f"{not_here} the hub is not reachable for it ({type(e).__name__}: {e}). {advice}"
+        ) from e
+    _check_pipeline_class(json.loads(Path(index).read_text()), repo_id)
+    try:
+        return _from_pretrained(repo_id, dtype, cache_dir=cache)
+    except Exception as e:
+        raise BaseModelError(f"base {repo_id!r}: downloading or loading it failed: {e}") from e
+
+
+# --- inspection -----------------------------------------------------------------------------
+
+
 def freeze(pipe: DiffusionPipeline) -> DiffusionPipeline:
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in COMPONENTS:
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False)
@@ -63,10 +216,17 @@ def freeze(pipe: DiffusionPipeline) -> DiffusionPipeline:
 
 
 def model_family(pipe: DiffusionPipeline) -> str:
-    """'sdxl' (two text encoders), 'sd2' (1024-wide OpenCLIP conditioning) or 'sd1'."""
+    """'sdxl' (two text encoders), 'sd2' or 'sd1'.
+
+    SD 2.x is told apart structurally: its UNet's transformer blocks project in and out with
+    Linear layers (SD 1.x: 1x1 convolutions), which also holds for tiny SD 2-topology models;
+    a 1024-wide cross-attention (OpenCLIP ViT-H) counts too.
+    """
     if getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl"
-    if pipe.unet.config.cross_attention_dim == 1024:
+    unet = pipe.unet
+    proj_in = next((m for n, m in unet.named_modules() if n.endswith("proj_in")), None)
+    if isinstance(proj_in, torch.nn.Linear) or unet.config.cross_attention_dim == 1024:
         return "sd2"
     return "sd1"
 
