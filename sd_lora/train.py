@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -61,7 +62,7 @@ class TrainResult:
 
 def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
     output_dir = prepare_run_folder(config.train, resume)
-    scan = scan_training_data(config.data, output_dir)  # before any model loads: fail fast
+    scan = scan_training_data(config.data)  # before any model loads: fail fast
     accelerator = make_accelerator(config.train, output_dir)
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
     pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
@@ -85,8 +86,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     eval_batch = make_eval_batch(*_eval_images(scan, resolution), pipe.vae, pipe.tokenizer)
     with _eval_mode(trained.values()):
         before = eval_loss(pipe.unet, pipe.text_encoder, schedule, eval_batch)
-    # Written only once the base loaded and the data scanned, so a failed start changes nothing.
-    (output_dir / "config.toml").write_text(to_toml(config), encoding="utf-8")
+    write_run_records(output_dir, config, scan, accelerator)
     log = RunLog(output_dir, accelerator, resume=progress.global_step > 0)
     started = time.time()
     prompts = sample_prompts(config.sample, [s.caption for s in scan.samples])
@@ -120,12 +120,19 @@ def prepare_run_folder(cfg: TrainConfig, resume: bool) -> Path:
     return output_dir
 
 
-def scan_training_data(cfg: DataConfig, output_dir: Path) -> DatasetScan:
+def scan_training_data(cfg: DataConfig) -> DatasetScan:
     scan = scan_dataset(Path(cfg.path), caption_extensions=cfg.caption_extensions)
-    report = scan.report()
-    (output_dir / "dataset_report.txt").write_text(report + "\n", encoding="utf-8")
-    print(report)
+    print(scan.report())
     return scan
+
+
+def write_run_records(output_dir: Path, config: JobConfig, scan: DatasetScan, accelerator) -> None:
+    """The run's config, dataset report and logs. Written only once the base has loaded and the
+    data has scanned, so a start that fails on bad input changes nothing in the folder."""
+    if accelerator.is_main_process:
+        (output_dir / "config.toml").write_text(to_toml(config), encoding="utf-8")
+        (output_dir / "dataset_report.txt").write_text(scan.report() + "\n", encoding="utf-8")
+    accelerator.init_trackers("logs")
 
 
 def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
@@ -134,13 +141,16 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
             "train.mixed_precision = 'fp16' needs a CUDA GPU (on a CPU it would silently run in "
             "fp32); use 'bf16' or 'no' here"
         )
+    # Accelerate keeps one precision per process; a second run in the same process (notebook,
+    # app, tests) may ask for another. The distributed (partial) state is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard",
         project_dir=str(output_dir),
     )
-    accelerator.init_trackers("logs")
     return accelerator
 
 
