@@ -24,6 +24,9 @@ TRAIN_FLAGS = {  # command-line flag -> dotted config field
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # transformers warns at import that torchvision is absent; we never need it (set the
+    # variable yourself to see every warning).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return args.run(args)
     except UserError as exc:

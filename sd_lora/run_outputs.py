@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ class RunLog:
     def __init__(self, output_dir: Path, accelerator, resume: bool) -> None:
         self.path = output_dir / "loss.csv"
         self.accelerator = accelerator
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         if accelerator.is_main_process and (not resume or not self.path.exists()):
             self.path.write_text("step,loss,lr,epoch\n")
 
@@ -38,18 +38,19 @@ class RunLog:
 
     def plot(self) -> Path:
         """loss.png: raw per-step loss and its moving average."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # The object API, not pyplot: no global backend switch (it would break notebooks).
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         rows = list(csv.DictReader(self.path.open()))
         steps = [int(r["step"]) for r in rows]
         losses = [float(r["loss"]) for r in rows]
-        window = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        window = max(1, min(len(losses), max(5, len(losses) // 20)))
+        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
                   for i in range(len(losses))]
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        fig = Figure(figsize=(6, 3.5), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
         ax.plot(steps, losses, alpha=0.35, label="loss")
         ax.plot(steps, smooth, label=f"moving average ({window})")
         ax.set_xlabel("optimizer step")
@@ -58,7 +59,6 @@ class RunLog:
         fig.tight_layout()
         out = self.path.with_suffix(".png")
         fig.savefig(out)
-        plt.close(fig)
         return out
 
 

@@ -7,6 +7,7 @@ Latents are decoded here rather than inside the pipeline so that the VAE may kee
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,20 +59,29 @@ def decode_latents(vae, latents: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None = None) -> Image.Image:
-    """Images in rows of `columns`, each with an optional caption strip underneath."""
+def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None = None,
+               min_cell: int = 128) -> Image.Image:
+    """Images in rows of `columns`, each with an optional caption underneath.
+
+    Small images (the tiny base renders 64 px) are enlarged without smoothing so they stay
+    legible; captions wrap onto at most two lines.
+    """
     if not images:
         raise ValueError("image_grid needs at least one image")
     w, h = images[0].size
-    strip = 14 if labels else 0
+    scale = max(1, -(-min_cell // w))  # ceil(min_cell / w)
+    cw, ch = w * scale, h * scale
+    chars = max(4, cw // 6)
+    strip = 26 if labels else 0
     rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * w, rows * (h + strip)), "white")
+    grid = Image.new("RGB", (columns * cw, rows * (ch + strip)), "white")
     draw = ImageDraw.Draw(grid)
     for i, image in enumerate(images):
-        x, y = (i % columns) * w, (i // columns) * (h + strip)
-        grid.paste(image.resize((w, h)), (x, y))
+        x, y = (i % columns) * cw, (i // columns) * (ch + strip)
+        grid.paste(image.resize((cw, ch), Image.NEAREST), (x, y))
         if labels:
-            draw.text((x + 2, y + h + 1), labels[i][: max(4, w // 6)], fill="black")
+            text = textwrap.wrap(labels[i], chars)[:2]
+            draw.multiline_text((x + 2, y + ch + 1), "\n".join(text), fill="black", spacing=1)
     return grid
 
 

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from sd_lora.checkpoint import (
     Progress,

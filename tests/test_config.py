@@ -75,3 +75,11 @@ def test_parse_override_values():
     assert parse_override("train.gradient_checkpointing=true") == ("train.gradient_checkpointing", True)
     with pytest.raises(ConfigError, match="must look like section.field=value"):
         parse_override("train.seed")
+
+
+@pytest.mark.parametrize("name", ["demo.toml", "sd15_style.toml"])
+def test_example_configs_load(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / name
+    assert load_config(path).version == 1
