@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import torch
 
+from sd_lora.atomic import write_bytes_atomically
 from sd_lora.formats import kohya, peft_diffusers
 from sd_lora.formats.metadata import (
     HASH_KEYS,
@@ -74,7 +74,7 @@ def save_adapter(
         )
     metadata.update(build_metadata(state, info))
     blob = _serialize_with_hashes(tensors, metadata)
-    _write_atomically(path, blob)
+    write_bytes_atomically(path, blob)
     return path
 
 
@@ -90,20 +90,6 @@ def _serialize_with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str,
     if file_hashes(blob) != hashes:
         raise AdapterFileError("internal error: the hashes moved when filled into the header")
     return blob
-
-
-def _write_atomically(path: Path, blob: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

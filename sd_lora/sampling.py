@@ -6,13 +6,14 @@ Latents are decoded here rather than inside the pipeline so that the VAE may kee
 
 from __future__ import annotations
 
-import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
+
+from sd_lora.atomic import atomic_path
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,6 @@ def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> P
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path

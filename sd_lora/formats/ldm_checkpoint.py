@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from sd_lora.atomic import atomic_path
 from sd_lora.errors import UserError
+from sd_lora.formats.metadata import base_architecture
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -276,14 +277,6 @@ def components_to_ldm(unet, vae, text_encoder, family: str) -> dict[str, torch.T
 
 # --- writing --------------------------------------------------------------------------------
 
-_ARCHITECTURES = {
-    ("sd1", "epsilon"): "stable-diffusion-v1",
-    ("sd1", "v_prediction"): "stable-diffusion-v1",
-    ("sd2", "epsilon"): "stable-diffusion-v2-512",
-    ("sd2", "v_prediction"): "stable-diffusion-v2-768-v",
-}
-
-
 def pipeline_metadata(pipe, family: str, title: str) -> dict[str, str]:
     """safetensors metadata: SAI model-spec keys plus the exact diffusers configs (ours)."""
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
@@ -300,7 +293,7 @@ def pipeline_metadata(pipe, family: str, title: str) -> dict[str, str]:
     side = latent * 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # VAE halves per level
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _ARCHITECTURES[(family, prediction)],
+        "modelspec.architecture": base_architecture(family, prediction),
         "modelspec.implementation": "diffusers",  # what sd-scripts writes for SD 1.x / 2.x
         "modelspec.title": title,
         "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
@@ -320,13 +313,6 @@ def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype) -> Path:
     tensors = components_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, family)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     metadata = pipeline_metadata(pipe, family, title=path.stem)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path

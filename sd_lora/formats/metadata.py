@@ -89,16 +89,19 @@ class TrainingInfo:
         return (int(width), int(height))
 
 
-def architecture(family: str, prediction_type: str) -> str:
-    """modelspec.architecture of a LoRA for this base, as sd-scripts determines it."""
+def base_architecture(family: str, prediction_type: str) -> str:
+    """modelspec.architecture of a base model, as sd-scripts determines it."""
     if family == "sdxl":
-        arch = "stable-diffusion-xl-v1-base"
-    elif family == "sd2":
+        return "stable-diffusion-xl-v1-base"
+    if family == "sd2":
         v = prediction_type == "v_prediction"
-        arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
-    else:
-        arch = "stable-diffusion-v1"
-    return arch + "/lora"
+        return "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
+    return "stable-diffusion-v1"
+
+
+def architecture(family: str, prediction_type: str) -> str:
+    """modelspec.architecture of a LoRA for this base."""
+    return base_architecture(family, prediction_type) + "/lora"
 
 
 def _most_common(values: list) -> object:

@@ -1,0 +1,33 @@
+"""Write files so that they are complete or absent: a temporary name in the same folder, flushed
+and fsynced, then renamed over the target (a crash never leaves half a file under the real name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is synced and renamed to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_bytes_atomically(path: str | os.PathLike, blob: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(blob)
+    return Path(path)
