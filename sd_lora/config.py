@@ -77,7 +77,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     checkpoint_every: int = 100  # optimizer steps; 0 disables intermediate checkpoints
-    checkpoints_keep: int = 2
+    checkpoints_keep: int = 2  # the newest N are kept; 0 keeps all
     log_every: int = 10
     dataloader_workers: int = 0
 

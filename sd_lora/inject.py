@@ -49,13 +49,18 @@ def target_suffixes(component: str, groups: tuple[str, ...]) -> list[str]:
     return suffixes
 
 
+def _adaptable(module: torch.nn.Module) -> bool:
+    """Linear layers, and 1x1 convolutions (SD 1.x's proj_in/proj_out are Conv2d 1x1)."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+
+
 def target_module_names(model: torch.nn.Module, suffixes: list[str]) -> list[str]:
-    """Full names of the Linear layers whose names end with one of the suffixes."""
+    """Full names of the adaptable layers whose names end with one of the suffixes."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(
-            name == s or name.endswith("." + s) for s in suffixes
-        ):
+        if _adaptable(module) and any(name == s or name.endswith("." + s) for s in suffixes):
             names.append(name)
     return names
 
