@@ -78,7 +78,6 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100  # optimizer steps; 0 disables intermediate checkpoints
     checkpoints_keep: int = 2  # the newest N are kept; 0 keeps all
-    log_every: int = 10
     dataloader_workers: int = 0
 
 
@@ -211,7 +210,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "data.resolution", "train.lr_warmup_steps", "train.checkpoint_every",
-    "train.checkpoints_keep", "train.log_every", "train.dataloader_workers", "sample.every",
+    "train.checkpoints_keep", "train.dataloader_workers", "sample.every",
     "train.max_grad_norm", "train.adam_weight_decay",
 }
 
