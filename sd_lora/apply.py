@@ -6,8 +6,10 @@
     restore(pipe, applied)                                                 # exact originals back
 
 or `with adapters_applied(pipe, entries): ...`. Each touched layer becomes
-`W0 + sum_i strength_i * (alpha_i / r_i) * B_i @ A_i`, computed in float32 on the weight's device
-and stored in the weight's own dtype. Float32 copies of the original weights of only the touched
+`W0 + sum_i strength_i * block_i * (alpha_i / r_i) * B_i @ A_i`, computed in float32 on the
+weight's device and stored in the weight's own dtype; `block_i` is 1 unless the entry carries
+LoRA Block Weights (`AdapterEntry(..., block_weights=parse_block_weights("INS"))`, see
+`sd_lora.block_weights`). Float32 copies of the original weights of only the touched
 layers are kept, so changing strengths never re-reads the base and `restore` is bit-exact.
 Every adapter is checked (family, module paths, shapes) before any weight is touched.
 """
@@ -22,13 +24,15 @@ from typing import NamedTuple
 import torch
 
 from sd_lora.adapter_io import component_modules
+from sd_lora.block_weights import BlockWeightError, block_weight
+from sd_lora.errors import UserError
 from sd_lora.lora_state import AdapterState
 from sd_lora.models import model_family
 
 APPLIED_ATTR = "_sd_lora_applied"  # the pipeline remembers what is merged, to refuse double merges
 
 
-class AdapterApplyError(ValueError):
+class AdapterApplyError(UserError):  # a ValueError too, as before
     """An adapter that does not fit the pipeline; the message names the adapter and module."""
 
 
@@ -37,6 +41,7 @@ class AdapterEntry(NamedTuple):
     unet_strength: float = 1.0
     te_strength: float = 1.0  # applies to text_encoder and text_encoder_2
     name: str | None = None  # shown in messages; defaults to the file's output name
+    block_weights: tuple[float, ...] | None = None  # LBW: 17 (or 26) weights, BASE first
 
     def label(self, index: int) -> str:
         meta = self.state.metadata
@@ -49,6 +54,13 @@ class AdapterEntry(NamedTuple):
 
     def strength(self, component: str) -> float:
         return float(self.unet_strength if component == "unet" else self.te_strength)
+
+    def module_strength(self, component: str, path: str) -> float:
+        """The component's strength times the module's block weight (when block weights are set)."""
+        strength = self.strength(component)
+        if self.block_weights is None:
+            return strength
+        return strength * block_weight(self.block_weights, component, path)
 
 
 @dataclass
@@ -63,9 +75,12 @@ class AppliedAdapters:
         lines = []
         for i, (entry, counts) in enumerate(zip(self.entries, self.coverage)):
             parts = ", ".join(f"{c} {n} modules" for c, n in counts.items())
+            blocks = "" if entry.block_weights is None else (
+                ", blocks " + ",".join(f"{w:g}" for w in entry.block_weights)
+            )
             lines.append(
-                f"{entry.label(i)}: unet x{entry.unet_strength:g}, text x{entry.te_strength:g} "
-                f"({parts})"
+                f"{entry.label(i)}: unet x{entry.unet_strength:g}, text x{entry.te_strength:g}"
+                f"{blocks} ({parts})"
             )
         return "\n".join(lines)
 
@@ -120,8 +135,25 @@ def check_fits(pipe, entries: Sequence[AdapterEntry], layers=None) -> list[dict[
                         f"weight is {have}; the adapter does not fit this base model"
                     )
             counts[component] = len(modules)
+        _check_block_weights(entry, name)
         coverage.append(counts)
     return coverage
+
+
+def _check_block_weights(entry: AdapterEntry, name: str) -> None:
+    """Every module must map to a block before any weight moves (block_weight raises if not)."""
+    if entry.block_weights is None:
+        return
+    if entry.state.family not in ("sd1", "sd2"):
+        raise AdapterApplyError(
+            f"{name}: block weights are defined for SD 1.x/2.x UNets, not {entry.state.family!r}"
+        )
+    try:
+        for component, modules in entry.state.modules.items():
+            for path in modules:
+                entry.module_strength(component, path)
+    except BlockWeightError as e:
+        raise AdapterApplyError(f"{name}: {e}") from e
 
 
 @torch.no_grad()
@@ -132,8 +164,10 @@ def _merge(layers, originals, entries: Sequence[AdapterEntry]) -> None:
         total = original.to(weight.device, copy=True)
         for entry in entries:
             module = entry.state.modules.get(component, {}).get(path)
-            strength = entry.strength(component)
-            if module is not None and strength != 0.0:
+            if module is None:
+                continue
+            strength = entry.module_strength(component, path)
+            if strength != 0.0:
                 total += module.delta(strength).to(weight.device)
         weight.copy_(total.to(weight.dtype))
 

@@ -124,7 +124,8 @@ def _load_folder(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
         return _from_pretrained(str(path), dtype)
     except (OSError, ValueError) as e:
         raise BaseModelError(
-            f"{path}: a component of this diffusers folder cannot be loaded: {e}"
+            f"{path}: a component of this diffusers folder cannot be loaded (weights are read "
+            f"from .safetensors files only; convert .bin weights first): {e}"
         ) from e
 
 
@@ -135,6 +136,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> StableDiffusi
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+        use_safetensors=True,  # never unpickle: .bin weights can run code when loaded
         **kwargs,
     )
 

@@ -499,3 +499,14 @@ def test_unet_table_gives_sdxl_ldm_names():
         ldm.unet_to_ldm(unet.state_dict(), unet.config), SDXL_UNET
     )
     assert set(back) == set(unet.state_dict())
+
+
+def test_a_folder_with_pickled_weights_is_refused(tmp_path):
+    """`.bin` weights are pickles: the loader never falls back to them."""
+    from sd_lora.tiny import build_tiny_pipeline
+
+    folder = tmp_path / "pickled"
+    build_tiny_pipeline().save_pretrained(folder, safe_serialization=False)
+    assert not list((folder / "unet").glob("*.safetensors"))  # transformers still writes safetensors
+    with pytest.raises(BaseModelError, match="safetensors"):
+        load_pipeline(str(folder))

@@ -1,0 +1,151 @@
+"""Training jobs: real detached `sd-lora train` processes, followed from their files only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd_lora.config import ConfigError, load_config
+from sd_lora.jobs import PRESETS, JobError, JobManager, preset_toml
+from sd_lora.session import AdapterSetting, GenerateRequest, GenerationSession
+from sd_lora.workspace import PathOutsideError, Workspace, WorkspaceError, list_adapters
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the job shares 2 cores with pytest (and maybe more)
+FAST = ["sample.steps=2", "sample.prompts=['zkstripes']"]
+
+
+@pytest.fixture
+def space(tmp_path) -> Workspace:
+    space = Workspace.create(tmp_path / "adapters")
+    shutil.copytree(REPO / "datasets" / "sample_stripes", space.runs / "uploads" / "stripes")
+    return space
+
+
+def wait_until(predicate, timeout: float = 150.0, every: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"still waiting after {timeout} s")
+
+
+def test_preset_toml_is_a_complete_valid_config(tmp_path):
+    text = preset_toml("quick", "tiny", "data/x", "style", ["train.max_steps=5"])
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    config = load_config(path)
+    assert (config.model.base, config.data.path, config.train.name) == ("tiny", "data/x", "style")
+    assert (config.train.max_steps, config.train.learning_rate) == (5, 1e-3)
+    standard = tmp_path / "standard.toml"
+    standard.write_text(preset_toml("standard", "sd15", "d", "n"))
+    assert (load_config(standard).lora.unet_r, load_config(standard).train.max_steps) == (16, 1500)
+    assert {"quick", "standard"} <= set(PRESETS)
+    with pytest.raises(JobError, match="unknown preset 'fast'"):
+        preset_toml("fast", "tiny", "d", "n")
+    with pytest.raises(JobError, match="name 'a/b'"):
+        preset_toml("quick", "tiny", "d", "a/b")
+    with pytest.raises(ConfigError, match="train.lerning_rate"):
+        preset_toml("quick", "tiny", "d", "n", ["train.lerning_rate=1"])
+
+
+def test_bad_input_is_refused_before_anything_is_written(space, tmp_path):
+    jobs = JobManager(space)
+    data = space.runs / "uploads" / "stripes"
+    good = preset_toml("quick", "tiny", data, "x")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    before = sorted(p.name for p in space.runs.iterdir())
+    cases = [
+        (JobError, "must be a folder inside the workspace", (outside, good, "x")),
+        (JobError, "name '../x'", (data, good, "../x")),
+        (ConfigError, "TOML is not valid", (data, "[train\nx=", "x")),
+        (ConfigError, "unknown config key 'extra'", (data, good + "\n[extra]\n", "x")),
+        (ConfigError, "'train.max_stepz'", (data, good.replace("max_steps", "max_stepz"), "x")),
+        (WorkspaceError, "base '/etc' is not 'tiny'", (data, good.replace('"tiny"', '"/etc"'), "x")),
+    ]
+    for error, message, args in cases:
+        with pytest.raises(error, match=message):
+            jobs.start(*args)
+    (space.adapters / "taken.safetensors").write_bytes(b"x")
+    with pytest.raises(JobError, match="taken.safetensors already exists"):
+        jobs.start(data, good, "taken")
+    assert sorted(p.name for p in space.runs.iterdir()) == before
+    with pytest.raises(PathOutsideError):
+        jobs.status("../adapters")
+    with pytest.raises(JobError, match="no job 'nope'"):
+        jobs.status("nope")
+
+
+def test_a_quick_job_trains_publishes_its_adapter_and_survives_a_restart(space):
+    torch.set_num_threads(1)
+    jobs = JobManager(space, extra_env=ONE_THREAD)
+    data = space.runs / "uploads" / "stripes"
+    job_id = jobs.start(data, preset_toml("quick", "tiny", data, "stripes",
+                                          ["train.max_steps=3"] + FAST), "stripes")
+    assert (space.runs / job_id / "job.toml").is_file() and job_id.endswith("-stripes")
+    status = wait_until(lambda: (s := jobs.status(job_id)).state != "running" and s)
+    assert status.state == "done", status.message
+    assert (status.step, status.max_steps, len(status.losses)) == (3, 3, 3)
+    assert status.adapter == space.adapters / "stripes.safetensors" and status.adapter.is_file()
+    assert [p.name for p in status.samples] == ["final.png"]
+    assert (space.adapters / "stripes.preview.png").is_file()
+    listed = {a.name: a for a in list_adapters(space)}["stripes"]
+    assert (listed.family, listed.problem, listed.preview) == ("sd1", None,
+                                                               space.adapters / "stripes.preview.png")
+    restarted = JobManager(space).list_jobs()  # a new app instance: files only
+    assert [(s.job_id, s.state, s.adapter) for s in restarted] == [(job_id, "done", status.adapter)]
+    image = GenerationSession(space).generate(GenerateRequest(
+        prompt="zkstripes", seed=1, steps=2, adapters=(AdapterSetting("stripes", 0.8, 0.8),)))[0]
+    assert image.path.is_file()
+
+
+def test_cancel_stops_a_long_job_with_a_checkpoint(space):
+    jobs = JobManager(space, extra_env=ONE_THREAD)
+    data = space.runs / "uploads" / "stripes"
+    text = preset_toml("quick", "tiny", data, "long", ["train.max_steps=500"] + FAST)
+    job_id = jobs.start(data, text, "long")
+    running = wait_until(lambda: (s := jobs.status(job_id)).losses and s)
+    assert running.state == "running" and running.max_steps == 500, running.message
+    assert running.eta_seconds is not None and running.eta_seconds > 0
+    with pytest.raises(JobError, match=f"job {job_id} is still running"):
+        jobs.start(data, preset_toml("quick", "tiny", data, "other"), "other")
+    jobs.cancel(job_id)
+    status = wait_until(lambda: (s := jobs.status(job_id)).state != "running" and s)
+    assert status.state == "cancelled", status.message
+    assert 1 <= status.step < 500 and status.adapter is None
+    # Saved on SIGINT at the step reached (the preset's periodic checkpoints come at 20, 40...).
+    assert (space.runs / job_id / f"checkpoint-{status.step:06d}").is_dir()
+    assert json.loads((space.runs / job_id / "exit.json").read_text())["code"] == 130
+    assert not (space.adapters / "long.safetensors").exists()
+    with pytest.raises(JobError, match="is not running"):
+        jobs.cancel(job_id)
+    assert JobManager(space).status(job_id).state == "cancelled"
+
+
+def test_failed_and_vanished_jobs_are_reported_from_files(space):
+    jobs = JobManager(space)
+    for job_id, exit_record, log in [
+        ("20260101-000000-failed", {"code": 2}, "loading\nerror: base 'x' is not an existing file\n"),
+        ("20260101-000001-vanished", None, "step 1\nKilled\n"),
+    ]:
+        run = space.runs / job_id
+        run.mkdir()
+        (run / "job.json").write_text(json.dumps({"job_id": job_id, "name": job_id, "pid": 999999999,
+                                                  "started": 1.0, "max_steps": 10}))
+        (run / "train.log").write_text(log)
+        if exit_record is not None:
+            (run / "exit.json").write_text(json.dumps(exit_record))
+    failed = jobs.status("20260101-000000-failed")
+    assert failed.state == "failed" and "error: base 'x'" in failed.message
+    vanished = jobs.status("20260101-000001-vanished")
+    assert vanished.state == "failed" and "ended without reporting" in vanished.message
+    assert "Killed" in vanished.message
+    assert [s.job_id for s in jobs.list_jobs()] == ["20260101-000001-vanished", "20260101-000000-failed"]
