@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sd_lora.checkpoint import list_checkpoints
 from sd_lora.config import ConfigError, load_config
 from sd_lora.jobs import PRESETS, JobError, JobManager, preset_toml
 from sd_lora.session import AdapterSetting, GenerateRequest, GenerationSession
@@ -121,8 +122,10 @@ def test_cancel_stops_a_long_job_with_a_checkpoint(space):
     status = wait_until(lambda: (s := jobs.status(job_id)).state != "running" and s)
     assert status.state == "cancelled", status.message
     assert 1 <= status.step < 500 and status.adapter is None
-    # Saved on SIGINT at the step reached (the preset's periodic checkpoints come at 20, 40...).
-    assert (space.runs / job_id / f"checkpoint-{status.step:06d}").is_dir()
+    # Saved on SIGINT at the step reached (the preset's periodic checkpoints come at 20, 40...);
+    # the signal may land after an optimizer step and before its loss line is written.
+    saved = list_checkpoints(space.runs / job_id)
+    assert saved and int(saved[-1].name.split("-")[1]) in (status.step, status.step + 1), saved
     assert json.loads((space.runs / job_id / "exit.json").read_text())["code"] == 130
     assert not (space.adapters / "long.safetensors").exists()
     with pytest.raises(JobError, match="is not running"):
