@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,22 @@ demo: setup
 	$(BIN)/sd-lora generate --base tiny --lora runs/demo/demo.safetensors:0.8 --prompt "zkstripes, a red circle on a blue background" --seed 1 --output runs/demo/generated.png
 	$(BIN)/sd-lora inspect runs/demo/demo.safetensors
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# The app's browser tests drive Debian's chromium through the playwright package (which cannot
+# download its own browsers here). Install it when missing and apt-get can (root, or sudo
+# without a password); never fail: without chromium those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	    echo "installing Debian's chromium for the browser tests (apt-get)"; \
+	    { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+	      || echo "note: could not install chromium; the browser tests will skip"; \
+	  else \
+	    echo "note: no chromium and no apt-get; the browser tests will skip"; \
+	  fi; }
 
 lint: setup
 	$(BIN)/ruff check .

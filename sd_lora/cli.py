@@ -1,4 +1,4 @@
-"""`sd-lora train | generate | inspect`: thin argument parsing over the library."""
+"""`sd-lora train | generate | inspect | app`: thin argument parsing over the library."""
 
 from __future__ import annotations
 
@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("path", type=Path)
     insp.add_argument("--json", action="store_true", help="machine-readable output")
     insp.set_defaults(run=run_inspect)
+
+    app = commands.add_parser("app", help="open the browser app (Generate, Compare, Train)")
+    app.add_argument("--adapters", type=Path, required=True,
+                     help="adapters folder: listed for blending; finished trainings land here")
+    app.add_argument("--models", type=Path, help="base models: diffusers folders and .safetensors checkpoints")
+    app.add_argument("--outputs", type=Path, help="generated images (default: next to --adapters)")
+    app.add_argument("--runs", type=Path, help="training runs and uploads (default: next to --adapters)")
+    app.add_argument("--host", help="address to listen on (default 127.0.0.1: this computer only)")
+    app.add_argument("--port", type=int, help="port (default: 7860 or the next free one)")
+    app.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    app.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this login")
+    app.set_defaults(run=run_app)
     return parser
 
 
@@ -148,6 +160,21 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     info = inspect_adapter(args.path)
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
+    return 0
+
+
+def run_app(args: argparse.Namespace) -> int:
+    from app.server import launch, parse_auth
+    from sd_lora.workspace import Workspace
+
+    auth = parse_auth(args.auth)
+    workspace = Workspace.create(args.adapters, outputs=args.outputs, runs=args.runs, models=args.models)
+    exposed = args.share or args.host not in (None, "127.0.0.1", "localhost")
+    if exposed and auth is None:
+        where = "a public link" if args.share else args.host
+        print(f"warning: serving on {where} without --auth: anyone who can reach it can use the "
+              "app (train, generate, read the adapters)", file=sys.stderr)
+    launch(workspace, host=args.host, port=args.port, share=args.share, auth=auth)
     return 0
 
 

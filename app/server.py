@@ -1,0 +1,64 @@
+"""Start the app: `launch(workspace, ...)` binds 127.0.0.1 unless a host or --share is asked for."""
+
+from __future__ import annotations
+
+import os
+
+import gradio as gr
+
+from sd_lora.errors import UserError
+from sd_lora.workspace import Workspace
+
+LOCALHOST = "127.0.0.1"
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """'user:pass' -> ("user", "pass"); the password may contain ':'."""
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise UserError(f"--auth {text!r}: give USER:PASSWORD, both non-empty")
+    return user, password
+
+
+def job_threads() -> dict[str, str]:
+    """Training jobs get half the CPU cores, so the page (and generating) stays responsive; on
+    2 cores torch's default threads in both processes made a 3-step tiny job 10x slower.
+    An OMP_NUM_THREADS the user set is kept."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+
+
+def create_app(workspace: Workspace, device: str = "cpu") -> gr.Blocks:
+    """The Blocks app with its queue: one model operation at a time, status polls alongside."""
+    # Gradio keeps uploads and copies of the files it serves in its cache: keep it in the runs
+    # folder, so the app writes only inside the folders it was given. Read by Blocks().
+    os.environ["GRADIO_TEMP_DIR"] = str(workspace.runs / ".gradio")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from app.ui import build_ui
+    from sd_lora.jobs import JobManager
+    from sd_lora.session import GenerationSession
+
+    jobs = JobManager(workspace, extra_env=job_threads())
+    demo = build_ui(workspace, GenerationSession(workspace, device=device), jobs)
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def launch(workspace: Workspace, *, host: str | None = None, port: int | None = None,
+           share: bool = False, auth: tuple[str, str] | None = None, block: bool = True,
+           device: str = "cpu", quiet: bool = False) -> tuple[gr.Blocks, str]:
+    """Serve the app; returns (demo, local url). With block=False it runs in a thread
+    (call demo.close() to stop it)."""
+    from app.ui import CSS
+
+    demo = create_app(workspace, device)
+    folders = [workspace.adapters, workspace.outputs, workspace.runs]
+    _, url, _ = demo.launch(
+        server_name=host or LOCALHOST, server_port=port, share=share, auth=auth,
+        prevent_thread_lock=not block, show_error=True, quiet=quiet, css=CSS,
+        allowed_paths=[str(f) for f in folders], ssr_mode=False, footer_links=["api"],
+    )
+    return demo, url
