@@ -30,17 +30,22 @@ from sd_lora.sampling import RenderSettings, render  # noqa: E402
 from sd_lora.tiny import build_tiny_pipeline  # noqa: E402
 
 
-def random_adapter(pipe_builder, seed: int):
-    """An AdapterState with non-zero weights on UNet and text-encoder attention."""
-    torch.manual_seed(seed)
-    pipe = pipe_builder()
+def random_adapters(pipe, count: int = 2) -> list:
+    """`count` AdapterStates with non-zero weights on UNet (r=16) and text-encoder (r=8)
+    attention, made by injecting LoRA into `pipe` (a spare copy of the base) and re-drawing
+    lora_B for each."""
     add_lora(pipe.unet, "unet", ("attn",), r=16, alpha=16)
     add_lora(pipe.text_encoder, "text_encoder", ("attn",), r=8, alpha=8)
-    for model in (pipe.unet, pipe.text_encoder):
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.01)
-    return read_adapter_state({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "sd1")
+    states = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        for model in (pipe.unet, pipe.text_encoder):
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.data.normal_(0, 0.01)
+        states.append(read_adapter_state({"unet": pipe.unet, "text_encoder": pipe.text_encoder},
+                                         "sd1"))
+    return states
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -109,14 +114,14 @@ def main(argv=None) -> int:
         print("tiny: building ...", file=sys.stderr)
         pipe = freeze(build_tiny_pipeline())
         pipe.set_progress_bar_config(disable=True)
-        adapters = [random_adapter(build_tiny_pipeline, s) for s in (1, 2)]
+        adapters = random_adapters(build_tiny_pipeline())
         for name, value in {**render_timings(pipe, adapters, args.repeats, 20, 64),
                             **merge_timings(pipe, adapters, args.repeats)}.items():
             rows.append(("tiny", name, value))
     if args.only in (None, "sd15"):
         print("sd15: building the SD 1.5 architecture (random weights) ...", file=sys.stderr)
         pipe = freeze(build_sd15_pipeline("fp32"))
-        adapters = [random_adapter(lambda: build_sd15_pipeline("fp32"), s) for s in (1, 2)]
+        adapters = random_adapters(build_sd15_pipeline("fp32"))
         for name, value in {**unet_forward_timings(pipe, adapters, 3, 256),
                             **merge_timings(pipe, adapters, 3)}.items():
             rows.append(("sd15 (256 px)", name, value))
