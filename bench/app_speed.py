@@ -49,6 +49,7 @@ def random_adapters(pipe, count: int = 2) -> list:
 
 
 def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: first calls pay for allocation and kernel selection
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         print("sd15: building the SD 1.5 architecture (random weights) ...", file=sys.stderr)
         pipe = freeze(build_sd15_pipeline("fp32"))
         adapters = random_adapters(build_sd15_pipeline("fp32"))
-        for name, value in {**unet_forward_timings(pipe, adapters, 3, 256),
+        for name, value in {**unet_forward_timings(pipe, adapters, args.repeats, 256),
                             **merge_timings(pipe, adapters, 3)}.items():
             rows.append(("sd15 (256 px)", name, value))
     print("| base | measurement | median seconds |\n|---|---|---|")

@@ -1,0 +1,409 @@
+"""LoRA training throughput and peak memory, through the project's own training code.
+
+    .venv/bin/python bench/train_speed.py                  # tiny (64 px) and SD 1.5 (256 px)
+    .venv/bin/python bench/train_speed.py --only tiny --json /tmp/speed.json
+
+Bases: the built-in `tiny` pipeline, and the full SD 1.5 architecture (UNet, CLIP ViT-L text
+encoder, VAE) built with random weights from the bundled configs; speed does not depend on the
+weight values, and nothing is downloaded. For each base it measures fp32 and bf16 (fp16 too when
+CUDA is present), with and without gradient checkpointing, and two kinds of step:
+
+- "full": `TrainingLoop.train_micro_batch` as the trainer runs it: VAE encode of the images,
+  text-encoder forward, UNet + text-encoder LoRA step;
+- "cached": what latent and text-embedding caching would leave: `denoising_loss`, backward and
+  optimizer step on precomputed latents and embeddings, UNet-only LoRA (text encoder frozen).
+
+Each configuration runs in its own subprocess (`--one SPEC`) so its peak memory is its own and its
+failure is only its own row. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sd_lora.config import JobConfig, LoraConfig, ModelConfig, TrainConfig
+from sd_lora.inject import lora_parameters
+from sd_lora.models import freeze, prediction_type_of
+from sd_lora.objective import denoising_loss, sample_noise, sample_timesteps, training_schedule
+from sd_lora.text import encode_prompts, tokenize
+from sd_lora.tiny import clip_tokenizer
+from sd_lora.train import (
+    WEIGHT_DTYPES,
+    TrainingLoop,
+    add_adapters,
+    enable_gradient_checkpointing,
+    load_frozen_base,
+    make_lr_scheduler,
+    make_optimizer,
+)
+
+RESULT_TAG = "BENCH_RESULT "  # the child's one line of stdout that the parent reads
+DEFAULT_RESOLUTION = {"tiny": 64, "sd15": 256}  # tiny at its native size
+DEFAULT_STEPS = {"tiny": 20, "sd15": 3}
+BATCH_SIZE = {"tiny": 4, "sd15": 1}
+LORA = dict(unet_r=16, unet_alpha=16.0, unet_targets=("attn",),
+            text_encoder_r=8, text_encoder_alpha=8.0, text_encoder_targets=("attn",))
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # our label -> Accelerate's
+CAPTION = "a photo of a red bicycle leaning against a brick wall, soft evening light"
+SD15_CONFIGS = Path(__file__).resolve().parent.parent / "sd_lora/assets/configs/stable-diffusion-v1-5"
+CACHING_NOTE = ("The trainer does not cache latents or text embeddings yet (a later issue): it "
+                "runs the 'full' step. 'cached' shows what caching would leave per step.")
+
+
+@dataclass(frozen=True)
+class Case:
+    base: str  # "tiny" | "sd15"
+    resolution: int  # pixels
+    precision: str  # "fp32" | "bf16" | "fp16"
+    checkpointing: bool
+    cached: bool
+    batch: int
+    steps: int  # timed steps, after one warm-up step
+
+    def label(self) -> str:
+        return (f"{self.base} {self.resolution}px {self.precision} "
+                f"ckpt={'on' if self.checkpointing else 'off'} "
+                f"{'cached' if self.cached else 'full'} batch={self.batch} steps={self.steps}")
+
+
+# --- the child: one configuration ------------------------------------------------------------
+
+
+def run_one(case: Case) -> dict:
+    """Build, set up and time one configuration in this process; returns figures for its row."""
+    started = time.perf_counter()
+    # As train.make_accelerator builds it, without trackers (nothing is logged here).
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[case.precision])
+    pipe = build_base(case.base, case.precision, accelerator.device)
+    loop = make_training_loop(case, accelerator, pipe)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(case.batch, 3, case.resolution, case.resolution, generator=generator) * 2 - 1
+    captions = [CAPTION] * case.batch
+    step = cached_step(loop, pixels, captions) if case.cached else full_step(loop, pixels, captions)
+    setup_s = time.perf_counter() - started
+    setup_peak = peak_gib()
+    reset_peak()  # train_peak counts the training steps only, not building the model
+    with others_cpu() as others:
+        seconds = time_steps(step, case.steps)
+    train_peak = peak_gib()
+    # The median, not the mean: on a shared CPU one step in a few can take several times longer
+    # while another process holds a core; the JSON keeps every step's time.
+    typical = statistics.median(seconds)
+    return dict(setup_s=round(setup_s, 1), step_seconds=[round(s, 4) for s in seconds],
+                s_per_step=typical, steps_per_s=1 / typical, mean_s_per_step=statistics.mean(seconds),
+                min_s_per_step=min(seconds), peak_gib=max(setup_peak, train_peak),
+                train_peak_gib=train_peak, others_cpu=others.get("cores"))
+
+
+def build_base(base: str, precision: str, device):
+    """A frozen pipeline in the trainer's dtypes: base weights in the training precision, VAE fp32."""
+    if base == "tiny":
+        return load_frozen_base(ModelConfig(base="tiny"), MIXED_PRECISION[precision], device)
+    pipe = freeze(build_sd15_pipeline(precision))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def build_sd15_pipeline(precision: str):
+    """SD 1.5's architecture with random weights, from the bundled configs (no download)."""
+    def config(component: str) -> dict:
+        return json.loads((SD15_CONFIGS / component / "config.json").read_text())
+
+    # Built directly in the weight dtype, as from_pretrained(dtype=...) loads: building in fp32
+    # and casting would put a 3.4 GB fp32 UNet into every bf16 row's peak memory.
+    with default_dtype(WEIGHT_DTYPES[MIXED_PRECISION[precision]]):
+        unet = UNet2DConditionModel.from_config(config("unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder")))
+    vae = AutoencoderKL.from_config(config("vae"))  # the trainer keeps the VAE in fp32
+    scheduler_config = json.loads((SD15_CONFIGS / "scheduler/scheduler_config.json").read_text())
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=PNDMScheduler.from_config(scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@contextmanager
+def default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def make_training_loop(case: Case, accelerator, pipe):
+    """The trainer's own set-up steps (train.train, minus data, logging and checkpoints)."""
+    config = JobConfig(
+        lora=LoraConfig(**LORA, train_text_encoder=not case.cached),
+        train=TrainConfig(batch_size=case.batch, max_steps=case.steps + 1,
+                          mixed_precision=MIXED_PRECISION[case.precision],
+                          gradient_checkpointing=case.checkpointing),
+    )
+    set_seed(0)
+    trained = add_adapters(pipe, config.lora)
+    if case.checkpointing:
+        enable_gradient_checkpointing(trained)
+    optimizer = make_optimizer(trained, config.train)
+    lr_scheduler = make_lr_scheduler(optimizer, config.train, accelerator.num_processes)
+    prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    models = dict(zip(trained, prepared[: len(trained)]))
+    optimizer, lr_scheduler = prepared[len(trained):]
+    for model in models.values():
+        model.train()  # as TrainingLoop.run; diffusers checkpoints only in training mode
+    schedule = training_schedule(pipe.scheduler.config, prediction_type_of(pipe))
+    return TrainingLoop(config, accelerator, pipe, models, trained, optimizer, lr_scheduler,
+                        schedule, torch.Generator().manual_seed(0), log=None, output_dir=None,
+                        resolution=case.resolution, prompts=())
+
+
+def full_step(loop, pixels, captions):
+    """The step the trainer runs today: encode images and captions, then the LoRA update."""
+    batch = {"pixel_values": pixels, "caption": captions}
+    return lambda: loop.train_micro_batch(batch)
+
+
+def cached_step(loop, pixels, captions):
+    """train_micro_batch without the VAE and text encoder: their outputs are computed once here."""
+    accelerator, unet = loop.accelerator, loop.models["unet"]
+    latents = loop.encode_images(pixels)  # (B, 4, H/8, W/8)
+    with torch.no_grad():
+        input_ids = tokenize(loop.pipe.tokenizer, captions).to(accelerator.device)
+        embeddings = encode_prompts(loop.pipe.text_encoder, input_ids)  # (B, 77, 768)
+
+    def step() -> float:
+        # Same order and extras (clipping, schedule) as train_micro_batch, so the difference
+        # between the rows is only the encoders.
+        with accelerator.accumulate(unet):
+            noise = sample_noise(latents, loop.noise_generator)
+            timesteps = sample_timesteps(latents.shape[0],
+                                         loop.schedule.config.num_train_timesteps, loop.noise_generator)
+            loss = denoising_loss(unet, loop.schedule, latents, embeddings, noise, timesteps)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(lora_parameters(unet), loop.config.train.max_grad_norm)
+            loop.optimizer.step()
+            loop.lr_scheduler.step()
+            loop.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())  # float() waits for the device, so the timing is complete
+
+    return step
+
+
+def time_steps(step, count: int) -> list[float]:
+    """One untimed warm-up step (allocator, autocast caches, lazy inits), then `count` timed."""
+    step()
+    seconds = []
+    for i in range(count):
+        started = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - started)
+        print(f"    step {i + 1}/{count}: {seconds[-1]:.3f} s", file=sys.stderr, flush=True)
+    return seconds
+
+
+@contextmanager
+def others_cpu():
+    """Cores that everything but this process kept busy meanwhile (Linux): other jobs on a shared
+    machine slow a CPU benchmark several-fold, so each row says how contended it was."""
+    found: dict = {}
+    busy, own, wall = _machine_busy_s(), time.process_time(), time.perf_counter()
+    yield found
+    if busy is not None:
+        others = (_machine_busy_s() - busy) - (time.process_time() - own)
+        found["cores"] = max(0.0, others / (time.perf_counter() - wall))
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds all processes have used since boot, from /proc/stat's first line."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+# --- memory: the whole process, and the training steps alone ----------------------------------
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: "5" resets this process's peak RSS (VmHWM, and so ru_maxrss) to its current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # then the training peak is the process's peak, an overestimate
+
+
+def peak_gib() -> float:
+    """Peak memory since the process started or since reset_peak: GPU allocations, or CPU RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def child_main(spec: str) -> int:
+    """Entry point of `--one`: print one tagged JSON line, with the figures or the error."""
+    case = Case(**json.loads(spec))
+    try:
+        row = run_one(case)
+    except Exception as exc:  # noqa: BLE001 - any failure belongs in this row of the table
+        traceback.print_exc()
+        row = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+    print(RESULT_TAG + json.dumps(row), flush=True)
+    return 0
+
+
+# --- the parent: every configuration, each in a subprocess -------------------------------------
+
+
+def all_cases(args) -> list[Case]:
+    precisions = ["fp32", "bf16"] + (["fp16"] if torch.cuda.is_available() else [])
+    bases = [args.only] if args.only else ["tiny", "sd15"]
+    return [
+        Case(base, args.resolution or DEFAULT_RESOLUTION[base], precision, checkpointing, cached,
+             BATCH_SIZE[base], args.steps or DEFAULT_STEPS[base])
+        for base in bases
+        for precision in precisions
+        for checkpointing in (False, True)
+        for cached in (False, True)
+    ]
+
+
+def run_in_subprocess(case: Case, timeout_s: float) -> dict:
+    """Run `--one` for the case; a crash, kill or timeout becomes this row's error."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(asdict(case))]
+    # Offline: nothing may be downloaded. Quiet libraries: stderr is for progress.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
+               TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
+    try:
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    if done.returncode < 0:  # e.g. SIGKILL from the kernel's out-of-memory killer
+        return {"error": f"killed by signal {-done.returncode}"}
+    return {"error": f"exited with code {done.returncode} and no result"}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ("| base | resolution | precision | checkpointing | caching | batch | s/step | steps/s "
+              "| best s/step | peak RSS GiB | train peak GiB | others' CPU |")
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for r in rows:
+        c = r["case"]
+        start = (f"| {c['base']} | {c['resolution']} | {c['precision']} | "
+                 f"{'on' if c['checkpointing'] else 'off'} | {'cached' if c['cached'] else 'full'} "
+                 f"| {c['batch']} |")
+        if "error" in r:
+            lines.append(f"{start} failed: {r['error'].replace('|', '/')} | | | | | |")
+            continue
+        others = "" if r["others_cpu"] is None else f"{r['others_cpu']:.1f}"
+        lines.append(f"{start} {r['s_per_step']:.3f} | {r['steps_per_s']:.2f} | "
+                     f"{r['min_s_per_step']:.3f} | {r['peak_gib']:.2f} | "
+                     f"{r['train_peak_gib']:.2f} | {others} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    return dict(python=platform.python_version(), torch=torch.__version__,
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
+def notes(meta: dict) -> str:
+    memory = ("peak RSS = the configuration's whole process, building the model included "
+              "(ru_maxrss; with CUDA, torch.cuda.max_memory_allocated instead); train peak = the "
+              "same during the warm-up and timed steps only")
+    return "\n".join([
+        f"- {CACHING_NOTE}",
+        f"- LoRA: UNet r={LORA['unet_r']} alpha={LORA['unet_alpha']:g} on attention; text "
+        f"encoder r={LORA['text_encoder_r']} alpha={LORA['text_encoder_alpha']:g} on attention "
+        f"('full' rows only); AdamW; batch size {BATCH_SIZE}; random pixels, one fixed caption.",
+        "- bf16 = Accelerate mixed_precision='bf16' (CPU autocast), frozen base weights in bf16, "
+        "VAE and LoRA weights in fp32; fp32 = mixed_precision='no'.",
+        "- s/step = median of the timed steps after one warm-up step (mean, min and every step "
+        "are in the JSON); steps/s = 1 / that; best = the fastest timed step; " + memory + ".",
+        "- others' CPU = cores kept busy by other processes during the timed steps (of "
+        f"{os.cpu_count()}); rows with more than ~0.2 were slowed by them.",
+        f"- machine: {meta['machine']}; load average (1/5/15 min) before "
+        f"{_loads(meta['load_before'])}, after {_loads(meta['load_after'])}.",
+    ])
+
+
+def _loads(loads) -> str:
+    return " / ".join(f"{v:.2f}" for v in loads)
+
+
+def run_all(args) -> tuple[list[dict], dict]:
+    cases = all_cases(args)
+    meta = dict(machine=machine(), load_before=os.getloadavg(), lora=LORA, note=CACHING_NOTE)
+    rows = []
+    for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {case.label()}", file=sys.stderr, flush=True)
+        row = run_in_subprocess(case, args.timeout)
+        rows.append({"case": asdict(case), **row})
+        outcome = row.get("error") or (f"{row['s_per_step']:.3f} s/step, "
+                                       f"peak {row['peak_gib']:.2f} GiB, "
+                                       f"others' CPU {row['others_cpu'] or 0:.1f}")
+        print(f"[{i}/{len(cases)}] -> {outcome}", file=sys.stderr, flush=True)
+    meta["load_after"] = os.getloadavg()
+    return rows, meta
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["tiny", "sd15"], help="run one base only")
+    parser.add_argument("--steps", type=int, help="timed steps per configuration "
+                        f"(default: {DEFAULT_STEPS})")
+    parser.add_argument("--resolution", type=int, help="pixels, for every base "
+                        f"(default: {DEFAULT_RESOLUTION})")
+    parser.add_argument("--json", type=Path, help="also write the rows and machine info here")
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="seconds per configuration before it counts as failed")
+    parser.add_argument("--one", metavar="SPEC", help=argparse.SUPPRESS)  # internal: the child
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be at least 1")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        parser.error(f"--resolution {args.resolution}: must be a positive multiple of 8")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        return child_main(args.one)
+    rows, meta = run_all(args)
+    print(markdown_table(rows))
+    print()
+    print(notes(meta))
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
