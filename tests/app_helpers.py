@@ -14,6 +14,7 @@ from PIL import Image
 
 from sd_lora.adapter_io import save_adapter
 from sd_lora.inject import add_lora, read_adapter_state
+from tests.lora_helpers import fill_lora_B
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "datasets" / "sample_stripes"
 PROMPT = "zkstripes, a red circle"
@@ -32,11 +33,7 @@ def make_adapter(path: Path, seed: int, family: str = "sd1", tags: dict | None =
         pipe = build_tiny_pipeline(seed=0)
     add_lora(pipe.unet, "unet", ("attn",), 4, 4.0)
     add_lora(pipe.text_encoder, "text_encoder", ("attn",), 4, 2.0)
-    gen = torch.Generator().manual_seed(seed)
-    for model in (pipe.unet, pipe.text_encoder):
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data = torch.randn(param.shape, generator=gen) * scale
+    fill_lora_B((pipe.unet, pipe.text_encoder), seed, scale)
     state = read_adapter_state({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, family)
     state.metadata["ss_tag_frequency"] = json.dumps(tags or {"1_style": {"zkstripes": 9, "red": 4}})
     state.metadata["ss_output_name"] = path.stem

@@ -21,6 +21,7 @@ from sd_lora.adapter_io import component_modules, load_adapter, save_adapter
 from sd_lora.apply import AdapterApplyError, apply_adapters
 from sd_lora.inject import add_lora, read_adapter_state, target_module_names
 from sd_lora.tiny import build_tiny_pipeline
+from tests.lora_helpers import fill_lora_B
 
 UNET_R, UNET_ALPHA, TE_R, TE_ALPHA = 4, 8, 4, 2
 # One layer of each component with its own rank / alpha, to exercise rank_pattern/alpha_pattern.
@@ -56,11 +57,7 @@ def trained_pipe(odd: bool):
                 alpha_pattern={pattern: 5},
             )
             inject_adapter_in_model(config, model)
-    gen = torch.Generator().manual_seed(1)
-    for model in (pipe.unet, pipe.text_encoder):
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data = torch.randn(param.shape, generator=gen) * 0.1
+    fill_lora_B((pipe.unet, pipe.text_encoder), seed=1, scale=0.1)
     return pipe
 
 

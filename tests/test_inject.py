@@ -9,6 +9,7 @@ from sd_lora.adapter_io import load_adapter, pipeline_module_paths, save_adapter
 from sd_lora.apply import apply_adapters
 from sd_lora.inject import add_lora, read_adapter_state, target_suffixes
 from sd_lora.models import load_pipeline
+from tests.lora_helpers import fill_lora_B
 
 # tiny UNet: 16 transformer blocks (2 attentions x 8 cross-attention blocks), each with attn1 and
 # attn2; tiny CLIP: 2 layers.
@@ -41,10 +42,7 @@ def test_unknown_target_names_the_supported_ones():
 def test_every_group_survives_export_and_loads_everywhere(tiny_pipe, tmp_path, fmt):
     add_lora(tiny_pipe.unet, "unet", ("attn", "proj", "ff"), r=4, alpha=8)
     add_lora(tiny_pipe.text_encoder, "text_encoder", ("attn", "mlp"), r=4, alpha=2)
-    for model in (tiny_pipe.unet, tiny_pipe.text_encoder):
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.1)
+    fill_lora_B((tiny_pipe.unet, tiny_pipe.text_encoder))
     state = read_adapter_state({"unet": tiny_pipe.unet, "text_encoder": tiny_pipe.text_encoder}, "sd1")
     path = save_adapter(state, tmp_path / f"{fmt}.safetensors", format=fmt, dtype=torch.float32)
     ids = tiny_pipe.tokenizer(["a red circle"], padding="max_length", max_length=77,

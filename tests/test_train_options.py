@@ -11,6 +11,7 @@ from safetensors import safe_open
 from sd_lora.config import LoraConfig
 from sd_lora.tiny import build_tiny_pipeline
 from sd_lora.train import TrainingLoop, add_adapters, enable_gradient_checkpointing, train
+from tests.lora_helpers import fill_lora_B
 from tests.test_train import job
 
 
@@ -22,9 +23,7 @@ def _lora_grads(gradient_checkpointing: bool) -> dict[str, torch.Tensor]:
     trained = add_adapters(pipe, LoraConfig())
     for model in trained.values():
         model.train()
-        for name, param in model.named_parameters():
-            if "lora_B" in name:  # B starts at zero; make every path carry gradient
-                param.data.normal_(0, 0.1)
+    fill_lora_B(trained.values())  # B starts at zero; make every path carry gradient
     if gradient_checkpointing:
         enable_gradient_checkpointing(trained)
     ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77,

@@ -28,6 +28,7 @@ from sd_lora.workspace import (
     list_bases,
     resolve_base,
 )
+from tests.lora_helpers import fill_lora_B
 
 
 def make_adapter_file(path: Path, pipe=None, seed: int = 1, info: TrainingInfo | None = None,
@@ -36,11 +37,7 @@ def make_adapter_file(path: Path, pipe=None, seed: int = 1, info: TrainingInfo |
     pipe = pipe if pipe is not None else build_tiny_pipeline()
     add_lora(pipe.unet, "unet", ("attn",), r, alpha)
     add_lora(pipe.text_encoder, "text_encoder", ("attn",), 2, 2.0)
-    generator = torch.Generator().manual_seed(seed)
-    for model in (pipe.unet, pipe.text_encoder):
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data = torch.randn(param.shape, generator=generator) * scale
+    fill_lora_B((pipe.unet, pipe.text_encoder), seed, scale)
     state = read_adapter_state({"unet": pipe.unet, "text_encoder": pipe.text_encoder},
                                model_family(pipe))
     return save_adapter(state, path, info=info, dtype=torch.float32)

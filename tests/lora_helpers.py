@@ -1,0 +1,15 @@
+"""Test adapters: LoRA starts with lora_B = 0 (no effect), so tests fill it at random to make
+every adapted layer change the output."""
+
+from __future__ import annotations
+
+import torch
+
+
+def fill_lora_B(models, seed: int = 0, scale: float = 0.1) -> None:
+    """Give every lora_B in `models` random values (reproducible from `seed`)."""
+    generator = torch.Generator().manual_seed(seed)
+    for model in models:
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data = torch.randn(param.shape, generator=generator) * scale
