@@ -65,7 +65,8 @@ class TrainTab:
         with gr.Row(elem_classes=["row-end"]):
             self.data = gr.Dropdown(self.dataset_names(), value=None, allow_custom_value=True, scale=3,
                                     label="Image folder", elem_id="train-data",
-                                    info=f"datasets/<name> or uploads/<name> in {self.workspace.runs}")
+                                    info="a folder from --datasets, or datasets/<name> or uploads/<name> in "
+                                         f"{self.workspace.runs}")
             self.scan = gr.Button("Show the dataset", elem_id="train-scan", scale=1, size="sm")
         self.zip = gr.File(label="...or upload a zip of images and captions", file_types=[".zip"],
                            elem_id="train-zip", height=110)
@@ -130,12 +131,19 @@ class TrainTab:
 
     # --- datasets -------------------------------------------------------------------------------
 
-    def dataset_names(self) -> list[str]:
-        names = []
+    def dataset_names(self) -> list:
+        """Dataset choices: the --datasets folder and its subfolders (shown by name, chosen by
+        absolute path), then datasets/ and uploads/ under runs/."""
+        names: list = []
+        library = self.workspace.datasets
+        if library is not None:
+            names.append((f"{library.name} (the datasets folder)", str(library)))
+            names += [(p.name, str(p)) for p in sorted(library.iterdir())
+                      if p.is_dir() and not p.name.startswith(".")]
         for area in DATASET_AREAS:
             folder = self.workspace.runs / area
             if folder.is_dir():
-                names += sorted(f"{area}/{p.name}" for p in folder.iterdir()
+                names += sorted((f"{area}/{p.name}",) * 2 for p in folder.iterdir()
                                 if p.is_dir() and not p.name.startswith("."))
         return names
 

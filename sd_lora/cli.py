@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--models", type=Path, help="base models: diffusers folders and .safetensors checkpoints")
     app.add_argument("--outputs", type=Path, help="generated images (default: next to --adapters)")
     app.add_argument("--runs", type=Path, help="training runs and uploads (default: next to --adapters)")
+    app.add_argument("--datasets", type=Path,
+                     help="image folders to train on, read only (each subfolder is a dataset)")
     app.add_argument("--host", help="address to listen on (default 127.0.0.1: this computer only)")
     app.add_argument("--port", type=int, help="port (default: 7860 or the next free one)")
     app.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -168,7 +170,8 @@ def run_app(args: argparse.Namespace) -> int:
     from sd_lora.workspace import Workspace
 
     auth = parse_auth(args.auth)
-    workspace = Workspace.create(args.adapters, outputs=args.outputs, runs=args.runs, models=args.models)
+    workspace = Workspace.create(args.adapters, outputs=args.outputs, runs=args.runs,
+                                 models=args.models, datasets=args.datasets)
     exposed = args.share or args.host not in (None, "127.0.0.1", "localhost")
     if exposed and auth is None:
         where = "a public link" if args.share else args.host

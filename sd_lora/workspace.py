@@ -22,7 +22,7 @@ import safetensors
 
 from sd_lora.errors import UserError
 
-AREAS = ("adapters", "outputs", "runs", "models")
+AREAS = ("adapters", "outputs", "runs", "models", "datasets")  # models, datasets: read only
 PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg")  # A1111's order: .preview.png first
 MAX_TRIGGER_WORDS = 5
 ZIP_MAX_BYTES = 2 * 1024**3
@@ -43,9 +43,10 @@ class Workspace:
     outputs: Path
     runs: Path
     models: Path | None = None
+    datasets: Path | None = None  # image folders to train on (each subfolder is one dataset)
 
     @classmethod
-    def create(cls, adapters, outputs=None, runs=None, models=None) -> Workspace:
+    def create(cls, adapters, outputs=None, runs=None, models=None, datasets=None) -> Workspace:
         """Absolute folders; the writable ones (adapters, outputs, runs) are created."""
         adapters = Path(adapters).expanduser().resolve()
         outputs = Path(outputs).expanduser().resolve() if outputs else adapters.parent / "outputs"
@@ -54,9 +55,14 @@ class Workspace:
             models = Path(models).expanduser().resolve()
             if not models.is_dir():
                 raise WorkspaceError(f"models folder {models} does not exist; create it or fix --models")
+        if datasets is not None:
+            datasets = Path(datasets).expanduser().resolve()
+            if not datasets.is_dir():
+                raise WorkspaceError(
+                    f"datasets folder {datasets} does not exist; create it or fix --datasets")
         for folder in (adapters, outputs, runs):
             folder.mkdir(parents=True, exist_ok=True)
-        return cls(adapters=adapters, outputs=outputs, runs=runs, models=models)
+        return cls(adapters=adapters, outputs=outputs, runs=runs, models=models, datasets=datasets)
 
     def root(self, area: str) -> Path:
         if area not in AREAS:

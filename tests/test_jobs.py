@@ -152,3 +152,24 @@ def test_failed_and_vanished_jobs_are_reported_from_files(space):
     assert vanished.state == "failed" and "ended without reporting" in vanished.message
     assert "Killed" in vanished.message
     assert [s.job_id for s in jobs.list_jobs()] == ["20260101-000001-vanished", "20260101-000000-failed"]
+
+
+def test_a_dataset_in_the_datasets_folder_trains_and_others_are_refused(tmp_path):
+    """`sd-lora app --datasets DIR`: its folders are trainable in place (read only); a folder
+    outside every workspace folder is refused before anything is written."""
+    library = tmp_path / "pictures"
+    shutil.copytree(REPO / "datasets" / "sample_stripes", library / "stripes")
+    space = Workspace.create(tmp_path / "adapters", datasets=library)
+    jobs = JobManager(space, extra_env=ONE_THREAD)
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(REPO / "datasets" / "sample_stripes", outside)
+    with pytest.raises(JobError, match="must be a folder inside the workspace"):
+        jobs.start(outside, preset_toml("quick", "tiny", outside, "x"), "x")
+    assert not any(space.runs.iterdir())
+    data = library / "stripes"
+    job_id = jobs.start(data, preset_toml("quick", "tiny", data, "lib", ["train.max_steps=2"] + FAST),
+                        "lib")
+    status = wait_until(lambda: (s := jobs.status(job_id)).state != "running" and s)
+    assert status.state == "done", status.message
+    assert sorted(p.name for p in data.iterdir()) == sorted(
+        p.name for p in (REPO / "datasets" / "sample_stripes").iterdir())  # nothing written there

@@ -198,3 +198,14 @@ def test_extract_zip_limits_and_bad_names(workspace, tmp_path, monkeypatch):
     (tmp_path / "not.zip").write_bytes(b"nope")
     with pytest.raises(WorkspaceError, match="not a readable zip"):
         extract_zip(workspace, tmp_path / "not.zip", "x")
+
+
+def test_datasets_folder_is_an_area_of_its_own(tmp_path):
+    with pytest.raises(WorkspaceError, match="datasets folder .* does not exist"):
+        Workspace.create(tmp_path / "adapters", datasets=tmp_path / "missing")
+    (tmp_path / "pictures" / "set").mkdir(parents=True)
+    space = Workspace.create(tmp_path / "adapters", datasets=tmp_path / "pictures")
+    assert space.contains(tmp_path / "pictures" / "set")
+    assert space.resolve("datasets", "set") == (tmp_path / "pictures" / "set").resolve()
+    with pytest.raises(PathOutsideError):
+        space.resolve("datasets", "../adapters")
