@@ -94,9 +94,10 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
                         schedule, noise_generator, log, output_dir, resolution, prompts)
     progress = loop.run(loader, dataset, progress, show_progress)
     seconds = time.time() - started
-    with _eval_mode(trained.values()):
-        after = eval_loss(pipe.unet, pipe.text_encoder, schedule, eval_batch)
     files: dict[str, Path] = {}
+    for model in trained.values():
+        model.eval()  # training is over: no LoRA dropout in the last evaluation and samples
+    after = eval_loss(pipe.unet, pipe.text_encoder, schedule, eval_batch)
     if accelerator.is_main_process:
         render_sample_grid(pipe, config.sample, prompts, resolution, output_dir / "samples" / "final.png")
         files = export_adapters(trained, model_family(pipe), prediction_type_of(pipe), config, scan,
