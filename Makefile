@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/sd-lora train --config examples/demo.toml --data datasets/sample_stripes --base tiny --output runs/demo --name demo --max-steps 200 $(if $(wildcard runs/demo/checkpoint-*),--resume,)
-	$(BIN)/sd-lora generate --base tiny --lora runs/demo/demo.safetensors:0.8 --prompt "zkstripes, a red circle on a blue background" --seed 1 --output runs/demo/generated.png
+	$(BIN)/sd-lora train --config examples/demo.toml $(if $(wildcard runs/demo/checkpoint-*),--resume,)
+	$(BIN)/sd-lora generate --base toy --lora runs/demo/demo.safetensors:1.0 --prompt "zkpastel, three purple triangles on an orange background" --seed 1 --output runs/demo/generated.png
 	$(BIN)/sd-lora inspect runs/demo/demo.safetensors
+	@printf '\nquality report: runs/demo/report.png\ntry it in the browser: $(BIN)/sd-lora app --adapters runs/demo\n'
 
 test: setup browser
 	$(BIN)/python -m pytest -q

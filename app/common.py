@@ -18,7 +18,7 @@ log = logging.getLogger("sd_lora.app")
 
 NUM_SLOTS = 4  # adapter slots on the Generate tab: name, UNet strength, text-encoder strength
 NO_ADAPTER = ""
-BUILTIN_FAMILIES = {"tiny": "sd1"}  # bases whose family is known without loading them
+BUILTIN_FAMILIES = {"toy": "sd1", "tiny": "sd1"}  # bases whose family is known without loading them
 # Library errors that describe bad input (a file, a field, a value): shown as they are.
 READABLE_ERRORS = (UserError, ValueError, OSError)
 

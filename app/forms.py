@@ -102,9 +102,9 @@ def restore_form(parsed: ParsedParameters, known_adapters: set[str]) -> Restored
     for _ in range(NUM_SLOTS - len(loras)):
         slots += [NO_ADAPTER, 1.0, 1.0, ""]
     settings = [
-        parsed.model or "tiny", parsed.prompt, parsed.negative_prompt, parsed.seed, parsed.steps,
+        parsed.model or "toy", parsed.prompt, parsed.negative_prompt, parsed.seed, parsed.steps,
         parsed.guidance, parsed.width, parsed.height, parsed.sampler, 1,
     ]
     if parsed.model is None:
-        notes.append("the image does not name its model; using 'tiny'")
+        notes.append("the image does not name its model; using the built-in toy base")
     return Restored(settings, slots, notes)

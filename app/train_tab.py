@@ -192,7 +192,7 @@ class TrainTab:
 
     @friendly
     def preset_fields(self, preset: str):
-        text = preset_toml(preset, "tiny", "", "preset")
+        text = preset_toml(preset, "toy", "", "preset")
         config = tomllib.loads(text)
         return [_dotted(config, dotted) for _, dotted, _, _ in QUICK_FIELDS]
 
@@ -201,7 +201,7 @@ class TrainTab:
         overrides = [f"{dotted}={value!r}" for (_, dotted, _, _), value in zip(QUICK_FIELDS, fields)
                      if value is not None]
         data_dir = self.data_path(data) if data else ""
-        return preset_toml(preset, base or "tiny", data_dir, name or "my-lora", overrides)
+        return preset_toml(preset, base or "toy", data_dir, name or "my-lora", overrides)
 
     # --- jobs -----------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,3 +32,37 @@ def write_bytes_atomically(path: str | os.PathLike, blob: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
     return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success its files are fsynced and it
+    replaces `path` (an existing `path` is removed first: the window where neither exists is a
+    rename, never a half-written folder under the real name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders themselves."""
+    for sub in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        flags = os.O_RDONLY
+        fd = os.open(sub, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -9,7 +9,6 @@ fsynced, then renamed, so a crash mid-write leaves the previous checkpoint intac
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from sd_lora.atomic import atomic_folder
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})$")
 
@@ -57,10 +58,19 @@ def save_checkpoint(
     for name, p in params.items():
         for key, value in state.get(index_of[id(p)], {}).items():
             moments[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "lora.safetensors")
+    with atomic_folder(folder) as tmp:
+        _write_checkpoint_files(
+            tmp, params, moments, optimizer, lr_scheduler, progress, noise_generator
+        )
+    return folder
+
+
+def _write_checkpoint_files(
+    tmp, params, moments, optimizer, lr_scheduler, progress, noise_generator
+):
+    save_file(
+        {n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "lora.safetensors"
+    )
     save_file(moments or {"__empty__": torch.zeros(0)}, tmp / "optimizer.safetensors")
     save_file(_rng_tensors(noise_generator), tmp / "rng.safetensors")
     meta = {
@@ -70,11 +80,6 @@ def save_checkpoint(
         "python_random": _python_rng_json(),
     }
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    _fsync_tree(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
 
 
 def load_checkpoint(
@@ -158,14 +163,3 @@ def _jsonable(obj):
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     return obj
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

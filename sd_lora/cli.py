@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override a config field, e.g. --set train.learning_rate=2e-4")
     train.add_argument("--data", help="image folder (data.path)")
-    train.add_argument("--base", help="tiny | diffusers folder | hub id | model.safetensors")
+    train.add_argument("--base", help="toy | tiny | diffusers folder | hub id | model.safetensors")
     train.add_argument("--output", help="run folder (train.output_dir)")
     train.add_argument("--name", help="adapter name (train.name)")
     train.add_argument("--max-steps", type=int)
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=run_train)
 
     gen = commands.add_parser("generate", help="render images from a base with adapters")
-    gen.add_argument("--base", default="tiny")
+    gen.add_argument("--base", default="toy", help="toy | tiny | diffusers folder | hub id | model.safetensors")
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:W | :TE:UNET]",
                      help="an adapter and its strength (repeatable); A1111's te/unet order")
     gen.add_argument("--prompt", required=True)
@@ -122,7 +122,37 @@ def run_train(args: argparse.Namespace) -> int:
     for fmt, path in result.adapter_files.items():
         print(f"adapter ({fmt}): {path}")
     print(f"samples: {result.output_dir / 'samples'}   loss curve: {result.output_dir / 'loss.png'}")
+    if result.report:
+        from sd_lora.report import verdict_lines
+
+        print(f"quality report: {result.output_dir / 'report.png'} (figures in report.json)")
+        for line in verdict_lines(result.report):
+            print(f"  {line}")
+    kohya = result.adapter_files.get("kohya")
+    if kohya:
+        print(f"try it in the browser: {app_command(config.model.base, kohya.parent)}")
     return 0
+
+
+def app_command(base: str, adapters: Path) -> str:
+    """The `sd-lora app` line that opens with this adapter and its base model available."""
+    from sd_lora.models import BUILTIN_BASES
+
+    command = f"sd-lora app --adapters {_quote(str(adapters))}"
+    local = Path(base).expanduser()
+    if base not in BUILTIN_BASES and local.exists():
+        command += f" --models {_quote(str(local.parent))}   (then choose base {local.name!r})"
+    elif base not in BUILTIN_BASES:
+        command += f"   (then enter base {base!r})"
+    elif base != "toy":
+        command += f"   (then choose base {base!r})"
+    return command
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
 
 
 def run_generate(args: argparse.Namespace) -> int:

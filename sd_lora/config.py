@@ -18,6 +18,9 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from sd_lora.errors import UserError
 
 CONFIG_VERSION = 1
+# report.style: the toy world's styles (sd_lora.world.styles.TOY_STYLES), kept here as names so
+# loading a config does not import the world.
+REPORT_STYLES = ("auto", "none", "stripes", "pastel", "outline", "pixel", "sepia")
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
@@ -32,17 +35,22 @@ class ConfigError(UserError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    base: str = "tiny"  # "tiny", a diffusers folder, a hub id or a single-file .safetensors
+    base: str = "toy"  # "toy", "tiny", a diffusers folder, a hub id or a single-file .safetensors
     prediction_type: PredictionType = "auto"  # "auto": what the base's scheduler says
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "datasets/sample_stripes"
+    path: str = "datasets/toy/stripes"
     resolution: int = 0  # pixels; 0 means the base's native resolution
     center_crop: bool = True
     random_flip: bool = False
     caption_extensions: tuple[str, ...] = (".txt", ".caption")
+    # Regularization images (DreamBooth's prior preservation, sd-scripts' reg_data_dir): a folder
+    # of images NOT in the style, captioned without the trigger word, trained alongside (repeated
+    # or cut to as many items per epoch as the style images) so that the adapter learns to change
+    # what the trigger word asks for and to leave other prompts alone. "": none.
+    regularization: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,10 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    # sd-scripts' noise_offset: add `noise_offset * N(0, 1)` per image and channel to the noise.
+    # SD's schedule never fully hides an image's mean colour, so without it an adapter cannot
+    # learn to change overall colour or brightness (a palette style). 0.05-0.1 is common.
+    noise_offset: float = 0.0
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -99,6 +111,27 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The quality report written after training (report.json, report.png)."""
+
+    enabled: bool = True
+    # Images in the style that training did not see (a folder with captions, like data.path).
+    # "": `heldout/<data folder name>` beside the data folder if it exists (datasets/toy/ is laid
+    # out so), else a few training images, and the report says so.
+    heldout: str = ""
+    # Images NOT in the style, to measure how much the adapter leaks into other prompts.
+    # "": `heldout/plain` beside the data folder if it exists, else the base model's own renders
+    # of the training captions with the trigger word removed.
+    off_style: str = ""
+    weights: tuple[float, ...] = (0.0, 0.5, 1.0)  # adapter weights in the before/after grid
+    prompts: tuple[str, ...] = ()  # grid rows; empty: the sample prompts
+    max_images: int = 16  # per loss measurement
+    # Toy world only: the style whose score is measured on generations. "auto": the style whose
+    # trigger word the captions carry; "none": no style score.
+    style: str = "auto"
+
+
+@dataclass(frozen=True)
 class JobConfig:
     version: int = CONFIG_VERSION
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -107,6 +140,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
@@ -206,12 +240,12 @@ def _check_scalar(hint: type, value: Any, dotted: str) -> Any:
 
 _POSITIVE = {
     "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps",
-    "lora.unet_r", "lora.text_encoder_r", "sample.steps",
+    "lora.unet_r", "lora.text_encoder_r", "sample.steps", "report.max_images",
 }
 _NON_NEGATIVE = {
     "data.resolution", "train.lr_warmup_steps", "train.checkpoint_every",
     "train.checkpoints_keep", "train.dataloader_workers", "sample.every",
-    "train.max_grad_norm", "train.adam_weight_decay",
+    "train.max_grad_norm", "train.adam_weight_decay", "train.noise_offset",
 }
 
 
@@ -236,6 +270,12 @@ def validate(config: JobConfig) -> None:
         raise ConfigError(
             f"sample.seeds has {len(config.sample.seeds)} entries; give one per prompt "
             f"({len(config.sample.prompts)}) or none"
+        )
+    if not config.report.weights:
+        raise ConfigError("report.weights is empty; use e.g. [0.0, 0.5, 1.0]")
+    if config.report.style not in REPORT_STYLES:
+        raise ConfigError(
+            f"report.style = {config.report.style!r}; use one of {list(REPORT_STYLES)}"
         )
     if not config.export.formats:
         raise ConfigError("export.formats is empty; use ['kohya'] and/or 'diffusers'")

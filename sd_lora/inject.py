@@ -6,6 +6,9 @@ translates between PEFT's injected layers and `AdapterState`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -118,3 +121,16 @@ def read_adapter_state(components: dict[str, torch.nn.Module], family: str) -> A
     """Collect the LoRA weights of every injected component into one `AdapterState`."""
     modules = {comp: read_lora(model, comp) for comp, model in components.items()}
     return AdapterState(family=family, modules={c: m for c, m in modules.items() if m})
+
+
+@contextlib.contextmanager
+def lora_weight(models, weight: float) -> Iterator[None]:
+    """Scale every injected LoRA layer of `models` by `weight` (0: the base alone), then restore."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        layer.set_scale(ADAPTER_NAME, weight)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_scale(ADAPTER_NAME, 1.0)

@@ -1,7 +1,7 @@
 """Training jobs for the app: each one a detached `sd-lora train` process in its own run folder.
 
     jobs = JobManager(workspace)
-    job_id = jobs.start(data_dir, preset_toml("quick", "tiny", data_dir, "style"), "style")
+    job_id = jobs.start(data_dir, preset_toml("quick", "toy", data_dir, "style"), "style")
     jobs.status(job_id)   # state, step, losses, ETA, samples, adapter: read from files only
     jobs.cancel(job_id)   # SIGINT: the trainer saves a checkpoint and stops
 
@@ -35,11 +35,11 @@ from sd_lora.workspace import Workspace, resolve_base
 
 # Dotted overrides of sd_lora.config defaults, per preset.
 PRESETS: dict[str, dict] = {
-    "quick": {  # the tiny base or a first try: minutes on a CPU
+    "quick": {  # the toy base or a first try: minutes on a CPU (= examples/demo.toml)
         "lora.unet_r": 8, "lora.unet_alpha": 8.0, "lora.text_encoder_r": 4,
-        "lora.text_encoder_alpha": 4.0, "train.max_steps": 60, "train.batch_size": 4,
+        "lora.text_encoder_alpha": 4.0, "train.max_steps": 300, "train.batch_size": 4,
         "train.learning_rate": 1e-3, "train.text_encoder_learning_rate": 5e-4,
-        "train.checkpoint_every": 20, "sample.every": 20,
+        "train.checkpoint_every": 100, "sample.every": 100,
     },
     "standard": {  # an SD 1.x/2.x style LoRA on a GPU
         "lora.unet_r": 16, "lora.unet_alpha": 8.0, "lora.text_encoder_r": 8,

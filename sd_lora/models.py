@@ -1,7 +1,8 @@
 """Load a base model: the built-in tiny one, a diffusers folder, a hub id, or a single file.
 
 `load_pipeline(base)` accepts:
-- "tiny": the built-in random SD 1.x-topology model (`sd_lora.tiny`);
+- "toy": the built-in base pretrained on the toy world (`sd_lora.world.toy_base`), 64 px;
+- "tiny": the built-in random SD 1.x-topology model for plumbing tests (`sd_lora.tiny`);
 - a local diffusers folder (the one holding `model_index.json`);
 - a Hugging Face hub id `org/name`: read from the local cache first (`HF_HUB_CACHE` /
   `HF_HOME`), downloaded only when not cached and `HF_HUB_OFFLINE` is not set;
@@ -24,8 +25,9 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from sd_lora.errors import UserError
 from sd_lora.tiny import build_tiny_pipeline
+from sd_lora.world.toy_base import toy_base_path
 
-BUILTIN_BASES = ("tiny",)
+BUILTIN_BASES = ("toy", "tiny")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
@@ -33,7 +35,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 HUB_PROBE_TIMEOUT_S = 10
 ACCEPTED_FORMS = (
-    '"tiny" (the built-in test model); '
+    '"toy" (the built-in toy-world model); "tiny" (the built-in random test model); '
     "a diffusers folder containing model_index.json; "
     'a Hugging Face hub id such as "runwayml/stable-diffusion-v1-5"; '
     "or a single-file SD 1.x/2.x checkpoint ending in .safetensors"
@@ -54,8 +56,10 @@ def load_pipeline(
         )
     base = os.fspath(base)
     path = Path(base).expanduser()
-    if base in BUILTIN_BASES:
+    if base == "tiny":
         pipe = build_tiny_pipeline()
+    elif base == "toy":
+        pipe = _load_toy(dtype)
     elif path.is_dir():
         pipe = _load_folder(path, dtype)
     elif path.is_file():
@@ -74,6 +78,16 @@ def load_pipeline(
             pipe.scheduler.config, prediction_type=prediction_type
         )
     return freeze(_cast(pipe, dtype))
+
+
+def _load_toy(dtype: torch.dtype) -> DiffusionPipeline:
+    folder = toy_base_path()
+    if not (folder / "model_index.json").is_file():
+        raise BaseModelError(
+            f"the toy base is missing from {folder} (a partial checkout?); rebuild it with "
+            "`python -m sd_lora.world.pretrain --work runs/toy-pretrain --install`"
+        )
+    return _load_folder(folder, dtype)
 
 
 def _cast(pipe: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeline:

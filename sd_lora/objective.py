@@ -31,6 +31,18 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return noise.to(device=latents.device, dtype=latents.dtype)
 
 
+def add_noise_offset(
+    noise: torch.Tensor, strength: float, generator: torch.Generator
+) -> torch.Tensor:
+    """`noise` plus a per-image, per-channel constant of scale `strength` (sd-scripts'
+    noise_offset): lets training change an image's overall colour, which SD's schedule never
+    fully noises away."""
+    if not strength:
+        return noise
+    shift = torch.randn(noise.shape[:2] + (1, 1), generator=generator, dtype=torch.float32)
+    return noise + strength * shift.to(device=noise.device, dtype=noise.dtype)
+
+
 def target(
     schedule: DDPMScheduler,
     latents: torch.Tensor,

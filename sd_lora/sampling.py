@@ -34,6 +34,7 @@ def render(pipe, settings: RenderSettings) -> Image.Image:
     """One image; the same settings and weights always give the same pixels on one device."""
     unet_param = next(pipe.unet.parameters())
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    factor = pipe.vae_scale_factor  # 8 for SD's VAE, 4 for the toy base's
     latents = pipe(
         prompt=settings.prompt,
         negative_prompt=settings.negative_prompt or None,
@@ -43,7 +44,7 @@ def render(pipe, settings: RenderSettings) -> Image.Image:
         height=settings.height,
         generator=generator,
         latents=torch.randn(
-            (1, pipe.unet.config.in_channels, settings.height // 8, settings.width // 8),
+            (1, pipe.unet.config.in_channels, settings.height // factor, settings.width // factor),
             generator=generator,
         ).to(unet_param.device, unet_param.dtype),
         output_type="latent",

@@ -8,7 +8,7 @@ Each step is a small function taking only the part of the config it needs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,13 +27,20 @@ from sd_lora.checkpoint import (
     save_checkpoint,
 )
 from sd_lora.config import DataConfig, JobConfig, LoraConfig, ModelConfig, TrainConfig, to_toml
-from sd_lora.data import DatasetScan, ImageCaptionDataset, load_image, scan_dataset
+from sd_lora.data import DatasetScan, ImageCaptionDataset, Sample, load_image, scan_dataset
 from sd_lora.data.order import EpochSampler
 from sd_lora.errors import UserError
 from sd_lora.evaluate import eval_loss, make_eval_batch
 from sd_lora.inject import add_lora, lora_parameters
 from sd_lora.models import load_pipeline, model_family, prediction_type_of
-from sd_lora.objective import denoising_loss, sample_noise, sample_timesteps, training_schedule
+from sd_lora.objective import (
+    add_noise_offset,
+    denoising_loss,
+    sample_noise,
+    sample_timesteps,
+    training_schedule,
+)
+from sd_lora.report import write_quality_report
 from sd_lora.run_outputs import (
     RunLog,
     export_adapters,
@@ -58,11 +65,13 @@ class TrainResult:
     eval_loss_after: float
     steps: int
     seconds: float
+    report: dict | None = None  # what report.json holds (None: report.enabled is false)
 
 
 def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
     output_dir = prepare_run_folder(config.train, resume)
     scan = scan_training_data(config.data)  # before any model loads: fail fast
+    regularization = regularization_samples(config.data, scan)
     accelerator = make_accelerator(config.train, output_dir)
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
     pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
@@ -72,7 +81,8 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
         enable_gradient_checkpointing(trained)
     optimizer = make_optimizer(trained, config.train)
     lr_scheduler = make_lr_scheduler(optimizer, config.train, accelerator.num_processes)
-    dataset, loader = make_dataloader(scan, resolution, config.data, config.train)
+    dataset, loader = make_dataloader(scan.samples + regularization, resolution, config.data,
+                                      config.train)
     prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
     models = dict(zip(trained, prepared[: len(trained)]))
     optimizer, loader, lr_scheduler = prepared[len(trained) :]
@@ -95,6 +105,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     progress = loop.run(loader, dataset, progress, show_progress)
     seconds = time.time() - started
     files: dict[str, Path] = {}
+    report = None
     for model in trained.values():
         model.eval()  # training is over: no LoRA dropout in the last evaluation and samples
     after = eval_loss(pipe.unet, pipe.text_encoder, schedule, eval_batch)
@@ -104,8 +115,11 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
                                 resolution, output_dir, started)
         write_summary(output_dir, before, after, progress.global_step, seconds, files)
         log.plot()
+        if config.report.enabled:
+            report = write_quality_report(pipe, trained.values(), schedule, config, scan,
+                                          resolution, output_dir)
     accelerator.end_training()
-    return TrainResult(output_dir, files, before, after, progress.global_step, seconds)
+    return TrainResult(output_dir, files, before, after, progress.global_step, seconds, report)
 
 
 def prepare_run_folder(cfg: TrainConfig, resume: bool) -> Path:
@@ -209,9 +223,23 @@ def make_lr_scheduler(optimizer, cfg: TrainConfig, num_processes: int):
     )
 
 
-def make_dataloader(scan: DatasetScan, resolution: int, data: DataConfig, cfg: TrainConfig):
+def regularization_samples(cfg: DataConfig, scan: DatasetScan) -> list[Sample]:
+    """The regularization images, repeated (or cut) to as many items per epoch as the style's."""
+    if not cfg.regularization:
+        return []
+    reg = scan_dataset(Path(cfg.regularization), caption_extensions=cfg.caption_extensions)
+    print(f"Regularization {reg.report()}")
+    wanted = scan.num_train_items
+    repeats = max(1, wanted // reg.num_images)
+    samples = [replace(s, repeats=repeats, subset="regularization") for s in reg.samples]
+    if reg.num_images > wanted:
+        samples = samples[:wanted]
+    return samples
+
+
+def make_dataloader(samples: list[Sample], resolution: int, data: DataConfig, cfg: TrainConfig):
     dataset = ImageCaptionDataset(
-        scan.samples, resolution, center_crop=data.center_crop,
+        samples, resolution, center_crop=data.center_crop,
         random_flip=data.random_flip, seed=cfg.seed,
     )
     loader = torch.utils.data.DataLoader(
@@ -289,6 +317,7 @@ class TrainingLoop:
         with accelerator.accumulate(*self.models.values()):
             latents = self.encode_images(batch["pixel_values"])
             noise = sample_noise(latents, self.noise_generator)
+            noise = add_noise_offset(noise, self.config.train.noise_offset, self.noise_generator)
             timesteps = sample_timesteps(latents.shape[0], self.schedule.config.num_train_timesteps,
                                          self.noise_generator)
             input_ids = tokenize(self.pipe.tokenizer, batch["caption"]).to(accelerator.device)

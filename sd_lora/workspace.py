@@ -215,7 +215,7 @@ def _preview(path: Path) -> Path | None:
 
 
 def list_bases(workspace: Workspace) -> list[str]:
-    """"tiny", then diffusers folders and single-file .safetensors under `models`, sorted."""
+    """The built-in bases, then diffusers folders and single-file .safetensors under `models`, sorted."""
     found: list[str] = []
     root = workspace.root("models") if workspace.models is not None else None
     if root is not None and root.is_dir():
@@ -231,11 +231,13 @@ def list_bases(workspace: Workspace) -> list[str]:
                 if file.lower().endswith(".safetensors") and not file.startswith("."):
                     if path.resolve().is_relative_to(root):
                         found.append(path.relative_to(root).as_posix())
-    return ["tiny"] + sorted(found)
+    from sd_lora.models import BUILTIN_BASES
+
+    return list(BUILTIN_BASES) + sorted(found)
 
 
 def resolve_base(workspace: Workspace, choice: str) -> str:
-    """What `load_pipeline` gets for a base choice: "tiny", a hub id, or a path inside models."""
+    """What `load_pipeline` gets for a base choice: a built-in base, a hub id, or a path inside models."""
     from sd_lora.models import BUILTIN_BASES, HUB_ID
 
     if choice in BUILTIN_BASES:
@@ -252,7 +254,7 @@ def resolve_base(workspace: Workspace, choice: str) -> str:
     if HUB_ID.match(choice):
         return choice
     raise WorkspaceError(
-        f"base {choice!r} is not 'tiny', an org/name hub id, or a model inside the models folder "
+        f"base {choice!r} is not 'toy' or 'tiny', an org/name hub id, or a model inside the models folder "
         "(start the app with --models DIR to use local models)"
     )
 

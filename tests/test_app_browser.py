@@ -59,11 +59,16 @@ def app(tmp_path_factory):
         yield url, workspace, paths
 
 
-def open_page(browser, url):
+def open_page(browser, url, base: str | None = "tiny"):
+    """The app's page; `base` is chosen on the Generate tab (the test adapters were trained on
+    `tiny`; the page opens with the first built-in base, `toy`)."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
     page.wait_for_selector("#gen-run")
+    sync_api.expect(page.locator("#gen-base input")).to_have_value("toy")
+    if base:
+        choose(page, "#gen-base", base)
     return page
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from sd_lora.cli import main
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
-FAST = ["--set", "sample.steps=2", "--set", "train.batch_size=2", "--no-progress"]
+FAST = ["--base", "tiny", "--set", "sample.steps=2", "--set", "train.batch_size=2", "--no-progress"]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

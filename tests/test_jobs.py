@@ -70,7 +70,7 @@ def test_bad_input_is_refused_before_anything_is_written(space, tmp_path):
         (ConfigError, "TOML is not valid", (data, "[train\nx=", "x")),
         (ConfigError, "unknown config key 'extra'", (data, good + "\n[extra]\n", "x")),
         (ConfigError, "'train.max_stepz'", (data, good.replace("max_steps", "max_stepz"), "x")),
-        (WorkspaceError, "base '/etc' is not 'tiny'", (data, good.replace('"tiny"', '"/etc"'), "x")),
+        (WorkspaceError, "base '/etc' is not 'toy' or 'tiny'", (data, good.replace('"tiny"', '"/etc"'), "x")),
     ]
     for error, message, args in cases:
         with pytest.raises(error, match=message):

@@ -17,7 +17,8 @@ SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stri
 def job(tmp_path: Path, *extra: str):
     """A small, fast job on the sample dataset; `extra` are dotted overrides."""
     return load_config(None, [
-        f'data.path="{SAMPLE_DATA}"', f'train.output_dir="{tmp_path}"', "train.name=t",
+        'model.base="tiny"', f'data.path="{SAMPLE_DATA}"', f'train.output_dir="{tmp_path}"',
+        "train.name=t",
         "train.max_steps=6", "train.batch_size=2", "train.checkpoint_every=0",
         "sample.steps=2", "sample.every=0", 'export.formats=["kohya", "diffusers"]',
         'export.dtype="fp32"', *extra,
