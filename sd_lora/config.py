@@ -85,6 +85,10 @@ class TrainConfig:
     # SD's schedule never fully hides an image's mean colour, so without it an adapter cannot
     # learn to change overall colour or brightness (a palette style). 0.05-0.1 is common.
     noise_offset: float = 0.0
+    # Min-SNR-gamma loss weights (sd-scripts' --min_snr_gamma; 5 is the paper's and the common
+    # choice): without them the nearly-clean timesteps dominate the loss (see
+    # sd_lora.objective.min_snr_weights). 0: unweighted.
+    min_snr_gamma: float = 0.0
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -246,6 +250,7 @@ _NON_NEGATIVE = {
     "data.resolution", "train.lr_warmup_steps", "train.checkpoint_every",
     "train.checkpoints_keep", "train.dataloader_workers", "sample.every",
     "train.max_grad_norm", "train.adam_weight_decay", "train.noise_offset",
+    "train.min_snr_gamma",
 }
 
 

@@ -36,6 +36,7 @@ from sd_lora.models import load_pipeline, model_family, prediction_type_of
 from sd_lora.objective import (
     add_noise_offset,
     denoising_loss,
+    min_snr_weights,
     sample_noise,
     sample_timesteps,
     training_schedule,
@@ -323,7 +324,10 @@ class TrainingLoop:
             input_ids = tokenize(self.pipe.tokenizer, batch["caption"]).to(accelerator.device)
             with torch.set_grad_enabled("text_encoder" in self.models):
                 embeddings = encode_prompts(text_encoder, input_ids)
-            loss = denoising_loss(unet, self.schedule, latents, embeddings, noise, timesteps)
+            gamma = self.config.train.min_snr_gamma
+            weights = min_snr_weights(self.schedule, timesteps, gamma) if gamma else None
+            loss = denoising_loss(unet, self.schedule, latents, embeddings, noise, timesteps,
+                                  weights)
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.config.train.max_grad_norm > 0:
                 params = [p for m in self.trained.values() for p in lora_parameters(m)]

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from sd_lora.objective import denoising_loss, sample_timesteps, target, training_schedule
+from sd_lora.objective import (
+    denoising_loss,
+    min_snr_weights,
+    sample_timesteps,
+    target,
+    training_schedule,
+)
 from sd_lora.tiny import sd1_scheduler_config
 
 
@@ -47,3 +53,29 @@ def test_loss_is_zero_for_a_perfect_prediction_and_mse_otherwise():
     assert denoising_loss(_Oracle(noise), schedule, latents, None, noise, t) == 0
     loss = denoising_loss(_Oracle(noise + 0.5), schedule, latents, None, noise, t)
     assert abs(float(loss) - 0.25) < 1e-6
+
+
+def test_min_snr_weights_follow_the_formula_for_both_prediction_types():
+    t = torch.tensor([1, 20, 100, 300, 900])
+    for kind in ("epsilon", "v_prediction"):
+        schedule = training_schedule(sd1_scheduler_config(), kind)
+        abar = schedule.alphas_cumprod[t].double()
+        snr = abar / (1 - abar)
+        denominator = snr if kind == "epsilon" else snr + 1
+        expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / denominator
+        got = min_snr_weights(schedule, t, 5.0)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+    eps = min_snr_weights(training_schedule(sd1_scheduler_config(), "epsilon"), t, 5.0)
+    assert eps[0] < 0.01 and eps[1] < 0.2  # nearly-clean steps count for little ...
+    assert torch.equal(eps[-2:], torch.ones(2))  # ... noisy ones (SNR < gamma) in full
+
+
+def test_weighted_loss_is_the_weighted_mean_of_per_sample_errors():
+    schedule = training_schedule(sd1_scheduler_config(), "epsilon")
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    error = torch.zeros(2, 4, 8, 8)
+    error[0], error[1] = 1.0, 3.0  # per-sample MSE 1 and 9
+    t = torch.tensor([5, 500])
+    weighted = denoising_loss(_Oracle(noise + error), schedule, latents, None, noise, t,
+                              torch.tensor([0.5, 0.1]))
+    assert abs(float(weighted) - (0.5 * 1 + 0.1 * 9) / 2) < 1e-6

@@ -47,7 +47,13 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
 from sd_lora.atomic import atomic_folder
-from sd_lora.objective import add_noise_offset, sample_noise, sample_timesteps, training_schedule
+from sd_lora.objective import (
+    add_noise_offset,
+    min_snr_weights,
+    sample_noise,
+    sample_timesteps,
+    training_schedule,
+)
 from sd_lora.text import tokenize
 from sd_lora.tiny import clip_tokenizer, sd1_scheduler_config
 from sd_lora.world.scenes import caption, render, scene_at
@@ -72,7 +78,7 @@ class Recipe:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     unet_images: int = 24000
-    unet_steps: int = 5000
+    unet_steps: int = 6000
     unet_batch: int = 32
     unet_lr: float = 6e-4
     unet_warmup: int = 200
@@ -207,12 +213,6 @@ def unet_training_set(
             latents.append(vae.encode(images).latent_dist.mode() * vae.config.scaling_factor)
             ids.append(tokenize(tokenizer, [caption(s, plain) for s in scenes]))
     return torch.cat(latents), torch.cat(ids)
-
-
-def min_snr_weights(schedule, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    alphas = schedule.alphas_cumprod[timesteps]
-    snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / snr
 
 
 def train_unet(recipe: Recipe, vae: AutoencoderKL, out: Path, start: Path | None = None) -> dict:
