@@ -51,6 +51,15 @@ class DataConfig:
     # or cut to as many items per epoch as the style images) so that the adapter learns to change
     # what the trigger word asks for and to leave other prompts alone. "": none.
     regularization: str = ""
+    # The loss weight of regularization images (DreamBooth's and sd-scripts' prior_loss_weight).
+    # Images the base already draws well have a small loss, so at weight 1 the style's gradient
+    # outweighs theirs and the adapter still changes other prompts; a larger weight holds them.
+    regularization_weight: float = 1.0
+    # The share of regularization items trained with an empty caption. Classifier-free guidance
+    # subtracts the empty prompt's prediction, and the adapter applies to it too: untrained, it
+    # drifts toward the style, and guidance then pushes generations AWAY from the style. Plain
+    # images with an empty caption keep that prediction the base's own.
+    regularization_caption_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -250,7 +259,7 @@ _NON_NEGATIVE = {
     "data.resolution", "train.lr_warmup_steps", "train.checkpoint_every",
     "train.checkpoints_keep", "train.dataloader_workers", "sample.every",
     "train.max_grad_norm", "train.adam_weight_decay", "train.noise_offset",
-    "train.min_snr_gamma",
+    "train.min_snr_gamma", "data.regularization_weight",
 }
 
 
@@ -269,6 +278,16 @@ def validate(config: JobConfig) -> None:
             raise ConfigError(f"{dotted} = {value!r} must be between 0 and 1 (e.g. 1e-4)")
     if not 0 <= config.lora.dropout < 1:
         raise ConfigError(f"lora.dropout = {config.lora.dropout!r} must be in [0, 1)")
+    if not 0 <= config.data.regularization_caption_dropout <= 1:
+        raise ConfigError(
+            f"data.regularization_caption_dropout = {config.data.regularization_caption_dropout!r}"
+            " must be in [0, 1] (a share of the regularization items)"
+        )
+    if config.data.regularization_caption_dropout and not config.data.regularization:
+        raise ConfigError(
+            "data.regularization_caption_dropout is set but data.regularization is empty; "
+            "give a folder of regularization images or drop the setting"
+        )
     if config.data.resolution % 8:
         raise ConfigError(f"data.resolution = {config.data.resolution} must be a multiple of 8")
     if config.sample.seeds and len(config.sample.seeds) != len(config.sample.prompts):

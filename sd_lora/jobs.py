@@ -38,7 +38,8 @@ PRESETS: dict[str, dict] = {
     "quick": {  # the toy base or a first try: minutes on a CPU (= examples/demo.toml)
         "lora.unet_r": 8, "lora.unet_alpha": 8.0, "lora.text_encoder_r": 4,
         "lora.text_encoder_alpha": 4.0, "train.max_steps": 300, "train.batch_size": 4,
-        "train.learning_rate": 1e-3, "train.text_encoder_learning_rate": 5e-4,
+        "train.learning_rate": 5e-4, "train.text_encoder_learning_rate": 2.5e-4,
+        "train.min_snr_gamma": 5.0, "train.noise_offset": 0.1,
         "train.checkpoint_every": 100, "sample.every": 100,
     },
     "standard": {  # an SD 1.x/2.x style LoRA on a GPU

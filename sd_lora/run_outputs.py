@@ -15,6 +15,7 @@ from sd_lora.adapter_io import save_adapter
 from sd_lora.config import JobConfig, SampleConfig
 from sd_lora.formats.metadata import TrainingInfo
 from sd_lora.inject import read_adapter_state
+from sd_lora.report import detect_trigger
 from sd_lora.sampling import RenderSettings, image_grid, render, save_png
 
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -124,6 +125,10 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
         comment=config.export.comment or None,
         mixed_precision=train.mixed_precision,
         network_args=network_args,
+        min_snr_gamma=train.min_snr_gamma or None,
+        noise_offset=train.noise_offset or None,
+        prior_loss_weight=config.data.regularization_weight if config.data.regularization else None,
+        trigger_phrase=detect_trigger([s.caption for s in scan.samples]),
         started_at=started_at,
         finished_at=time.time(),
     )

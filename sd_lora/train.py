@@ -232,7 +232,9 @@ def regularization_samples(cfg: DataConfig, scan: DatasetScan) -> list[Sample]:
     print(f"Regularization {reg.report()}")
     wanted = scan.num_train_items
     repeats = max(1, wanted // reg.num_images)
-    samples = [replace(s, repeats=repeats, subset="regularization") for s in reg.samples]
+    samples = [replace(s, repeats=repeats, subset="regularization",
+                       loss_weight=cfg.regularization_weight,
+                       caption_dropout=cfg.regularization_caption_dropout) for s in reg.samples]
     if reg.num_images > wanted:
         samples = samples[:wanted]
     return samples
@@ -324,8 +326,10 @@ class TrainingLoop:
             input_ids = tokenize(self.pipe.tokenizer, batch["caption"]).to(accelerator.device)
             with torch.set_grad_enabled("text_encoder" in self.models):
                 embeddings = encode_prompts(text_encoder, input_ids)
-            gamma = self.config.train.min_snr_gamma
-            weights = min_snr_weights(self.schedule, timesteps, gamma) if gamma else None
+            weights = batch["loss_weight"].to(accelerator.device, torch.float32)
+            if self.config.train.min_snr_gamma:
+                weights = weights * min_snr_weights(self.schedule, timesteps,
+                                                    self.config.train.min_snr_gamma)
             loss = denoising_loss(unet, self.schedule, latents, embeddings, noise, timesteps,
                                   weights)
             accelerator.backward(loss)

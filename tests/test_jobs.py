@@ -44,7 +44,7 @@ def test_preset_toml_is_a_complete_valid_config(tmp_path):
     path.write_text(text)
     config = load_config(path)
     assert (config.model.base, config.data.path, config.train.name) == ("tiny", "data/x", "style")
-    assert (config.train.max_steps, config.train.learning_rate) == (5, 1e-3)
+    assert (config.train.max_steps, config.train.learning_rate) == (5, 5e-4)
     standard = tmp_path / "standard.toml"
     standard.write_text(preset_toml("standard", "sd15", "d", "n"))
     assert (load_config(standard).lora.unet_r, load_config(standard).train.max_steps) == (16, 1500)

@@ -98,6 +98,20 @@ def test_every_value_is_a_string_and_the_keys_are_there(tmp_path):
     assert metadata["modelspec.date"].startswith("2023-11-1")
 
 
+
+def test_recipe_keys_are_written_only_when_the_run_used_them():
+    from dataclasses import replace
+
+    plain = build_metadata(small_state(), INFO)
+    for key in ("ss_min_snr_gamma", "ss_noise_offset", "ss_prior_loss_weight",
+                "modelspec.trigger_phrase"):
+        assert key not in plain
+    used = build_metadata(small_state(), replace(
+        INFO, min_snr_gamma=5.0, noise_offset=0.1, prior_loss_weight=10.0, trigger_phrase="sks"))
+    assert (used["ss_min_snr_gamma"], used["ss_noise_offset"], used["ss_prior_loss_weight"],
+            used["modelspec.trigger_phrase"]) == ("5.0", "0.1", "10.0", "sks")
+
+
 @pytest.mark.parametrize(
     "family, prediction, arch, version, v2, vpred",
     [

@@ -64,8 +64,14 @@ def test_every_run_writes_a_report_even_without_held_out_sets(tmp_path):
     result = train(load_config(None, [
         'model.base="tiny"', f'data.path="{SAMPLE_DATA}"', f'train.output_dir="{tmp_path}"',
         "train.max_steps=4", "train.checkpoint_every=0", "sample.every=0", "sample.steps=3",
-        "train.learning_rate=3e-3",
+        "train.learning_rate=3e-3", "train.min_snr_gamma=5",
     ]), show_progress=False)
+    from safetensors import safe_open
+
+    with safe_open(str(result.adapter_files["kohya"]), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["modelspec.trigger_phrase"] == "zkstripes"  # what A1111 and Civitai show
+    assert metadata["ss_min_snr_gamma"] == "5.0" and "ss_prior_loss_weight" not in metadata
     report = json.loads((tmp_path / "report.json").read_text())
     assert report == json.loads(json.dumps(result.report))
     assert report["trigger_word"] == "zkstripes"

@@ -1,24 +1,21 @@
-"""The built-in toy base, and the quality report of a style adapter trained on it.
+"""The built-in toy base, and what a style adapter trained on it by the demo's recipe shows.
 
-Everything here runs on the shipped `toy` base with fixed seeds. The report's figures for the
-default preset (examples/demo.toml) are in the README; what this file asserts is that the base
-draws what its prompts say and that a run on the toy world measures what the report promises
-(held-out style images, off-style images, style scores), with a learning margin that was
-measured (see each assertion).
+Everything here runs on the shipped `toy` base with fixed seeds and the recipe of
+examples/demo.toml (the app's "quick" preset plus the toy world's regularization images). The
+margins are stated next to each assertion, with the figures measured on a 2-core CPU; the
+README has the same figures.
 """
 
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from sd_lora.config import load_config
-from sd_lora.jobs import PRESETS, preset_toml
+from sd_lora.jobs import PRESETS
 from sd_lora.models import load_pipeline, model_family
 from sd_lora.sampling import RenderSettings, render
 from sd_lora.train import train
@@ -34,19 +31,14 @@ def two_threads():
     torch.set_num_threads(2)  # the toy UNet is large enough for a second thread to pay
 
 
-def train_style(style: str, out: Path, overrides: list[str] = ()):
-    """The default preset on a toy style dataset (the report finds datasets/toy/heldout/)."""
-    text = preset_toml("quick", "toy", TOY / style, style)
-    config = load_config(None, [*_preset_overrides(text), f'train.output_dir="{out / style}"',
-                                *overrides])
-    return train(config, show_progress=False)
-
-
-def _preset_overrides(text: str) -> list[str]:
-    """A preset's TOML as dotted overrides (every field it sets)."""
-    raw = tomllib.loads(text)
-    return [f"{section}.{key}={json.dumps(value)}" for section, fields in raw.items()
-            if isinstance(fields, dict) for key, value in fields.items()]
+def train_demo_recipe(style: str, out: Path):
+    """examples/demo.toml on a toy style (the report finds datasets/toy/heldout/ beside it)."""
+    overrides = [f'data.path="{TOY / style}"', f'data.regularization="{TOY / "plain"}"',
+                 f'train.output_dir="{out / style}"', f"train.name={style}",
+                 "train.checkpoint_every=0", "sample.every=0"]
+    if style != "pastel":  # the demo's sample prompts are pastel ones
+        overrides += ["sample.prompts=[]", "sample.seeds=[]"]
+    return train(load_config(REPO / "examples" / "demo.toml", overrides), show_progress=False)
 
 
 def test_toy_base_is_a_diffusers_folder_diffusers_loads_itself():
@@ -86,28 +78,30 @@ def test_toy_base_draws_what_the_prompt_says():
 
 
 @pytest.mark.slow
-def test_a_run_on_the_toy_world_reports_held_out_off_style_and_style_scores(tmp_path):
-    """60 steps of the default preset on the outline style (the demo trains 300)."""
-    result = train_style("outline", tmp_path, ["train.max_steps=60", "train.checkpoint_every=0",
-                                               "sample.every=0"])
+def test_the_demo_recipe_learns_pastel_and_its_trigger_word(tmp_path):
+    result = train_demo_recipe("pastel", tmp_path)
     report = result.report
-    heldout, off = report["heldout_style_loss"], report["off_style_loss"]
-    assert report["trigger_word"] == "zkoutline"
-    assert heldout["images"] == 16 and "heldout/outline" in heldout["source"]
+    heldout, off, score = (report["heldout_style_loss"], report["off_style_loss"],
+                           report["style_score"])
+    assert report["trigger_word"] == "zkpastel" and score["style"] == "pastel"
+    assert heldout["images"] == 16 and "heldout/pastel" in heldout["source"]
     assert off["images"] == 16 and "heldout/plain" in off["source"]
-    # Measured at 60 steps: -41% (off-style: +147%; the leakage is the open part of the issue).
-    assert heldout["change"] <= -0.25, heldout
-    assert off["base"] != off["adapter"]  # measured with the adapter on, not skipped
-    score = report["style_score"]
-    assert score["style"] == "outline" and score["prompts"] == 8
-    for key in ("with_trigger", "without_trigger"):
-        assert np.isfinite([score[key]["base"], score[key]["adapter"]]).all()
+    # Measured: -61%. The issue asks for at least -30%.
+    assert heldout["change"] <= -0.45, heldout
+    # Measured: pastel score of generations with "zkpastel" 0.23 -> 0.38, without 0.34 -> 0.34:
+    # the style comes with the trigger word and only with it.
+    assert score["with_trigger"]["rise"] >= 0.08, score
+    assert abs(score["without_trigger"]["rise"]) <= 0.05, score
+    # Measured: +13%. The issue asks for under 5%, which this recipe does not reach yet (see the
+    # README); this bound only keeps it from getting worse.
+    assert off["change"] < 0.2, off
     assert (result.output_dir / "report.png").stat().st_size > 10_000
     assert (result.output_dir / "report_grid.png").is_file()
 
 
 def test_demo_config_is_the_default_preset():
-    """`make demo` and the app's default preset train the same recipe the tests check."""
+    """`make demo` and the app's default preset train the same recipe (the demo adds the toy
+    world's regularization images)."""
     demo = load_config(REPO / "examples" / "demo.toml")
     for dotted, value in PRESETS["quick"].items():
         section, name = dotted.split(".")

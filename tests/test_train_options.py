@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -79,3 +80,64 @@ def test_v_prediction_is_trained_and_recorded(tmp_path, monkeypatch):
         metadata = f.metadata()
     assert metadata["modelspec.prediction_type"] == "v"  # the SAI model spec's spelling
     assert metadata["ss_v_parameterization"] == "True"
+
+
+def test_regularization_images_fill_as_many_items_as_the_style_with_their_own_weight():
+    from sd_lora.config import load_config
+    from sd_lora.train import make_dataloader, regularization_samples, scan_training_data
+    from tests.test_world import TOY_DATA
+
+    data = load_config(None, [f'data.path="{TOY_DATA / "outline"}"',
+                              f'data.regularization="{TOY_DATA / "heldout" / "plain"}"',
+                              "data.regularization_weight=4.0"]).data
+    scan = scan_training_data(data)  # 32 outline images; the folder has 16 plain ones
+    reg = regularization_samples(data, scan)
+    assert len(reg) == 16 and all(s.repeats == 2 and s.loss_weight == 4.0 for s in reg)
+    assert not any(s.caption.startswith("zkoutline") for s in reg)
+    cut = regularization_samples(
+        load_config(None, [f'data.path="{TOY_DATA / "heldout" / "outline"}"',
+                           f'data.regularization="{TOY_DATA / "plain"}"']).data,
+        scan_training_data(load_config(None, [f'data.path="{TOY_DATA / "heldout" / "outline"}"']).data),
+    )
+    assert len(cut) == 16 and all(s.repeats == 1 and s.loss_weight == 1.0 for s in cut)
+    dataset, loader = make_dataloader(scan.samples + reg, 64, data,
+                                      load_config(None, ["train.batch_size=8"]).train)
+    weights = torch.cat([batch["loss_weight"] for batch in loader])
+    captions = [c for batch in loader for c in batch["caption"]]
+    assert len(dataset) == 64 and sorted(set(weights.tolist())) == [1.0, 4.0]
+    for weight, caption in zip(weights.tolist(), captions):  # each item keeps its own weight
+        assert caption.startswith("zkoutline") == (weight == 1.0)
+
+
+def test_noise_offset_shifts_each_image_and_channel_by_one_constant():
+    from sd_lora.objective import add_noise_offset
+
+    noise = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert add_noise_offset(noise, 0.0, torch.Generator().manual_seed(1)) is noise
+    shifted = add_noise_offset(noise, 0.1, torch.Generator().manual_seed(1))
+    shift = shifted - noise
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)
+    assert 0.07 < shift[:, :, 0, 0].std().item() < 0.13  # scale 0.1, over 256 draws
+
+
+def test_regularization_caption_dropout_empties_that_share_of_captions_reproducibly():
+    from sd_lora.config import ConfigError, load_config
+    from sd_lora.data import ImageCaptionDataset, scan_dataset
+    from tests.test_world import TOY_DATA
+
+    plain = scan_dataset(TOY_DATA / "plain").samples
+    dropped = [replace(s, caption_dropout=0.25) for s in plain] * 8  # 256 items
+    dataset = ImageCaptionDataset(dropped, 64, seed=3)
+    captions = [dataset[i]["caption"] for i in range(len(dataset))]
+    share = captions.count("") / len(captions)
+    assert 0.17 < share < 0.33, share
+    assert captions == [dataset[i]["caption"] for i in range(len(dataset))]  # same every time
+    dataset.set_epoch(1)
+    assert captions != [dataset[i]["caption"] for i in range(len(dataset))]  # a new draw
+    kept = ImageCaptionDataset(plain, 64, seed=3)
+    assert all(kept[i]["caption"] == s.caption for i, s in enumerate(plain))
+    assert torch.equal(kept[5]["pixel_values"], ImageCaptionDataset(dropped, 64, seed=3)[5]["pixel_values"])
+    with pytest.raises(ConfigError, match="data.regularization is empty"):
+        load_config(None, ["data.regularization_caption_dropout=0.2"])
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\]"):
+        load_config(None, ['data.regularization="x"', "data.regularization_caption_dropout=1.5"])

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 class ImageCaptionDataset(Dataset):
-    """Item i -> {"pixel_values": (3, R, R) float32 in [-1, 1], "caption": str, "index": int}.
+    """Item i -> {"pixel_values": (3, R, R) float32 in [-1, 1], "caption": str, "index": int,
+    "loss_weight": float}.
 
     Call `set_epoch(epoch)` before each pass (Accelerate's data loader does when it wraps this).
     With DataLoader workers, use non-persistent workers so that each pass sees the new epoch.
@@ -61,11 +62,23 @@ class ImageCaptionDataset(Dataset):
             i = (index + offset) % len(self.items)
             pixels = self._load(i)
             if pixels is not None:
-                return {"pixel_values": pixels, "caption": self.items[i].caption, "index": i}
+                item = self.items[i]
+                return {"pixel_values": pixels, "caption": self._caption(i), "index": i,
+                        "loss_weight": item.loss_weight}
         raise RuntimeError(
             f"none of the {len(self.items)} dataset items can be read any more "
             f"(first: {self.items[0].image}); did the dataset folder change after the scan?"
         )
+
+    def _caption(self, i: int) -> str:
+        """The item's caption, or "" with its caption_dropout chance (its own random stream, so
+        flips and crops draw the same numbers with or without dropout)."""
+        item = self.items[i]
+        if item.caption_dropout and (
+            random.Random(f"{self.seed}:{self.epoch}:{i}:caption").random() < item.caption_dropout
+        ):
+            return ""
+        return item.caption
 
     def _load(self, i: int) -> torch.Tensor | None:
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")  # str seeds hash with SHA-512: stable

@@ -47,6 +47,8 @@ class Sample:
     caption: str
     repeats: int = 1
     subset: str = ""  # the folder it counts under in tag_frequency (kohya: the N_name folder)
+    loss_weight: float = 1.0  # regularization images: data.regularization_weight
+    caption_dropout: float = 0.0  # chance of training with an empty caption instead
 
 
 @dataclass(frozen=True)

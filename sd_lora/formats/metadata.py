@@ -63,6 +63,9 @@ class TrainingInfo:
     comment: str | None = None
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     network_args: Mapping[str, str] = field(default_factory=dict)
+    min_snr_gamma: float | None = None  # ss_min_snr_gamma (None: unweighted loss)
+    noise_offset: float | None = None  # ss_noise_offset
+    prior_loss_weight: float | None = None  # ss_prior_loss_weight (with regularization images)
     started_at: float | None = None  # unix time
     finished_at: float | None = None  # unix time
     trigger_phrase: str | None = None
@@ -148,6 +151,9 @@ def _training_keys(info: TrainingInfo, family: str) -> dict[str, object]:
         "ss_training_finished_at": finished,
         "ss_tag_frequency": json.dumps({k: dict(v) for k, v in info.tag_frequency.items()}),
         "ss_network_args": json.dumps(dict(info.network_args)),
+        "ss_min_snr_gamma": info.min_snr_gamma,
+        "ss_noise_offset": info.noise_offset,
+        "ss_prior_loss_weight": info.prior_loss_weight,
         "modelspec.architecture": architecture(family, info.prediction_type),
         "modelspec.title": info.name,
         "modelspec.resolution": f"{width}x{height}",
