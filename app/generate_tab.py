@@ -73,7 +73,7 @@ class GenerateTab:
         bases = list_bases(self.workspace)
         with gr.Row(elem_classes=["row-end"]):
             self.base = gr.Dropdown(bases, value=bases[0], label="Base model", allow_custom_value=True,
-                                    info="built-in tiny, a model in the models folder, or a hub id (org/name)",
+                                    info="built-in toy or tiny, a model in the models folder, or a hub id (org/name)",
                                     elem_id="gen-base", scale=4)
             self.refresh = gr.Button("Rescan folders", elem_id="gen-refresh", scale=1, size="sm")
         self.prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")

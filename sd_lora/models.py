@@ -1,4 +1,4 @@
-"""Load a base model: the built-in tiny one, a diffusers folder, a hub id, or a single file.
+"""Load a base model: the built-in toy or tiny one, a diffusers folder, a hub id, or a single file.
 
 `load_pipeline(base)` accepts:
 - "toy": the built-in base pretrained on the toy world (`sd_lora.world.toy_base`), 64 px;
