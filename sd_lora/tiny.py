@@ -58,20 +58,32 @@ def tiny_vae_config() -> dict:
     )
 
 
-def tiny_text_encoder_config() -> CLIPTextConfig:
+def clip_text_config(
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    hidden_act: str = "quick_gelu",
+    pad_token_id: int = 49407,
+) -> CLIPTextConfig:
+    """A CLIP text encoder of the given size that fits the real CLIP tokenizer: its vocabulary,
+    77-token window and special tokens (OpenCLIP, for SD 2, pads with 0)."""
     return CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=32,
-        hidden_act="quick_gelu",
+        projection_dim=hidden_size,
+        hidden_act=hidden_act,
         bos_token_id=49406,
         eos_token_id=49407,
-        pad_token_id=49407,
+        pad_token_id=pad_token_id,
     )
+
+
+def tiny_text_encoder_config() -> CLIPTextConfig:
+    return clip_text_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
 
 
 def sd1_scheduler_config(prediction_type: str = "epsilon") -> dict:

@@ -19,6 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sd_lora.tiny import (
     TINY_RESOLUTION,
+    clip_text_config,
     clip_tokenizer,
     sd1_scheduler_config,
     tiny_unet_config,
@@ -46,19 +47,9 @@ def tiny_sd2_unet_config() -> dict:
 
 
 def tiny_sd2_text_encoder_config() -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,  # the checkpoint holds 3: SD 2 drops OpenCLIP's last layer
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        hidden_act="gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=0,
-    )
+    # The checkpoint holds 3 layers: SD 2 drops OpenCLIP's last one.
+    return clip_text_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            hidden_act="gelu", pad_token_id=0)
 
 
 def build_tiny_sd2_pipeline(

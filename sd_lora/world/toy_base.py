@@ -18,6 +18,8 @@ from pathlib import Path
 
 from transformers import CLIPTextConfig
 
+from sd_lora.tiny import clip_text_config
+
 TOY_RESOLUTION = 64  # pixels; latents are 16x16
 TOY_BASE_NAME = "toy"
 
@@ -57,16 +59,4 @@ def toy_unet_config() -> dict:
 
 
 def toy_text_encoder_config() -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=64,
-        hidden_act="quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
+    return clip_text_config(hidden_size=64, intermediate_size=256, num_hidden_layers=3)
