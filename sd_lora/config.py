@@ -60,6 +60,13 @@ class DataConfig:
     # drifts toward the style, and guidance then pushes generations AWAY from the style. Plain
     # images with an empty caption keep that prediction the base's own.
     regularization_caption_dropout: float = 0.0
+    # What regularization images are trained toward. "noise": the noise added to them, like
+    # any image (sd-scripts, DreamBooth). "base": the base model's own prediction for the same
+    # noisy image and caption, with the adapter off (output preservation): the loss is then
+    # exactly how far the adapter moves prompts that do not ask for the style, and fitting
+    # the images' noise better than the base does (which also changes other prompts) earns
+    # nothing. Costs one extra forward pass without gradients per batch with such images.
+    regularization_target: str = "noise"
 
 
 @dataclass(frozen=True)
@@ -251,6 +258,8 @@ def _check_scalar(hint: type, value: Any, dotted: str) -> Any:
     return value
 
 
+REGULARIZATION_TARGETS = ("noise", "base")
+
 _POSITIVE = {
     "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps",
     "lora.unet_r", "lora.text_encoder_r", "sample.steps", "report.max_images",
@@ -286,6 +295,16 @@ def validate(config: JobConfig) -> None:
     if config.data.regularization_caption_dropout and not config.data.regularization:
         raise ConfigError(
             "data.regularization_caption_dropout is set but data.regularization is empty; "
+            "give a folder of regularization images or drop the setting"
+        )
+    if config.data.regularization_target not in REGULARIZATION_TARGETS:
+        raise ConfigError(
+            f"data.regularization_target = {config.data.regularization_target!r} must be one of "
+            f"{', '.join(map(repr, REGULARIZATION_TARGETS))}"
+        )
+    if config.data.regularization_target != "noise" and not config.data.regularization:
+        raise ConfigError(
+            "data.regularization_target is set but data.regularization is empty; "
             "give a folder of regularization images or drop the setting"
         )
     if config.data.resolution % 8:

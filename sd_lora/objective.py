@@ -81,13 +81,38 @@ def denoising_loss(
     noise: torch.Tensor,  # (B, 4, h, w)
     timesteps: torch.Tensor,  # (B,)
     weights: torch.Tensor | None = None,  # (B,) per-sample loss weights, e.g. min_snr_weights
+    wanted: torch.Tensor | None = None,  # (B, 4, h, w) instead of `target`, e.g. preserved_target
 ) -> torch.Tensor:
     """Mean squared error between the UNet's prediction and the target, in fp32; with `weights`,
     the mean over samples of weight x that sample's mean squared error."""
     noisy = schedule.add_noise(latents, noise, timesteps.to(latents.device))
     prediction = unet(noisy, timesteps.to(latents.device), text_embeddings).sample
-    wanted = target(schedule, latents.float(), noise.float(), timesteps.to(latents.device))
+    if wanted is None:
+        wanted = target(schedule, latents.float(), noise.float(), timesteps.to(latents.device))
     if weights is None:
         return F.mse_loss(prediction.float(), wanted.float())
     per_sample = F.mse_loss(prediction.float(), wanted.float(), reduction="none")
     return (per_sample.mean(dim=tuple(range(1, per_sample.ndim))) * weights.float()).mean()
+
+
+@torch.no_grad()
+def preserved_target(
+    base_unet: torch.nn.Module,  # the UNet as the base has it (the caller switches the adapter off)
+    schedule: DDPMScheduler,
+    latents: torch.Tensor,
+    base_embeddings: torch.Tensor,  # the prompts encoded by the base text encoder
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    preserve: torch.Tensor,  # (B,) bool: which samples keep the base's prediction
+) -> torch.Tensor:
+    """`target`, except that the samples marked `preserve` are to predict what the base predicts
+    for the same noisy latent and prompt (output preservation). Only those samples are run
+    through the base. (B, 4, h, w) float32"""
+    device = latents.device
+    wanted = target(schedule, latents.float(), noise.float(), timesteps.to(device)).clone()
+    keep = preserve.to(device)
+    if keep.any():
+        noisy = schedule.add_noise(latents[keep], noise[keep], timesteps.to(device)[keep])
+        base = base_unet(noisy, timesteps.to(device)[keep], base_embeddings[keep]).sample
+        wanted[keep] = base.float()
+    return wanted

@@ -31,12 +31,13 @@ from sd_lora.data import DatasetScan, ImageCaptionDataset, Sample, load_image, s
 from sd_lora.data.order import EpochSampler
 from sd_lora.errors import UserError
 from sd_lora.evaluate import eval_loss, make_eval_batch
-from sd_lora.inject import add_lora, lora_parameters
+from sd_lora.inject import add_lora, lora_parameters, lora_weight
 from sd_lora.models import load_pipeline, model_family, prediction_type_of
 from sd_lora.objective import (
     add_noise_offset,
     denoising_loss,
     min_snr_weights,
+    preserved_target,
     sample_noise,
     sample_timesteps,
     training_schedule,
@@ -234,7 +235,8 @@ def regularization_samples(cfg: DataConfig, scan: DatasetScan) -> list[Sample]:
     repeats = max(1, wanted // reg.num_images)
     samples = [replace(s, repeats=repeats, subset="regularization",
                        loss_weight=cfg.regularization_weight,
-                       caption_dropout=cfg.regularization_caption_dropout) for s in reg.samples]
+                       caption_dropout=cfg.regularization_caption_dropout,
+                       preserve=cfg.regularization_target == "base") for s in reg.samples]
     if reg.num_images > wanted:
         samples = samples[:wanted]
     return samples
@@ -330,8 +332,9 @@ class TrainingLoop:
             if self.config.train.min_snr_gamma:
                 weights = weights * min_snr_weights(self.schedule, timesteps,
                                                     self.config.train.min_snr_gamma)
+            wanted = self.preserved_targets(batch, latents, noise, timesteps, input_ids)
             loss = denoising_loss(unet, self.schedule, latents, embeddings, noise, timesteps,
-                                  weights)
+                                  weights, wanted)
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.config.train.max_grad_norm > 0:
                 params = [p for m in self.trained.values() for p in lora_parameters(m)]
@@ -340,6 +343,20 @@ class TrainingLoop:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return float(accelerator.gather(loss.detach()).mean())
+
+    def preserved_targets(self, batch, latents, noise, timesteps, input_ids):
+        """Targets with the base's own predictions for the batch's `preserve` items
+        (data.regularization_target = "base"); None when there are none, so the loss uses the
+        noise as usual."""
+        preserve = batch["preserve"]
+        if not bool(preserve.any()):
+            return None
+        text_encoder = self.models.get("text_encoder", self.pipe.text_encoder)
+        unet = self.models["unet"]
+        with torch.no_grad(), lora_weight(self.trained.values(), 0.0):
+            base_embeddings = encode_prompts(text_encoder, input_ids)
+            return preserved_target(unet, self.schedule, latents, base_embeddings, noise,
+                                    timesteps, preserve)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

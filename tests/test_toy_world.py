@@ -86,17 +86,30 @@ def test_the_demo_recipe_learns_pastel_and_its_trigger_word(tmp_path):
     assert report["trigger_word"] == "zkpastel" and score["style"] == "pastel"
     assert heldout["images"] == 16 and "heldout/pastel" in heldout["source"]
     assert off["images"] == 16 and "heldout/plain" in off["source"]
-    # Measured: -61%. The issue asks for at least -30%.
-    assert heldout["change"] <= -0.45, heldout
-    # Measured: pastel score of generations with "zkpastel" 0.23 -> 0.38, without 0.34 -> 0.34:
+    # Measured: -68.8%. The issue asks for at least -30%.
+    assert heldout["change"] <= -0.5, heldout
+    # Measured: pastel score of generations with "zkpastel" 0.23 -> 0.57, without 0.34 -> 0.35:
     # the style comes with the trigger word and only with it.
-    assert score["with_trigger"]["rise"] >= 0.08, score
+    assert score["with_trigger"]["rise"] >= 0.25, score
     assert abs(score["without_trigger"]["rise"]) <= 0.05, score
-    # Measured: +13%. The issue asks for under 5%, which this recipe does not reach yet (see the
-    # README); this bound only keeps it from getting worse.
-    assert off["change"] < 0.2, off
+    # Measured: +3.3% (regularization images trained toward the base's own prediction; toward
+    # their noise it was +13%). The issue asks for under 5%.
+    assert abs(off["change"]) < 0.05, off
     assert (result.output_dir / "report.png").stat().st_size > 10_000
     assert (result.output_dir / "report_grid.png").is_file()
+
+    # The blend measure on one adapter: its blend column is the adapter alone, and the pastel
+    # rise agrees in sign and size with the report's (other prompts and seeds: "zkpastel, ...").
+    from sd_lora.adapter_io import load_adapter
+    from sd_lora.world.blend import measure_blend
+
+    pipe = load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    captions = [p.read_text().strip() for p in sorted((TOY / "heldout" / "plain").glob("*.txt"))[:4]]
+    blend = measure_blend(pipe, [("pastel", load_adapter(result.adapter_files["kohya"]), 1.0)],
+                          captions)
+    assert blend.prompts[0] == "zkpastel, " + captions[0]
+    assert blend.alone["pastel"] == blend.blend and blend.rise("pastel") >= 0.2, blend
 
 
 def test_demo_config_is_the_default_preset():

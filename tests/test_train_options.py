@@ -141,3 +141,50 @@ def test_regularization_caption_dropout_empties_that_share_of_captions_reproduci
         load_config(None, ["data.regularization_caption_dropout=0.2"])
     with pytest.raises(ConfigError, match=r"must be in \[0, 1\]"):
         load_config(None, ['data.regularization="x"', "data.regularization_caption_dropout=1.5"])
+
+
+def test_regularization_target_base_trains_toward_the_adapter_off_prediction():
+    """Output preservation: preserved items' target is what the base (UNet and text encoder,
+    adapter off) predicts for the same noisy latent and caption; other items keep the noise."""
+    from sd_lora.config import ConfigError, load_config
+    from sd_lora.objective import denoising_loss, target, training_schedule
+    from sd_lora.text import encode_prompts, tokenize
+    from sd_lora.tiny import sd1_scheduler_config
+
+    torch.manual_seed(0)
+    pipe = build_tiny_pipeline()
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    trained = add_adapters(pipe, LoraConfig())
+    schedule = training_schedule(sd1_scheduler_config(), "epsilon")
+    loop = TrainingLoop(None, None, pipe, dict(trained), trained, None, None, schedule,
+                        None, None, None, 64, [])
+    g = torch.Generator().manual_seed(1)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([50, 400, 900])
+    ids = tokenize(pipe.tokenizer, ["zkpastel, a red circle", "a red circle", "a blue square"])
+    batch = {"preserve": torch.tensor([False, True, True])}
+    assert loop.preserved_targets({"preserve": torch.zeros(3, dtype=torch.bool)},
+                                  latents, noise, t, ids) is None
+
+    # A fresh adapter (B = 0) is the base: preserved items start at zero loss, style ones do not.
+    wanted = loop.preserved_targets(batch, latents, noise, t, ids)
+    with torch.no_grad():
+        embeddings = encode_prompts(trained["text_encoder"], ids)
+        per_item = [float(denoising_loss(pipe.unet, schedule, latents[i:i + 1],
+                                         embeddings[i:i + 1], noise[i:i + 1], t[i:i + 1],
+                                         wanted=wanted[i:i + 1])) for i in range(3)]
+    assert per_item[0] > 0.01 and per_item[1] < 1e-10 and per_item[2] < 1e-10
+
+    fill_lora_B(trained.values())  # a trained adapter: its targets stay the base's predictions
+    moved = loop.preserved_targets(batch, latents, noise, t, ids)
+    torch.testing.assert_close(moved, wanted, rtol=0, atol=1e-6)
+    assert torch.equal(moved[0], target(schedule, latents, noise, t)[0])
+    with torch.no_grad():
+        adapted = pipe.unet(schedule.add_noise(latents, noise, t), t,
+                            encode_prompts(trained["text_encoder"], ids)).sample
+    assert (adapted[1:] - moved[1:]).abs().max() > 1e-3  # the loss sees the adapter's change
+    with pytest.raises(ConfigError, match="one of 'noise', 'base'"):
+        load_config(None, ['data.regularization="x"', 'data.regularization_target="model"'])
+    with pytest.raises(ConfigError, match="data.regularization is empty"):
+        load_config(None, ['data.regularization_target="base"'])

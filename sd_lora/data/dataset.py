@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 class ImageCaptionDataset(Dataset):
     """Item i -> {"pixel_values": (3, R, R) float32 in [-1, 1], "caption": str, "index": int,
-    "loss_weight": float}.
+    "loss_weight": float, "preserve": bool}.
 
     Call `set_epoch(epoch)` before each pass (Accelerate's data loader does when it wraps this).
     With DataLoader workers, use non-persistent workers so that each pass sees the new epoch.
@@ -64,7 +64,7 @@ class ImageCaptionDataset(Dataset):
             if pixels is not None:
                 item = self.items[i]
                 return {"pixel_values": pixels, "caption": self._caption(i), "index": i,
-                        "loss_weight": item.loss_weight}
+                        "loss_weight": item.loss_weight, "preserve": item.preserve}
         raise RuntimeError(
             f"none of the {len(self.items)} dataset items can be read any more "
             f"(first: {self.items[0].image}); did the dataset folder change after the scan?"

@@ -49,6 +49,9 @@ class Sample:
     subset: str = ""  # the folder it counts under in tag_frequency (kohya: the N_name folder)
     loss_weight: float = 1.0  # regularization images: data.regularization_weight
     caption_dropout: float = 0.0  # chance of training with an empty caption instead
+    # Train toward the base model's own prediction (adapter off) instead of the noise: the
+    # adapter learns to leave this image's prompt as the base draws it.
+    preserve: bool = False
 
 
 @dataclass(frozen=True)
