@@ -49,6 +49,7 @@ def save_checkpoint(
     lr_scheduler,
     progress: Progress,
     noise_generator: torch.Generator,
+    config: dict | None = None,  # the run's flat_config, checked when the run is resumed
 ) -> Path:
     """Write `folder` atomically; returns it."""
     params = named_trainable(models)
@@ -60,13 +61,13 @@ def save_checkpoint(
             moments[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     with atomic_folder(folder) as tmp:
         _write_checkpoint_files(
-            tmp, params, moments, optimizer, lr_scheduler, progress, noise_generator
+            tmp, params, moments, optimizer, lr_scheduler, progress, noise_generator, config
         )
     return folder
 
 
 def _write_checkpoint_files(
-    tmp, params, moments, optimizer, lr_scheduler, progress, noise_generator
+    tmp, params, moments, optimizer, lr_scheduler, progress, noise_generator, config
 ):
     save_file(
         {n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "lora.safetensors"
@@ -78,6 +79,7 @@ def _write_checkpoint_files(
         "param_groups": optimizer.state_dict()["param_groups"],
         "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
         "python_random": _python_rng_json(),
+        "config": config,
     }
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
 
@@ -122,6 +124,12 @@ def _load_optimizer(folder, params, optimizer, param_groups) -> None:
         name, _, field = key.partition("::")
         state.setdefault(index_of[id(params[name])], {})[field] = value
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def checkpoint_config(folder: Path) -> dict | None:
+    """The flat config the checkpoint was made with (None for checkpoints from before it was
+    recorded)."""
+    return json.loads((folder / "state.json").read_text()).get("config")
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

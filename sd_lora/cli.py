@@ -115,6 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
     from sd_lora.train import train
 
     config = load_config(args.config, train_overrides(args))
+    stop_on_sigterm()
     result = train(config, resume=args.resume, show_progress=not args.no_progress)
     change = (result.eval_loss_after - result.eval_loss_before) / result.eval_loss_before
     print(f"\ntrained {result.steps} steps in {result.seconds:.0f} s; "
@@ -132,6 +133,17 @@ def run_train(args: argparse.Namespace) -> int:
     if kohya:
         print(f"try it in the browser: {app_command(config.model.base, kohya.parent)}")
     return 0
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, a scheduler's stop, a container shutting down) stops training the way
+    Ctrl-C does: a checkpoint is saved, then the process exits with 130."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def app_command(base: str, adapters: Path) -> str:

@@ -97,6 +97,9 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    # A step whose loss or gradients hold NaN/inf is skipped (nothing is updated); this many in
+    # a row stop the run with the likely cause, the last checkpoint intact. 0: never stop.
+    max_nonfinite_steps: int = 10
     # sd-scripts' noise_offset: add `noise_offset * N(0, 1)` per image and channel to the noise.
     # SD's schedule never fully hides an image's mean colour, so without it an adapter cannot
     # learn to change overall colour or brightness (a palette style). 0.05-0.1 is common.
@@ -267,6 +270,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "data.resolution", "train.lr_warmup_steps", "train.checkpoint_every",
     "train.checkpoints_keep", "train.dataloader_workers", "sample.every",
+    "train.max_nonfinite_steps",
     "train.max_grad_norm", "train.adam_weight_decay", "train.noise_offset",
     "train.min_snr_gamma", "data.regularization_weight",
 }
@@ -348,3 +352,50 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)
+
+
+# Fields a resumed run may change: they decide how long it runs and what it writes, not what
+# a step computes. Any other change would continue a run from a checkpoint made by another one
+# (a learning rate the loaded schedule does not even use, other images at the same data
+# position), so --resume refuses it and names the fields.
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.checkpoint_every", "train.checkpoints_keep",
+    "train.dataloader_workers", "train.max_nonfinite_steps", "train.output_dir", "train.name",
+}
+RESUMABLE_SECTIONS = {"sample", "export", "report"}
+_PATH_FIELDS = {"model.base", "data.path", "data.regularization", "report.heldout",
+                "report.off_style"}
+
+
+def flat_config(config: JobConfig) -> dict[str, Any]:
+    """{"section.field": value} with JSON types (tuples as lists), as a checkpoint stores it."""
+    flat = {}
+    for section in dataclasses.fields(config):
+        if section.name == "version":
+            continue
+        for key, value in dataclasses.asdict(getattr(config, section.name)).items():
+            flat[f"{section.name}.{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def changes_refused_on_resume(saved: dict[str, Any], now: JobConfig) -> list[str]:
+    """'field: saved -> now' for each field that differs from the checkpoint's config and that
+    a resumed run may not change. Paths count as equal when they name the same file."""
+    refused = []
+    for dotted, value in flat_config(now).items():
+        if dotted in RESUMABLE_CHANGES or dotted.split(".")[0] in RESUMABLE_SECTIONS:
+            continue
+        if dotted not in saved:  # a field added since the checkpoint was written
+            continue
+        old = saved[dotted]
+        if old == value or (dotted in _PATH_FIELDS and _same_path(old, value)):
+            continue
+        refused.append(f"{dotted}: {old!r} -> {value!r}")
+    return refused
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

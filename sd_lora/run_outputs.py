@@ -135,12 +135,13 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
 
 
 def write_summary(output_dir: Path, before: float, after: float, steps: int, seconds: float,
-                  files: dict[str, Path]) -> Path:
+                  files: dict[str, Path], skipped_steps: int = 0) -> Path:
     summary = {
         "eval_loss_before": before,
         "eval_loss_after": after,
         "eval_loss_change": (after - before) / before if before else None,
         "steps": steps,
+        "skipped_nonfinite_steps": skipped_steps,  # NaN/inf loss or gradients (see nonfinite.py)
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / steps, 4) if steps else None,
         "adapters": {fmt: str(p) for fmt, p in files.items()},

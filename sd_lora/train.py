@@ -7,6 +7,7 @@ Each step is a small function taking only the part of the config it needs.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,19 +21,30 @@ from tqdm import tqdm
 
 from sd_lora.checkpoint import (
     Progress,
+    checkpoint_config,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
-from sd_lora.config import DataConfig, JobConfig, LoraConfig, ModelConfig, TrainConfig, to_toml
+from sd_lora.config import (
+    DataConfig,
+    JobConfig,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+    changes_refused_on_resume,
+    flat_config,
+    to_toml,
+)
 from sd_lora.data import DatasetScan, ImageCaptionDataset, Sample, load_image, scan_dataset
 from sd_lora.data.order import EpochSampler
 from sd_lora.errors import UserError
 from sd_lora.evaluate import eval_loss, make_eval_batch
 from sd_lora.inject import add_lora, lora_parameters, lora_weight
 from sd_lora.models import load_pipeline, model_family, prediction_type_of
+from sd_lora.nonfinite import NonFiniteGuard, describe, gradients_finite
 from sd_lora.objective import (
     add_noise_offset,
     denoising_loss,
@@ -72,6 +84,8 @@ class TrainResult:
 
 def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
     output_dir = prepare_run_folder(config.train, resume)
+    if resume and list_checkpoints(output_dir):
+        check_resumable(list_checkpoints(output_dir)[-1], config)
     scan = scan_training_data(config.data)  # before any model loads: fail fast
     regularization = regularization_samples(config.data, scan)
     accelerator = make_accelerator(config.train, output_dir)
@@ -115,7 +129,8 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
         render_sample_grid(pipe, config.sample, prompts, resolution, output_dir / "samples" / "final.png")
         files = export_adapters(trained, model_family(pipe), prediction_type_of(pipe), config, scan,
                                 resolution, output_dir, started)
-        write_summary(output_dir, before, after, progress.global_step, seconds, files)
+        write_summary(output_dir, before, after, progress.global_step, seconds, files,
+                      loop.guard.skipped)
         log.plot()
         if config.report.enabled:
             report = write_quality_report(pipe, trained.values(), schedule, config, scan,
@@ -135,6 +150,22 @@ def prepare_run_folder(cfg: TrainConfig, resume: bool) -> Path:
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
+
+
+def check_resumable(checkpoint: Path, config: JobConfig) -> None:
+    """Refuse, before anything loads, to resume a checkpoint with settings that change what a
+    step computes (see config.RESUMABLE_CHANGES)."""
+    saved = checkpoint_config(checkpoint)
+    if saved is None:
+        return
+    refused = changes_refused_on_resume(saved, config)
+    if refused:
+        raise RunFolderError(
+            f"{checkpoint} was made with other settings: " + "; ".join(refused) + ". Resuming "
+            "would mix two runs. Put these back to continue it (a resumed run may change only "
+            "how long it runs and what it writes: train.max_steps, checkpoints, sample.*, "
+            "export.*, report.*), or train the new settings into another --output."
+        )
 
 
 def scan_training_data(cfg: DataConfig) -> DatasetScan:
@@ -274,6 +305,12 @@ class TrainingLoop:
         self.optimizer, self.lr_scheduler, self.schedule = optimizer, lr_scheduler, schedule
         self.noise_generator, self.log = noise_generator, log
         self.output_dir, self.resolution, self.prompts = output_dir, resolution, prompts
+        train = config.train if config is not None else None
+        self.guard = NonFiniteGuard(train.max_nonfinite_steps if train else 0,
+                                    train.mixed_precision if train else "no",
+                                    train.learning_rate if train else 0.0)
+        self.window_loss_finite = True  # over the micro-batches of the current accumulation
+        self.problem = ""
 
     def run(self, loader, dataset, progress: Progress, show_progress: bool) -> Progress:
         cfg = self.config.train
@@ -290,10 +327,15 @@ class TrainingLoop:
                 batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
                 done_in_epoch = skip
                 for batch in batches:
-                    loss = self.train_micro_batch(batch)
+                    loss, applied = self.train_micro_batch(batch)
                     done_in_epoch += 1
                     if not self.accelerator.sync_gradients:
                         continue
+                    if not applied:  # nothing changed; raises when it keeps happening
+                        self.guard.bad(step + 1, loss, self.problem)
+                        bar.set_postfix(loss=f"{loss:.4f}", skipped=self.guard.skipped)
+                        continue
+                    self.guard.good()
                     step += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
@@ -336,13 +378,25 @@ class TrainingLoop:
             loss = denoising_loss(unet, self.schedule, latents, embeddings, noise, timesteps,
                                   weights, wanted)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and self.config.train.max_grad_norm > 0:
+            loss_value = float(accelerator.gather(loss.detach()).mean())  # NaN if any process's is
+            self.window_loss_finite = self.window_loss_finite and math.isfinite(loss_value)
+            applied = True
+            if accelerator.sync_gradients:
                 params = [p for m in self.trained.values() for p in lora_parameters(m)]
-                accelerator.clip_grad_norm_(params, self.config.train.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
+                # Under fp16 the loss scaler skips inf gradients itself; otherwise we do.
+                grads_ok = accelerator.scaler is not None or gradients_finite(params)
+                applied = self.window_loss_finite and grads_ok
+                if not applied:
+                    self.problem = describe(loss_value if not self.window_loss_finite else 0.0,
+                                            grads_ok)
+                self.window_loss_finite = True
+                if applied:
+                    if self.config.train.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, self.config.train.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return float(accelerator.gather(loss.detach()).mean())
+        return loss_value, applied
 
     def preserved_targets(self, batch, latents, noise, timesteps, input_ids):
         """Targets with the base's own predictions for the batch's `preserve` items
@@ -384,7 +438,7 @@ class TrainingLoop:
         if self.accelerator.is_main_process:
             folder = checkpoint_path(self.output_dir, progress.global_step)
             save_checkpoint(folder, self.trained, self.optimizer, self.lr_scheduler, progress,
-                            self.noise_generator)
+                            self.noise_generator, flat_config(self.config))
             prune_checkpoints(self.output_dir, self.config.train.checkpoints_keep)
         self.accelerator.wait_for_everyone()
 

@@ -70,6 +70,8 @@ def test_train_generate_inspect(trained_run, tmp_path, capsys):
         (["--set", 'train.max_steps="many"'], "train.max_steps must be int"),
         (["--data", "{empty}"], "{empty}"),
         (["--data", "{missing}"], "{missing}"),
+        (["--set", "train.learning_rate=3e-3"], "train.learning_rate: 0.0001 -> 0.003"),
+        (["--set", "lora.unet_r=4"], "lora.unet_r: 8 -> 4"),
     ],
 )
 def test_bad_input_names_the_problem_and_keeps_the_checkpoint(

@@ -83,3 +83,23 @@ def test_example_configs_load(name):
 
     path = Path(__file__).resolve().parent.parent / "examples" / name
     assert load_config(path).version == 1
+
+
+def test_resume_refuses_changes_to_what_a_step_computes_and_allows_the_rest(tmp_path):
+    from sd_lora.config import changes_refused_on_resume, flat_config
+
+    (tmp_path / "data").mkdir()
+    saved = flat_config(load_config(None, [f'data.path="{tmp_path / "data"}"']))
+    same = load_config(None, [f'data.path="{tmp_path / "data" / ".." / "data"}"',  # same folder
+                              "train.max_steps=5000", "sample.every=7", 'export.dtype="fp32"',
+                              "report.enabled=false", "train.checkpoints_keep=5"])
+    assert changes_refused_on_resume(saved, same) == []
+    changed = load_config(None, [f'data.path="{tmp_path}"', "train.learning_rate=3e-4",
+                                 'lora.unet_targets=["attn", "ff"]', "train.seed=1"])
+    refused = changes_refused_on_resume(saved, changed)
+    assert len(refused) == 4, refused
+    assert "train.learning_rate: 0.0001 -> 0.0003" in refused
+    assert "lora.unet_targets: ['attn'] -> ['attn', 'ff']" in refused
+    assert any(r.startswith("data.path:") for r in refused)
+    del saved["train.seed"]  # a field the checkpoint's version did not have yet
+    assert len(changes_refused_on_resume(saved, changed)) == 3
