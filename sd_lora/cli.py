@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true", help="machine-readable output")
     insp.set_defaults(run=run_inspect)
 
+    check = commands.add_parser(
+        "check", help="check a dataset (and a job config) before training: every problem at once")
+    check.add_argument("data", nargs="?", help="image folder (default: the config's data.path)")
+    check.add_argument("--config", type=Path, help="a TOML job config to validate with it")
+    check.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    check.add_argument("--resolution", type=int, help="training resolution (warns below it)")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(run=run_check)
+
     app = commands.add_parser("app", help="open the browser app (Generate, Compare, Train)")
     app.add_argument("--adapters", type=Path, required=True,
                      help="adapters folder: listed for blending; finished trainings land here")
@@ -133,6 +142,24 @@ def run_train(args: argparse.Namespace) -> int:
     if kohya:
         print(f"try it in the browser: {app_command(config.model.base, kohya.parent)}")
     return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """0: ready to train; 1: trainable, but files were skipped; 2: not trainable (the reason
+    is printed, as for every user error)."""
+    import json
+
+    from sd_lora.config import load_config
+    from sd_lora.data.plan import check_job
+
+    overrides = list(args.set)
+    if args.data is not None:
+        overrides.insert(0, f'data.path="{_escape(args.data)}"')
+    if args.resolution is not None:
+        overrides.insert(0, f"data.resolution={args.resolution}")
+    result = check_job(load_config(args.config, overrides))
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.text())
+    return 1 if result.skipped else 0
 
 
 def stop_on_sigterm() -> None:

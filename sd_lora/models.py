@@ -56,28 +56,43 @@ def load_pipeline(
         )
     base = os.fspath(base)
     path = Path(base).expanduser()
-    if base == "tiny":
+    kind = base_kind(base)
+    if kind == "tiny":
         pipe = build_tiny_pipeline()
-    elif base == "toy":
+    elif kind == "toy":
         pipe = _load_toy(dtype)
-    elif path.is_dir():
+    elif kind == "folder":
         pipe = _load_folder(path, dtype)
-    elif path.is_file():
+    elif kind == "file":
         pipe = _load_file(path, dtype, prediction_type)
-    elif path.suffix.lower() in SINGLE_FILE_SUFFIXES + PICKLE_SUFFIXES:
-        raise BaseModelError(f"base {base!r}: no such file")
-    elif HUB_ID.match(base):
-        pipe = _load_hub(base, dtype)
     else:
-        raise BaseModelError(
-            f"base {base!r} is not an existing file or folder, nor an org/name hub id. "
-            f"Accepted: {ACCEPTED_FORMS}"
-        )
+        pipe = _load_hub(base, dtype)
     if prediction_type is not None and prediction_type_of(pipe) != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(
             pipe.scheduler.config, prediction_type=prediction_type
         )
     return freeze(_cast(pipe, dtype))
+
+
+def base_kind(base: str) -> str:
+    """What `base` names, without loading anything: "tiny", "toy", "folder", "file" or "hub";
+    raises BaseModelError for a path that does not exist or a name of no accepted form."""
+    base = os.fspath(base)
+    path = Path(base).expanduser()
+    if base in BUILTIN_BASES:
+        return base
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "file"
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES + PICKLE_SUFFIXES:
+        raise BaseModelError(f"base {base!r}: no such file")
+    if HUB_ID.match(base):
+        return "hub"
+    raise BaseModelError(
+        f"base {base!r} is not an existing file or folder, nor an org/name hub id. "
+        f"Accepted: {ACCEPTED_FORMS}"
+    )
 
 
 def _load_toy(dtype: torch.dtype) -> DiffusionPipeline:

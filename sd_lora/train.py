@@ -38,8 +38,9 @@ from sd_lora.config import (
     flat_config,
     to_toml,
 )
-from sd_lora.data import DatasetScan, ImageCaptionDataset, Sample, load_image, scan_dataset
+from sd_lora.data import DatasetScan, ImageCaptionDataset, Sample, load_image
 from sd_lora.data.order import EpochSampler
+from sd_lora.data.plan import check_job, regularization_layout
 from sd_lora.errors import UserError
 from sd_lora.evaluate import eval_loss, make_eval_batch
 from sd_lora.inject import add_lora, lora_parameters, lora_weight
@@ -86,8 +87,10 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     output_dir = prepare_run_folder(config.train, resume)
     if resume and list_checkpoints(output_dir):
         check_resumable(list_checkpoints(output_dir)[-1], config)
-    scan = scan_training_data(config.data)  # before any model loads: fail fast
-    regularization = regularization_samples(config.data, scan)
+    check = check_job(config)  # the base found and every image read before any model loads
+    print(check.text())
+    scan = check.data
+    regularization = regularization_samples(config.data, scan, check.regularization)
     accelerator = make_accelerator(config.train, output_dir)
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
     pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
@@ -166,12 +169,6 @@ def check_resumable(checkpoint: Path, config: JobConfig) -> None:
             "how long it runs and what it writes: train.max_steps, checkpoints, sample.*, "
             "export.*, report.*), or train the new settings into another --output."
         )
-
-
-def scan_training_data(cfg: DataConfig) -> DatasetScan:
-    scan = scan_dataset(Path(cfg.path), caption_extensions=cfg.caption_extensions)
-    print(scan.report())
-    return scan
 
 
 def write_run_records(output_dir: Path, config: JobConfig, scan: DatasetScan, accelerator) -> None:
@@ -256,21 +253,17 @@ def make_lr_scheduler(optimizer, cfg: TrainConfig, num_processes: int):
     )
 
 
-def regularization_samples(cfg: DataConfig, scan: DatasetScan) -> list[Sample]:
-    """The regularization images, repeated (or cut) to as many items per epoch as the style's."""
-    if not cfg.regularization:
+def regularization_samples(cfg: DataConfig, scan: DatasetScan,
+                           reg: DatasetScan | None) -> list[Sample]:
+    """The regularization images, repeated (or cut) to about as many items per epoch as the
+    style's (see data.plan.regularization_layout)."""
+    if reg is None:
         return []
-    reg = scan_dataset(Path(cfg.regularization), caption_extensions=cfg.caption_extensions)
-    print(f"Regularization {reg.report()}")
-    wanted = scan.num_train_items
-    repeats = max(1, wanted // reg.num_images)
-    samples = [replace(s, repeats=repeats, subset="regularization",
-                       loss_weight=cfg.regularization_weight,
-                       caption_dropout=cfg.regularization_caption_dropout,
-                       preserve=cfg.regularization_target == "base") for s in reg.samples]
-    if reg.num_images > wanted:
-        samples = samples[:wanted]
-    return samples
+    repeats, count = regularization_layout(scan.num_train_items, reg.num_images)
+    return [replace(s, repeats=repeats, subset="regularization",
+                    loss_weight=cfg.regularization_weight,
+                    caption_dropout=cfg.regularization_caption_dropout,
+                    preserve=cfg.regularization_target == "base") for s in reg.samples[:count]]
 
 
 def make_dataloader(samples: list[Sample], resolution: int, data: DataConfig, cfg: TrainConfig):

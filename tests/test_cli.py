@@ -116,3 +116,51 @@ def test_lora_argument_parsing():
     b = parse_adapter_choice("ink.safetensors:-0.3")
     assert (b.text_encoder_strength, b.unet_strength) == (-0.3, -0.3)
     assert parse_adapter_choice("ink.safetensors").unet_strength == 1.0
+
+
+def test_check_reports_every_problem_and_the_plan_before_any_model_loads(tmp_path, capsys,
+                                                                         monkeypatch):
+    import json
+
+    import sd_lora.models as models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("check must not load a model")
+
+    monkeypatch.setattr(models, "load_pipeline", no_loading)
+    assert main(["check", str(SAMPLE_DATA), "--set", "train.max_steps=40",
+                 "--set", "train.batch_size=4"]) == 0
+    out = capsys.readouterr().out
+    assert "16 images (16 items per epoch)" in out and "40 steps of 4 images: 10.0 epochs" in out
+    assert "0 files skipped, 0 warnings" in out
+
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE_DATA, data)
+    (data / "broken.png").write_bytes(b"this is not a PNG")
+    (data / "empty.jpg").write_bytes(b"")
+    assert main(["check", str(data), "--json"]) == 1  # trainable, but files were left out
+    report = json.loads(capsys.readouterr().out)
+    assert report["plan"]["images"] == 16 and report["plan"]["skipped_files"] == 2
+    assert {Path(e["path"]).name: e["reason"] for e in report["skipped"]}["empty.jpg"] == \
+        "empty file (0 bytes)"
+
+    demo = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
+    monkeypatch.chdir(demo.parent.parent)  # the demo's paths are relative to the repository
+    assert main(["check", "--config", str(demo)]) == 0
+    out = capsys.readouterr().out
+    assert "base toy (the built-in toy-world model (64 px))" in out
+    assert "32 images (64 items per epoch, 32 regularization images among them)" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{empty}"], "no usable images in dataset folder"),
+    (["{missing}"], "does not exist"),
+    ([str(SAMPLE_DATA), "--set", 'model.base="models/nope.safetensors"'], "no such file"),
+    ([str(SAMPLE_DATA), "--set", "train.batch_size=0"], "train.batch_size = 0 must be positive"),
+    ([str(SAMPLE_DATA), "--set", "data.colour=1"], "unknown config key 'data.colour'"),
+])
+def test_check_refuses_an_impossible_job_naming_why(tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    subst = {"{empty}": str(tmp_path / "empty"), "{missing}": str(tmp_path / "missing")}
+    assert main(["check", *[subst.get(a, a) for a in args]]) == 2
+    assert message in capsys.readouterr().err

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import logging
 import os
 import random
+import shutil
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +27,19 @@ from sd_lora.data import (
     probe_image,
     scan_dataset,
 )
+from sd_lora.tiny import clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_STRIPES = REPO / "datasets" / "sample_stripes"
 
 
-def png(path: Path, size=(16, 16), colour=(200, 30, 30), mode="RGB") -> Path:
+def png(path: Path, size=(16, 16), colour=None, mode="RGB") -> Path:
+    """A flat image; by default each file name gets its own colour (the scan warns about two
+    files with the same content)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if colour is None:
+        digest = hashlib.sha256(str(path).encode()).digest()
+        colour = tuple(digest[:3]) if mode == "RGB" else digest[0]
     Image.new(mode, size, colour).save(path)
     return path
 
@@ -204,8 +214,9 @@ def test_broken_hidden_and_other_files_are_skipped_with_reasons(tmp_path):
 
     assert [s.image.name for s in scan.samples] == ["good.png"]
     skipped = reasons(scan.skipped)
-    for name in ("noise.png", "truncated.png", "zero.jpg"):
+    for name in ("noise.png", "truncated.png"):
         assert "cannot be decoded" in skipped[name], name
+    assert skipped["zero.jpg"] == "empty file (0 bytes)"
     assert "hidden" in skipped[".hidden.png"]
     assert "resource fork" in skipped["._good.png"]
     assert "hidden" in skipped[".cache"]
@@ -214,6 +225,105 @@ def test_broken_hidden_and_other_files_are_skipped_with_reasons(tmp_path):
     report = scan.report()
     for entry in scan.skipped:
         assert f"{entry.path.relative_to(tmp_path)}: {entry.reason}" in report
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid little PNG whose header claims width x height (a decompression bomb's trick)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = 8 + 8  # signature, then length and type of the first chunk
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def test_decompression_bombs_are_refused_from_the_header(tmp_path, monkeypatch):
+    import sd_lora.data.images as images
+
+    png(tmp_path / "ok.png")
+    text(tmp_path / "bomb.png", _png_claiming(60_000, 60_000))  # 3.6 gigapixels, 70 bytes
+    text(tmp_path / "big.png", _png_claiming(10_000, 10_000))  # under Pillow's own refusal
+    decoded = []
+    real_to_rgb = images.to_rgb
+    monkeypatch.setattr(images, "to_rgb", lambda im: decoded.append(im.size) or real_to_rgb(im))
+
+    scan = scan_dataset(tmp_path)
+
+    skipped = reasons(scan.skipped)
+    assert "too large to decode" in skipped["bomb.png"] and "refused before decoding" in skipped["bomb.png"]
+    assert "10000x10000 is 100 megapixels, over the 89 MP limit" in skipped["big.png"]
+    assert decoded == [(16, 16)]  # neither big file got as far as decoding
+    with pytest.raises(Image.DecompressionBombError, match="refused before decoding"):
+        load_image(tmp_path / "big.png", 64)
+
+
+def test_duplicates_shared_captions_elongated_images_and_long_captions_are_warned(tmp_path):
+    png(tmp_path / "a.png", colour=(1, 2, 3))
+    text(tmp_path / "a.txt", "a")
+    (tmp_path / "sub").mkdir()
+    shutil.copy(tmp_path / "a.png", tmp_path / "sub" / "copy.png")
+    text(tmp_path / "sub" / "copy.txt", "copy")
+    png(tmp_path / "b.png")
+    png(tmp_path / "b.jpg")  # both find b.txt
+    text(tmp_path / "b.txt", "b")
+    png(tmp_path / "wide.png", size=(100, 20))
+    text(tmp_path / "wide.txt", "wide")
+    png(tmp_path / "long.png")
+    words = ", ".join(f"tag{i}" for i in range(40)) + ", the very end"
+    text(tmp_path / "long.txt", words)
+    png(tmp_path / "edge.png")
+    text(tmp_path / "edge.txt", " ".join(["red"] * 75))  # exactly the window: no warning
+
+    scan = scan_dataset(tmp_path)
+
+    assert len(scan.samples) == 7  # warnings only: every image still trains
+    warned = {str(w.path.relative_to(tmp_path)): w.reason for w in scan.warnings}
+    assert warned["sub/copy.png"].startswith("same content as a.png")
+    assert "shares its caption file b.txt with b.jpg" in warned["b.png"]
+    assert "100x20 is elongated (5.0:1); a square crop keeps 20% of it" == warned["wide.png"]
+    assert "tokens; the text encoder reads the first 75" in warned["long.png"]
+    assert "(from 'tag21, tag22, tag23, tag24,'...)" in warned["long.png"]  # where the cut falls:
+    tokens = clip_tokenizer()  # ... tags 0-20 fit in the window, and one more does not
+    fits = ", ".join(f"tag{i}" for i in range(21)) + ","
+    assert len(tokens(fits, add_special_tokens=False).input_ids) <= 75
+    assert len(tokens(fits + " tag21,", add_special_tokens=False).input_ids) > 75
+    assert "edge.png" not in warned and "a.png" not in warned
+
+
+def test_uncommon_and_upper_case_extensions_and_symlink_loops(tmp_path):
+    for name, fmt in (("a.WEBP", "WEBP"), ("b.jpeg", "JPEG"), ("c.BMP", "BMP"), ("d.tiff", "TIFF"),
+                      ("e.TIF", "TIFF"), ("f.Jpg", "JPEG")):
+        Image.new("RGB", (16, 16), (len(name) * 20, 40, ord(name[0]))).save(tmp_path / name, fmt)
+        text(tmp_path / f"{Path(name).stem}.txt", name)
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "back").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+
+    scan = scan_dataset(tmp_path)
+
+    assert sorted(s.image.name for s in scan.samples) == ["a.WEBP", "b.jpeg", "c.BMP", "d.tiff",
+                                                           "e.TIF", "f.Jpg"]
+    skipped = {str(e.path.relative_to(tmp_path)): e.reason for e in scan.skipped}
+    assert "already scanned" in skipped["loop/back"]
+    assert "cannot be decoded" in skipped["dangling.png"] and "No such file" in skipped["dangling.png"]
+
+
+def test_unreadable_files_are_skipped_naming_the_error(tmp_path, monkeypatch):
+    png(tmp_path / "ok.png")
+    png(tmp_path / "locked.png")
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "locked.png":  # chmod 000 does not stop root, so refuse here
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    scan = scan_dataset(tmp_path)
+    assert [s.image.name for s in scan.samples] == ["ok.png"]
+    assert "PermissionError" in reasons(scan.skipped)["locked.png"]
+    assert "Permission denied" in reasons(scan.skipped)["locked.png"]
 
 
 def test_small_images_are_warned_about(tmp_path):

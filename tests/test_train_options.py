@@ -84,21 +84,24 @@ def test_v_prediction_is_trained_and_recorded(tmp_path, monkeypatch):
 
 def test_regularization_images_fill_as_many_items_as_the_style_with_their_own_weight():
     from sd_lora.config import load_config
-    from sd_lora.train import make_dataloader, regularization_samples, scan_training_data
+    from sd_lora.data.plan import check_job
+    from sd_lora.train import make_dataloader, regularization_samples
     from tests.test_world import TOY_DATA
 
-    data = load_config(None, [f'data.path="{TOY_DATA / "outline"}"',
-                              f'data.regularization="{TOY_DATA / "heldout" / "plain"}"',
-                              "data.regularization_weight=4.0"]).data
-    scan = scan_training_data(data)  # 32 outline images; the folder has 16 plain ones
-    reg = regularization_samples(data, scan)
+    job = load_config(None, [f'data.path="{TOY_DATA / "outline"}"',
+                             f'data.regularization="{TOY_DATA / "heldout" / "plain"}"',
+                             "data.regularization_weight=4.0"])
+    data = job.data
+    check = check_job(job)  # 32 outline images; the folder has 16 plain ones
+    scan = check.data
+    reg = regularization_samples(data, scan, check.regularization)
     assert len(reg) == 16 and all(s.repeats == 2 and s.loss_weight == 4.0 for s in reg)
     assert not any(s.caption.startswith("zkoutline") for s in reg)
-    cut = regularization_samples(
-        load_config(None, [f'data.path="{TOY_DATA / "heldout" / "outline"}"',
-                           f'data.regularization="{TOY_DATA / "plain"}"']).data,
-        scan_training_data(load_config(None, [f'data.path="{TOY_DATA / "heldout" / "outline"}"']).data),
-    )
+    assert check.items_per_epoch() == 64
+    small = check_job(load_config(None, [f'data.path="{TOY_DATA / "heldout" / "outline"}"',
+                                         f'data.regularization="{TOY_DATA / "plain"}"']))
+    cut = regularization_samples(small.config.data, small.data, small.regularization)
+    assert small.items_per_epoch() == 32
     assert len(cut) == 16 and all(s.repeats == 1 and s.loss_weight == 1.0 for s in cut)
     dataset, loader = make_dataloader(scan.samples + reg, 64, data,
                                       load_config(None, ["train.batch_size=8"]).train)

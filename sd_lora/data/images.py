@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +19,45 @@ WHITE = (255, 255, 255)
 # What a failing decode raises: PIL's UnidentifiedImageError and "image file is truncated" are
 # OSErrors; broken headers raise SyntaxError or ValueError; huge images DecompressionBombError.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+MAX_PIXELS = 89_478_485  # Pillow's own warning limit (about 9459 x 9459); SD trains at ~1 MP
+# check_pixel_count refuses what Pillow would only warn about, so its warning says nothing more.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def probe_image(path: str | Path) -> tuple[int, int]:
+def probe_image(path: str | Path | io.BytesIO) -> tuple[int, int]:
     """Decode the whole file the way `load_image` does and return its (width, height) upright.
 
-    Raises one of `DECODE_ERRORS` when the file is not a readable image. JPEGs are decoded at
-    1/8 scale (every byte is still read), so probing a large dataset stays quick.
+    Raises one of `DECODE_ERRORS` when the file is not a readable image, and
+    DecompressionBombError, from the header alone, for one over MAX_PIXELS. JPEGs are decoded
+    at 1/8 scale (every byte is still read), so probing a large dataset stays quick.
     """
-    with Image.open(path) as im:
+    with _open(path) as im:
         width, height = im.size
+        check_pixel_count(width, height)
         im.draft(None, (1, 1))  # JPEG only: DCT scaling; a no-op for other formats
         upright = ImageOps.exif_transpose(im)  # loads (decodes) the pixels
         to_rgb(upright)
         if upright.size != im.size:  # rotated by 90 degrees
             width, height = height, width
     return width, height
+
+
+def check_pixel_count(width: int, height: int) -> None:
+    """Refuse, before decoding, an image too large to be a training image: a decompression
+    bomb (a few KB of PNG can claim gigapixels) would take all memory."""
+    if width * height > MAX_PIXELS:
+        raise Image.DecompressionBombError(
+            f"{width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
+            f"{MAX_PIXELS / 1e6:.0f} MP limit; refused before decoding (a decompression bomb, "
+            "or a picture to downscale before training)"
+        )
+
+
+def _open(path):
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as e:  # Pillow's own check, at twice its limit
+        raise Image.DecompressionBombError(f"{e}; refused before decoding") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -98,7 +122,8 @@ def load_image(
         raise ValueError(
             "a random crop (center_crop=False) needs rng: a random.Random or torch.Generator"
         )
-    with Image.open(path) as im:
+    with _open(path) as im:
+        check_pixel_count(*im.size)
         im.draft(None, (resolution, resolution))  # JPEG: decode at the smallest scale >= resolution
         rgb = to_rgb(ImageOps.exif_transpose(im))
     square = _resize_and_crop(rgb, resolution, None if center_crop else rng)

@@ -14,6 +14,9 @@ Every image is decoded once, so an unreadable file is reported here, not mid-tra
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import json
 import os
 import re
@@ -22,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from sd_lora.data.images import DECODE_ERRORS, IMAGE_EXTENSIONS, probe_image
@@ -31,6 +35,8 @@ METADATA_NAME = "metadata.jsonl"
 # kohya's folder convention: "10_zk style" -> 10 repeats, class words "zk style"
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 PROGRESS_MIN_IMAGES = 100  # show a progress bar when checking at least this many images
+MAX_ASPECT = 4.0  # longer side over shorter side past which an image is warned about
+CLIP_WINDOW = 75  # caption tokens the text encoder reads (77 positions less start and end)
 EXPECTED = (
     "Expected image files ({exts}), each captioned by a same-name {caps} file or by a "
     "metadata.jsonl; kohya-style subfolders named N_name repeat their images N times."
@@ -127,11 +133,18 @@ def scan_dataset(
     found = _walk(root, caption_exts)
     captions = _CaptionFinder(caption_exts, found)
     samples: list[Sample] = []
-    for image, size in zip(found.images, _probe_all(found.images)):
-        sample = _check_image(root, image, size, captions, min_side, found)
-        if sample is not None:
-            samples.append(sample)
+    first_with: dict[str, Path] = {}  # content digest -> the first image that has it
+    for image, probe in zip(found.images, _probe_all(found.images)):
+        sample = _check_image(root, image, probe.size, captions, min_side, found)
+        if sample is None:
+            continue
+        samples.append(sample)
+        twin = first_with.setdefault(probe.digest, image)
+        if twin != image:
+            found.warn(image, f"same content as {_relative(twin, root)}: this picture trains "
+                              "twice as often as the others (delete one copy unless meant)")
     captions.warn_unused()
+    _warn_long_captions(samples, found)
     scan = DatasetScan(root, samples, found.skipped, found.warnings)
     if not samples:
         raise DatasetError(_no_images_message(scan, found, caption_exts))
@@ -220,14 +233,27 @@ def _sort_file(path: Path, caption_exts: tuple[str, ...], found: _Found) -> None
         found.skip(path, f"not an image or a caption (extension {ext or 'none'!r})")
 
 
-def _probe_all(images: list[Path]) -> list[tuple[int, int] | Exception]:
-    """Decode every image (in threads: Pillow decodes without the GIL); a size or the error."""
+class EmptyFile(OSError):
+    """A zero-byte file: say so rather than pass on the decoder's puzzlement."""
 
-    def probe(path: Path) -> tuple[int, int] | Exception:
+
+@dataclass(frozen=True)
+class _Probe:
+    size: tuple[int, int] | Exception  # (width, height) upright, or why it cannot be read
+    digest: str = ""  # sha256 of the file's bytes: finds the same picture under two names
+
+
+def _probe_all(images: list[Path]) -> list[_Probe]:
+    """Read and decode every image once (in threads: Pillow decodes without the GIL)."""
+
+    def probe(path: Path) -> _Probe:
         try:
-            return probe_image(path)
+            data = path.read_bytes()
+            if not data:
+                raise EmptyFile("empty file (0 bytes)")
+            return _Probe(probe_image(io.BytesIO(data)), hashlib.sha256(data).hexdigest())
         except DECODE_ERRORS as e:
-            return e
+            return _Probe(e)
 
     quiet = len(images) < PROGRESS_MIN_IMAGES
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -250,6 +276,12 @@ def _check_image(
     except _CaptionUnreadable as e:
         found.skip(image, str(e))
         return None
+    if isinstance(size, EmptyFile):
+        found.skip(image, "empty file (0 bytes)")
+        return None
+    if isinstance(size, Image.DecompressionBombError):
+        found.skip(image, f"too large to decode: {size}")
+        return None
     if isinstance(size, Exception):
         found.skip(image, f"cannot be decoded as an image ({type(size).__name__}: {size})")
         return None
@@ -262,7 +294,61 @@ def _check_image(
         found.warn(image, note)
     if min(width, height) < min_side:
         found.warn(image, f"{width}x{height} is below {min_side} px on its shorter side: upscaled")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        kept = min(width, height) / max(width, height)
+        found.warn(image, f"{width}x{height} is elongated ({max(width, height) / min(width, height):.1f}:1); "
+                          f"a square crop keeps {kept:.0%} of it")
     return Sample(image, caption, repeats, subset)
+
+
+def _warn_long_captions(samples: list[Sample], found: _Found) -> None:
+    """Captions past the CLIP window: the text encoder never reads their end (every SD base
+    uses CLIP's tokenizer and its 77 positions: 75 tokens between start and end)."""
+    # Every token covers at least one character, so shorter captions need no tokenizer.
+    long = [s for s in samples if len(s.caption) > CLIP_WINDOW]
+    if not long:
+        return
+    for sample in long:
+        tokens = _count_tokens(sample.caption)
+        if tokens > CLIP_WINDOW:
+            found.warn(sample.image, (
+                f"caption is {tokens} tokens; the text encoder reads the first {CLIP_WINDOW} "
+                f"and ignores the rest (from {_words_past_window(sample.caption)!r}...): "
+                "shorten it or put what matters first"
+            ))  # fmt: skip
+
+
+def _count_tokens(text: str) -> int:
+    return len(_clip_tokenizer()(text, add_special_tokens=False).input_ids)
+
+
+def _words_past_window(caption: str) -> str:
+    """The first words the text encoder does not read (binary search on word prefixes)."""
+    words = caption.split()
+    low, high = 0, len(words)  # the longest prefix within the window has `low` words
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _count_tokens(" ".join(words[:mid])) <= CLIP_WINDOW:
+            low = mid
+        else:
+            high = mid - 1
+    return " ".join(words[low:low + 4])
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_tokenizer():
+    from sd_lora.tiny import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    tokenizer.model_max_length = 1 << 30  # we count past the window on purpose: no warning
+    return tokenizer
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def _subset_of(root: Path, image: Path) -> tuple[int, str, str]:
@@ -285,6 +371,7 @@ class _CaptionFinder:
         self.caption_exts = caption_exts
         self.files = {(p.parent, p.stem, p.suffix.lower()): p for p in found.captions}
         self.used: set[Path] = set()
+        self.claimed: dict[Path, Path] = {}  # caption file -> the first image it captioned
         self.metadata: dict[str, tuple[str, Path, int]] = {}  # image key -> (text, file, line)
         self.found = found
         # Walked top-down, so a deeper metadata.jsonl overrides a shallower one for an image.
@@ -307,6 +394,11 @@ class _CaptionFinder:
             return None, f"no caption file ({names}) and no metadata.jsonl entry"
         self.used.update(paths)
         caption, note = _read_caption(paths[0])
+        other = self.claimed.setdefault(paths[0], image)
+        if other != image:
+            shared = (f"shares its caption file {paths[0].name} with {other.name} (same name, "
+                      f"other extension): give each image its own caption, or rename one")
+            note = f"{note}; {shared}" if note else shared
         if len(paths) > 1:
             unused = f"also has {', '.join(p.name for p in paths[1:])}, not used"
             note = f"{note}; {unused}" if note else unused

@@ -1,0 +1,119 @@
+"""`sd-lora check`: the whole job checked before any model loads, every problem at once, and the
+plan of what will train: how many images at which size, per epoch and in all.
+
+It reads no model weights (the base is only named and found), so it runs in seconds on a
+dataset of thousands of images, and its report is the one `sd-lora train` prints first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd_lora.config import JobConfig
+from sd_lora.data.scan import DatasetScan, scan_dataset
+from sd_lora.models import base_kind
+
+BASE_KINDS = {
+    "tiny": "the built-in random test model (64 px)",
+    "toy": "the built-in toy-world model (64 px)",
+    "folder": "a local diffusers folder",
+    "file": "a single-file checkpoint",
+    "hub": "a Hugging Face hub id (loaded from the local cache when offline)",
+}
+
+
+@dataclass(frozen=True)
+class JobCheck:
+    config: JobConfig
+    base: str  # what the base is, in words
+    data: DatasetScan
+    regularization: DatasetScan | None
+
+    @property
+    def skipped(self) -> int:
+        return len(self.data.skipped) + (len(self.regularization.skipped) if self.regularization else 0)
+
+    @property
+    def warnings(self) -> int:
+        reg = len(self.regularization.warnings) if self.regularization else 0
+        return len(self.data.warnings) + reg
+
+    def items_per_epoch(self) -> int:
+        """Style items, plus the regularization items laid out to match them."""
+        items = self.data.num_train_items
+        if self.regularization is None:
+            return items
+        repeats, count = regularization_layout(items, self.regularization.num_images)
+        return items + repeats * count
+
+    def plan(self) -> dict:
+        train, data = self.config.train, self.config.data
+        per_step = train.batch_size * train.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(self.items_per_epoch() / per_step)
+        return {
+            "base": f"{self.config.model.base} ({self.base})",
+            "images": self.data.num_images,
+            "items_per_epoch": self.items_per_epoch(),
+            "regularization_images": self.regularization.num_images if self.regularization else 0,
+            "resolution": data.resolution or "the base's native resolution",
+            "crop": "centre" if data.center_crop else "random",
+            "random_flip": data.random_flip,
+            "images_per_step": per_step,
+            "steps": train.max_steps,
+            "epochs": round(train.max_steps / steps_per_epoch, 2),
+            "skipped_files": self.skipped,
+            "warnings": self.warnings,
+        }
+
+    def text(self) -> str:
+        plan = self.plan()
+        size = plan["resolution"]
+        size = f"{size}x{size}" if isinstance(size, int) else size
+        lines = [self.data.report()]
+        if self.regularization:
+            lines.append(self.regularization.report())
+        lines += [
+            "",
+            f"Plan: base {plan['base']}",
+            f"  {plan['images']} images ({plan['items_per_epoch']} items per epoch"
+            + (f", {plan['regularization_images']} regularization images among them"
+               if self.regularization else "") + ")",
+            f"  at {size}, {plan['crop']} crop" + (", random flips" if plan["random_flip"] else ""),
+            f"  {plan['steps']} steps of {plan['images_per_step']} images: {plan['epochs']} epochs",
+            f"  {plan['skipped_files']} files skipped, {plan['warnings']} warnings"
+            + (" (listed above)" if plan["skipped_files"] or plan["warnings"] else ""),
+        ]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        def entries(scan: DatasetScan | None, which: str) -> list[dict]:
+            if scan is None:
+                return []
+            return [{"path": str(e.path), "reason": e.reason} for e in getattr(scan, which)]
+
+        return {"plan": self.plan(),
+                "skipped": entries(self.data, "skipped") + entries(self.regularization, "skipped"),
+                "warnings": entries(self.data, "warnings") + entries(self.regularization, "warnings")}
+
+
+def regularization_layout(style_items: int, reg_images: int) -> tuple[int, int]:
+    """(repeats, images used) so that regularization fills about as many items per epoch as
+    the style: a small folder is repeated, a large one cut to its first `style_items`."""
+    repeats = max(1, style_items // reg_images)
+    return repeats, min(reg_images, style_items)
+
+
+def check_job(config: JobConfig) -> JobCheck:
+    """Find the base and scan the data and regularization folders; raises the first error that
+    makes the job impossible (no such base, no usable image), naming it."""
+    base = BASE_KINDS[base_kind(config.model.base)]
+    min_side = config.data.resolution or 0
+    exts = config.data.caption_extensions
+    data = scan_dataset(Path(config.data.path), caption_extensions=exts, min_side=min_side)
+    reg = None
+    if config.data.regularization:
+        reg = scan_dataset(Path(config.data.regularization), caption_extensions=exts,
+                           min_side=min_side)
+    return JobCheck(config, base, data, reg)
