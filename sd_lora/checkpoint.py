@@ -8,6 +8,7 @@ fsynced, then renamed, so a crash mid-write leaves the previous checkpoint intac
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import re
@@ -16,9 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sd_lora.atomic import atomic_folder
+from sd_lora.errors import UserError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})$")
 
@@ -143,6 +146,29 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint or export could not be written (full disk, permissions); names the last
+    good checkpoint, which is intact."""
+
+
+# What a failed write raises: OSError from Python's own file writes; safetensors' save_file
+# reports the same I/O errors as SafetensorError ("I/O error: No space left on device (os
+# error 28)"), which is not an OSError.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def write_failed(what: Path, error: Exception, output_dir: Path) -> CheckpointWriteError:
+    """The error to raise when writing `what` failed with `error` (one of WRITE_ERRORS)."""
+    reason = getattr(error, "strerror", None) or str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or f"os error {errno.ENOSPC})" in str(error):
+        reason = "the disk is full (no space left on device)"
+    done = list_checkpoints(output_dir)
+    kept = (f"the last good checkpoint, {done[-1].name}, is intact: free some space and run the "
+            "same command with --resume") if done else "no checkpoint had been written yet"
+    return CheckpointWriteError(f"could not write {what}: {reason}. Nothing half-written was "
+                                f"left behind, and {kept}.")
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from sd_lora.inject import read_adapter_state
 from sd_lora.report import detect_trigger
 from sd_lora.sampling import RenderSettings, image_grid, render, save_png
 
+logger = logging.getLogger(__name__)
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -28,14 +30,22 @@ class RunLog:
         self.path = output_dir / "loss.csv"
         self.accelerator = accelerator
         self.started_at = datetime.now(UTC)
+        self.write_failed = False
         if accelerator.is_main_process and (not resume or not self.path.exists()):
             self.path.write_text("step,loss,lr,epoch\n")
 
     def step(self, step: int, loss: float, lr: float, epoch: int) -> None:
         self.accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
         if self.accelerator.is_main_process:
-            with self.path.open("a") as handle:
-                handle.write(f"{step},{loss:.6f},{lr:.6g},{epoch}\n")
+            try:
+                with self.path.open("a") as handle:
+                    handle.write(f"{step},{loss:.6f},{lr:.6g},{epoch}\n")
+            except OSError as e:  # a full disk: the log can wait, the run should not die of it
+                if not self.write_failed:
+                    logger.warning("cannot append to %s (%s); the loss log has a gap from step %d "
+                                   "(the next checkpoint will say whether the disk is full)",
+                                   self.path, e.strerror or e, step)
+                self.write_failed = True
 
     def plot(self) -> Path:
         """loss.png: raw per-step loss and its moving average."""

@@ -20,6 +20,7 @@ from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
 from sd_lora.checkpoint import (
+    WRITE_ERRORS,
     Progress,
     checkpoint_config,
     checkpoint_path,
@@ -27,6 +28,7 @@ from sd_lora.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    write_failed,
 )
 from sd_lora.config import (
     DataConfig,
@@ -130,8 +132,11 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     after = eval_loss(pipe.unet, pipe.text_encoder, schedule, eval_batch)
     if accelerator.is_main_process:
         render_sample_grid(pipe, config.sample, prompts, resolution, output_dir / "samples" / "final.png")
-        files = export_adapters(trained, model_family(pipe), prediction_type_of(pipe), config, scan,
-                                resolution, output_dir, started)
+        try:
+            files = export_adapters(trained, model_family(pipe), prediction_type_of(pipe), config,
+                                    scan, resolution, output_dir, started)
+        except WRITE_ERRORS as e:  # the final checkpoint holds the trained adapter
+            raise write_failed(output_dir / f"{config.train.name}.safetensors", e, output_dir) from e
         write_summary(output_dir, before, after, progress.global_step, seconds, files,
                       loop.guard.skipped)
         log.plot()
@@ -430,8 +435,11 @@ class TrainingLoop:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             folder = checkpoint_path(self.output_dir, progress.global_step)
-            save_checkpoint(folder, self.trained, self.optimizer, self.lr_scheduler, progress,
-                            self.noise_generator, flat_config(self.config))
+            try:
+                save_checkpoint(folder, self.trained, self.optimizer, self.lr_scheduler, progress,
+                                self.noise_generator, flat_config(self.config))
+            except WRITE_ERRORS as e:  # the older checkpoints are untouched: prune runs after
+                raise write_failed(folder, e, self.output_dir) from e
             prune_checkpoints(self.output_dir, self.config.train.checkpoints_keep)
         self.accelerator.wait_for_everyone()
 
