@@ -16,6 +16,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from sd_lora import pickles
 from sd_lora.atomic import write_bytes_atomically
 from sd_lora.formats import kohya, peft_diffusers
 from sd_lora.formats.metadata import (
@@ -95,12 +96,11 @@ def _serialize_with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str,
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a .safetensors file; refuses pickles; errors name the file."""
     path = Path(path)
+    if pickles.is_pickle(path):
+        raise AdapterFileError(str(pickles.refusal(path, "adapters")))
     if path.suffix.lower() != ".safetensors":
-        raise AdapterFileError(
-            f"{path}: only .safetensors adapters are loaded. {path.suffix or 'This'} files are "
-            "pickles, which can run arbitrary code when opened; convert it to .safetensors with a "
-            "tool you trust first."
-        )
+        raise AdapterFileError(f"{path}: only .safetensors adapters are read (and, when allowed, "
+                               f"pickles: {', '.join(pickles.PICKLE_SUFFIXES)})")
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such file")
     try:
@@ -144,14 +144,21 @@ def load_adapter(
     path: str | os.PathLike,
     module_paths: dict[str, list[str]] | None = None,
     family: str | None = None,
+    allow_pickle: bool = False,
 ) -> AdapterState:
     """Read an adapter file of either layout; its metadata lands in `state.metadata`.
 
     `module_paths` (from `pipeline_module_paths(pipe)`) resolves kohya names against that model;
     without it the standard SD 1.x/2.x module paths are used. `family` overrides what the file
-    states.
+    states. A `.pt`/`.ckpt` adapter is refused unless `allow_pickle` (see sd_lora.pickles).
     """
-    tensors, metadata = read_safetensors(path)
+    if allow_pickle and pickles.is_pickle(path):
+        try:
+            tensors, metadata = pickles.load_tensors(path), {}
+        except pickles.PickleRefused as e:
+            raise AdapterFileError(str(e)) from None
+    else:
+        tensors, metadata = read_safetensors(path)
     return adapter_from_tensors(tensors, metadata, module_paths, family, source=path)
 
 

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     train.add_argument("--seed", type=int)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--allow-pickle", action="store_true",
+                       help="open a .ckpt/.pt base (tensors only, through torch's weights-only loader)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
 
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", default="euler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim")
     gen.add_argument("--count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
     gen.add_argument("--output", type=Path, default=Path("out.png"))
+    gen.add_argument("--allow-pickle", action="store_true",
+                     help="open .ckpt/.pt bases and adapters (tensors only, weights-only loader)")
     gen.set_defaults(run=run_generate)
 
     insp = commands.add_parser("inspect", help="describe an adapter file")
@@ -112,6 +116,8 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{dotted}={value}" if not isinstance(value, str) else f'{dotted}="{_escape(value)}"')
+    if getattr(args, "allow_pickle", False):
+        overrides.append("model.allow_pickle=true")
     return overrides + list(args.set)
 
 
@@ -205,11 +211,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from sd_lora.train import native_resolution
 
     choices = [parse_adapter_choice(text) for text in args.lora]
-    pipe = load_pipeline(args.base)
+    pipe = load_pipeline(args.base, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     sampler = set_sampler(pipe, args.sampler)
     paths = pipeline_module_paths(pipe)
-    states = [(load_adapter(c.path, paths), c) for c in choices]
+    states = [(load_adapter(c.path, paths, allow_pickle=args.allow_pickle), c) for c in choices]
     apply_adapters(pipe, [(s, c.unet_strength, c.text_encoder_strength) for s, c in states])
     size = native_resolution(pipe)
     settings = RenderSettings(

@@ -37,6 +37,8 @@ class ConfigError(UserError):
 class ModelConfig:
     base: str = "toy"  # "toy", "tiny", a diffusers folder, a hub id or a single-file .safetensors
     prediction_type: PredictionType = "auto"  # "auto": what the base's scheduler says
+    # Open a .ckpt/.pt base (a pickle) at all; even then only tensors are read (sd_lora.pickles).
+    allow_pickle: bool = False
 
 
 @dataclass(frozen=True)

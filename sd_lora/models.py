@@ -7,7 +7,8 @@
 - a Hugging Face hub id `org/name`: read from the local cache first (`HF_HUB_CACHE` /
   `HF_HOME`), downloaded only when not cached and `HF_HUB_OFFLINE` is not set;
 - a single-file A1111/LDM `.safetensors` checkpoint of SD 1.x or 2.x, loaded offline
-  (`sd_lora.single_file`). Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused.
+  (`sd_lora.single_file`). Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused
+  unless `allow_pickle`, and then read by torch's weights-only unpickler (`sd_lora.pickles`).
 
 Every loaded pipeline is frozen (no parameter requires grad) and in eval mode, in `dtype`;
 training code adds LoRA layers on top.
@@ -18,11 +19,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from safetensors.torch import save_file
 
+from sd_lora import pickles
 from sd_lora.errors import UserError
 from sd_lora.tiny import build_tiny_pipeline
 from sd_lora.world.toy_base import toy_base_path
@@ -31,7 +35,7 @@ BUILTIN_BASES = ("toy", "tiny")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = pickles.PICKLE_SUFFIXES
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 HUB_PROBE_TIMEOUT_S = 10
 ACCEPTED_FORMS = (
@@ -47,9 +51,11 @@ class BaseModelError(UserError):
 
 
 def load_pipeline(
-    base: str, *, dtype: torch.dtype = torch.float32, prediction_type: str | None = None
+    base: str, *, dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
+    allow_pickle: bool = False,
 ) -> DiffusionPipeline:
-    """Load `base` frozen, in `dtype`; `prediction_type` overrides the scheduler's when given."""
+    """Load `base` frozen, in `dtype`; `prediction_type` overrides the scheduler's when given.
+    A .ckpt base is refused unless `allow_pickle` (see sd_lora.pickles)."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise BaseModelError(
             f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}"
@@ -64,7 +70,7 @@ def load_pipeline(
     elif kind == "folder":
         pipe = _load_folder(path, dtype)
     elif kind == "file":
-        pipe = _load_file(path, dtype, prediction_type)
+        pipe = _load_file(path, dtype, prediction_type, allow_pickle)
     else:
         pipe = _load_hub(base, dtype)
     if prediction_type is not None and prediction_type_of(pipe) != prediction_type:
@@ -115,19 +121,36 @@ def _cast(pipe: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeline:
     return pipe
 
 
-def _load_file(path: Path, dtype: torch.dtype, prediction_type: str | None) -> DiffusionPipeline:
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        raise BaseModelError(
-            f"{path}: {suffix} checkpoints are Python pickles, which can run code when loaded, so "
-            "they are not opened. Convert it to .safetensors (for example with A1111's or "
-            "ComfyUI's checkpoint tools, or sd-scripts' convert script) and pass that file."
-        )
-    if suffix not in SINGLE_FILE_SUFFIXES:
-        raise BaseModelError(f"{path}: unknown file type {suffix!r}. Accepted: {ACCEPTED_FORMS}")
+def _load_file(path: Path, dtype: torch.dtype, prediction_type: str | None,
+               allow_pickle: bool = False) -> DiffusionPipeline:
     from sd_lora.single_file import load_single_file  # imports this module
 
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise BaseModelError(str(pickles.refusal(path, "checkpoints")))
+        return _load_pickled_checkpoint(path, dtype, prediction_type, load_single_file)
+    if suffix not in SINGLE_FILE_SUFFIXES:
+        raise BaseModelError(f"{path}: unknown file type {suffix!r}. Accepted: {ACCEPTED_FORMS}")
     return load_single_file(path, dtype, prediction_type)
+
+
+def _load_pickled_checkpoint(path: Path, dtype, prediction_type, load_single_file):
+    """An opted-in .ckpt: its tensors (weights-only unpickler) rewritten as a temporary
+    .safetensors file, then the single-file loader as for any checkpoint. The temporary copy
+    costs the checkpoint's size in temp space while it loads."""
+    try:
+        tensors = pickles.load_tensors(path)
+    except pickles.PickleRefused as e:
+        raise BaseModelError(str(e)) from None
+    with tempfile.TemporaryDirectory(prefix="sd_lora_ckpt_") as tmp:
+        converted = Path(tmp) / (path.stem + ".safetensors")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, converted)
+        del tensors
+        try:
+            return load_single_file(converted, dtype, prediction_type)
+        except BaseModelError as e:
+            raise BaseModelError(str(e).replace(str(converted), str(path))) from None
 
 
 def _check_pipeline_class(index: dict, where: str) -> None:

@@ -206,7 +206,8 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
 
 def load_frozen_base(cfg: ModelConfig, mixed_precision: str, device: torch.device):
     prediction_type = None if cfg.prediction_type == "auto" else cfg.prediction_type
-    pipe = load_pipeline(cfg.base, dtype=WEIGHT_DTYPES[mixed_precision], prediction_type=prediction_type)
+    pipe = load_pipeline(cfg.base, dtype=WEIGHT_DTYPES[mixed_precision],
+                         prediction_type=prediction_type, allow_pickle=cfg.allow_pickle)
     if pipe.vae.dtype != torch.float32:  # encoding in fp32 costs little and avoids fp16 overflow
         pipe.vae.to(dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
