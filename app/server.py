@@ -10,6 +10,7 @@ from sd_lora.errors import UserError
 from sd_lora.workspace import Workspace
 
 LOCALHOST = "127.0.0.1"
+QUEUE_MAX_SIZE = 128  # requests waiting, across the app's queued events
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -43,7 +44,9 @@ def create_app(workspace: Workspace, device: str = "cpu") -> gr.Blocks:
 
     jobs = JobManager(workspace, extra_env=job_threads())
     demo = build_ui(workspace, GenerationSession(workspace, device=device), jobs)
-    demo.queue(default_concurrency_limit=1)
+    # One model, one request at a time (concurrency 1 per event); a bounded queue, so a flood
+    # of requests is told "the queue is full" instead of piling up memory.
+    demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo
 
 

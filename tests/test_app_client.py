@@ -296,3 +296,48 @@ def test_auth_and_the_command_line(tmp_path, capsys, monkeypatch):
         assert client.predict("", api_name="/adapter_info")[0] == ""
     finally:
         demo.close()
+
+
+@pytest.mark.slow
+def test_fifty_concurrent_requests_complete_in_queue_order_with_bounded_memory(app, monkeypatch):
+    """50 generate requests at once (one with a broken adapter): each joins the queue before the
+    next is sent; they run in that order, one at a time; the bad one fails alone; the process
+    grows by a bounded amount."""
+    import psutil
+
+    from gradio_client.utils import Status
+    from sd_lora.session import GenerationSession
+
+    client, _, _ = app
+    generate(client, form(("style", 1.0, 1.0)))  # warm: the base and adapters are loaded
+    process = psutil.Process()
+    rss_before = process.memory_info().rss
+    served = []
+    real = GenerationSession.generate
+    monkeypatch.setattr(GenerationSession, "generate",
+                        lambda self, request: served.append(request.seed) or real(self, request))
+    bad = 25
+    jobs = []
+    for i in range(50):
+        adapters = [("broken", 1.0, 1.0)] if i == bad else [("style", 0.5, 0.5)]
+        job = client.submit(*form(*adapters, seed=1000 + i), api_name="/generate")
+        deadline = time.monotonic() + 30
+        while job.status().code in (Status.STARTING, Status.JOINING_QUEUE):
+            assert time.monotonic() < deadline, f"request {i} never joined the queue"
+            time.sleep(0.01)
+        jobs.append(job)
+    seeds = []
+    for i, job in enumerate(jobs):
+        if i == bad:
+            with pytest.raises(AppError, match="adapter 'broken'"):
+                job.result(timeout=300)
+            continue
+        gallery = job.result(timeout=300)[0]
+        seeds.append(int(gallery[0]["caption"].split()[-1]))
+    assert seeds == [1000 + i for i in range(50) if i != bad]  # each got its own image
+    assert served == [1000 + i for i in range(50)]  # served in the order they queued
+    grown = (process.memory_info().rss - rss_before) / 2**20
+    print(f"memory growth over 50 requests: {grown:.0f} MiB")
+    assert grown < 300, grown
+    gallery, _, _ = generate(client, form(("style", 1.0, 1.0)))  # and the app still works
+    assert len(gallery) == 1
