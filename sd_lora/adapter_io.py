@@ -18,6 +18,7 @@ import torch
 
 from sd_lora import pickles
 from sd_lora.atomic import write_bytes_atomically
+from sd_lora.errors import UserError
 from sd_lora.formats import kohya, peft_diffusers
 from sd_lora.formats.metadata import (
     HASH_KEYS,
@@ -36,7 +37,7 @@ SAVE_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
 CONTEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(UserError):  # a ValueError too
     """An adapter file that cannot be read or written; the message names the file."""
 
 

@@ -1,4 +1,5 @@
-"""`sd-lora train | generate | inspect | app`: thin argument parsing over the library."""
+"""`sd-lora train | check | generate | inspect | convert | merge | resize | extract | app`: thin
+argument parsing over the library."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from sd_lora.cli_tools import add_commands as add_tool_commands
 from sd_lora.errors import UserError
 
 TRAIN_FLAGS = {  # command-line flag -> dotted config field
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--resolution", type=int, help="training resolution (warns below it)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(run=run_check)
+
+    add_tool_commands(commands)  # convert, merge, resize, extract
 
     app = commands.add_parser("app", help="open the browser app (Generate, Compare, Train)")
     app.add_argument("--adapters", type=Path, required=True,

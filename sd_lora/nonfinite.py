@@ -10,7 +10,6 @@ that step and lowers its scale, as designed); a non-finite *loss* is never norma
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 
 import torch
@@ -71,7 +70,8 @@ class NonFiniteGuard:
         )
 
 
-def describe(loss: float, grads_ok: bool) -> str:
-    if not math.isfinite(loss):
-        return f"the loss is {loss}"
-    return "the gradients hold NaN or inf" if not grads_ok else "ok"
+def describe(bad_loss: float | None, grads_ok: bool) -> str:
+    """What went wrong in a skipped step: a non-finite loss first, else the gradients."""
+    if bad_loss is not None:
+        return f"the loss is {bad_loss}"
+    return "the gradients hold NaN or inf" if not grads_ok else "nothing"

@@ -308,7 +308,7 @@ class TrainingLoop:
         self.guard = NonFiniteGuard(train.max_nonfinite_steps if train else 0,
                                     train.mixed_precision if train else "no",
                                     train.learning_rate if train else 0.0)
-        self.window_loss_finite = True  # over the micro-batches of the current accumulation
+        self.window_bad_loss = None  # the first NaN/inf loss of the current accumulation
         self.problem = ""
 
     def run(self, loader, dataset, progress: Progress, show_progress: bool) -> Progress:
@@ -378,17 +378,17 @@ class TrainingLoop:
                                   weights, wanted)
             accelerator.backward(loss)
             loss_value = float(accelerator.gather(loss.detach()).mean())  # NaN if any process's is
-            self.window_loss_finite = self.window_loss_finite and math.isfinite(loss_value)
+            if not math.isfinite(loss_value) and self.window_bad_loss is None:
+                self.window_bad_loss = loss_value
             applied = True
             if accelerator.sync_gradients:
                 params = [p for m in self.trained.values() for p in lora_parameters(m)]
                 # Under fp16 the loss scaler skips inf gradients itself; otherwise we do.
                 grads_ok = accelerator.scaler is not None or gradients_finite(params)
-                applied = self.window_loss_finite and grads_ok
+                applied = self.window_bad_loss is None and grads_ok
                 if not applied:
-                    self.problem = describe(loss_value if not self.window_loss_finite else 0.0,
-                                            grads_ok)
-                self.window_loss_finite = True
+                    self.problem = describe(self.window_bad_loss, grads_ok)
+                self.window_bad_loss = None
                 if applied:
                     if self.config.train.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, self.config.train.max_grad_norm)

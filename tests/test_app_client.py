@@ -292,6 +292,20 @@ def test_auth_and_the_command_line(tmp_path, capsys, monkeypatch):
         assert url.startswith("http://127.0.0.1:")
         with pytest.raises(Exception):  # noqa: B017 - gradio_client raises a plain ValueError here
             gradio_client.Client(url, verbose=False)
+        # Every API route answers 401 without the login (the page itself is the login form).
+        import urllib.error
+        import urllib.request
+
+        routes = [("GET", "/config"), ("GET", "/gradio_api/info"),
+                  ("POST", "/gradio_api/queue/join"), ("POST", "/gradio_api/call/generate"),
+                  ("POST", "/gradio_api/upload"), ("GET", f"/gradio_api/file={tmp_path}")]
+        for method, route in routes:
+            request = urllib.request.Request(url.rstrip("/") + route, method=method,
+                                             data=b"{}" if method == "POST" else None,
+                                             headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 401, (method, route, refused.value.code)
         client = gradio_client.Client(url, auth=("me", "secret"), verbose=False)
         assert client.predict("", api_name="/adapter_info")[0] == ""
     finally:
@@ -304,8 +318,8 @@ def test_fifty_concurrent_requests_complete_in_queue_order_with_bounded_memory(a
     next is sent; they run in that order, one at a time; the bad one fails alone; the process
     grows by a bounded amount."""
     import psutil
-
     from gradio_client.utils import Status
+
     from sd_lora.session import GenerationSession
 
     client, _, _ = app

@@ -249,3 +249,38 @@ def test_unknown_layout_and_unknown_family_are_errors(tmp_path, state):
     with pytest.raises(AdapterFileError, match="family"):
         load_adapter(bare)
     assert load_adapter(bare, family="sd1").count() == state.count()
+
+
+def test_fuzzed_files_give_a_clear_error_or_load_and_never_crash(tmp_path, state, capsys):
+    """200 damaged copies of a good adapter (bytes flipped in the header or the data, or cut
+    short): reading each either works (a flip inside a tensor is still a tensor) or raises
+    AdapterFileError naming the file; `sd-lora inspect` exits 0 or 2, never with a traceback."""
+    import random
+
+    from sd_lora.cli import main
+
+    good = save_adapter(state, tmp_path / "good.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(good[:8], "little")
+    rng = random.Random(8)
+    outcomes = {"loaded": 0, "refused": 0}
+    for i in range(200):
+        data = bytearray(good)
+        kind = i % 4
+        if kind == 3:
+            data = data[: rng.randrange(len(data))]
+        else:
+            span = (0, 8) if kind == 0 else (8, header_end) if kind == 1 else (header_end, len(data))
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(*span)] = rng.randrange(256)
+        path = tmp_path / f"fuzz{i}.safetensors"
+        path.write_bytes(bytes(data))
+        try:
+            load_adapter(path)
+            outcomes["loaded"] += 1
+        except AdapterFileError as e:
+            assert str(path) in str(e), e
+            outcomes["refused"] += 1
+        assert main(["inspect", str(path)]) in (0, 2)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+    assert outcomes["refused"] >= 100 and outcomes["loaded"] >= 20, outcomes

@@ -16,15 +16,18 @@ from sd_lora.train import train
 from tests.test_train import job
 
 
-def nan_on_calls(monkeypatch, bad_calls):
+def nan_on_calls(monkeypatch, bad_calls, gradient_only_calls=lambda n: False):
     """Make denoising_loss NaN on the given (1-based) calls: the NaN goes through backward
-    into every LoRA gradient, as an fp16 overflow or a corrupt batch would."""
+    into every LoRA gradient, as an fp16 overflow or a corrupt batch would. On
+    `gradient_only_calls` the loss stays finite and only its gradient is NaN (0 * d sqrt(0))."""
     real = train_module.denoising_loss
     calls = {"n": 0}
 
     def loss(*args, **kwargs):
         calls["n"] += 1
         value = real(*args, **kwargs)
+        if gradient_only_calls(calls["n"]):
+            return value + 0.0 * torch.sqrt(value * 0.0)
         return value * float("nan") if bad_calls(calls["n"]) else value
 
     monkeypatch.setattr(train_module, "denoising_loss", loss)
@@ -58,10 +61,13 @@ def test_guard_counts_and_stops_after_the_limit_naming_the_causes():
 
 
 @pytest.mark.slow
-def test_a_nan_step_is_skipped_and_counted_and_the_run_finishes(tmp_path, monkeypatch):
-    calls = nan_on_calls(monkeypatch, lambda n: n in (3, 4))
-    result = train(job(tmp_path, "train.max_steps=6"), show_progress=False)
+def test_a_nan_step_is_skipped_and_counted_and_the_run_finishes(tmp_path, monkeypatch, caplog):
+    calls = nan_on_calls(monkeypatch, lambda n: n == 3, gradient_only_calls=lambda n: n == 4)
+    with caplog.at_level("WARNING", logger="sd_lora.nonfinite"):
+        result = train(job(tmp_path, "train.max_steps=6"), show_progress=False)
     assert calls["n"] == 8  # 6 real updates, 2 batches skipped
+    assert "step 3 skipped: the loss is nan" in caplog.text
+    assert "step 3 skipped: the gradients hold NaN or inf (loss 0." in caplog.text  # finite loss
     assert result.steps == 6
     summary = json.loads((result.output_dir / "summary.json").read_text())
     assert summary["skipped_nonfinite_steps"] == 2

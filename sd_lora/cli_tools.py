@@ -1,0 +1,162 @@
+"""`sd-lora convert | merge | resize | extract`: adapter files in, adapter (or checkpoint) files
+out, with what each step cost printed. Thin: the work is in `transforms` and `adapter_io`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sd_lora.errors import UserError
+
+EXPORT_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def add_commands(commands) -> None:
+    convert = commands.add_parser("convert", help="rewrite an adapter in the kohya or diffusers layout")
+    convert.add_argument("input", type=Path)
+    convert.add_argument("output", type=Path)
+    convert.add_argument("--to", choices=["kohya", "diffusers"], required=True)
+    _dtype_flag(convert, default=None)
+    convert.set_defaults(run=run_convert)
+
+    merge = commands.add_parser("merge", help="combine adapters (or bake them into a base)")
+    merge.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]")
+    merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("--rank", type=int, help="compress the sum to this rank (default: exact)")
+    merge.add_argument("--into", metavar="BASE",
+                       help="merge into this base and write a single-file checkpoint")
+    merge.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    _dtype_flag(merge, default="fp16")
+    merge.set_defaults(run=run_merge)
+
+    resize = commands.add_parser("resize", help="change an adapter's rank (fixed or dynamic)")
+    resize.add_argument("input", type=Path)
+    resize.add_argument("--rank", type=int, required=True, help="the rank (the cap, when dynamic)")
+    how = resize.add_mutually_exclusive_group()
+    how.add_argument("--sv-ratio", type=float, help="keep singular values >= largest / this")
+    how.add_argument("--sv-fro", type=float, help="keep this share of the Frobenius norm (0-1)")
+    how.add_argument("--sv-cumulative", type=float, help="keep this share of the singular values' sum")
+    resize.add_argument("--out", type=Path, required=True)
+    resize.add_argument("--verbose", action="store_true", help="one line per module")
+    _dtype_flag(resize, default="fp16")
+    resize.set_defaults(run=run_resize)
+
+    extract = commands.add_parser("extract", help="a LoRA from the difference of two checkpoints")
+    extract.add_argument("--base", required=True)
+    extract.add_argument("--tuned", required=True)
+    extract.add_argument("--rank", type=int, required=True)
+    extract.add_argument("--conv", action="store_true", help="also the ResNet 3x3 convolutions")
+    extract.add_argument("--min-diff", type=float, default=1e-4,
+                         help="skip layers whose difference is below this share of the largest")
+    extract.add_argument("--out", type=Path, required=True)
+    _dtype_flag(extract, default="fp16")
+    extract.set_defaults(run=run_extract)
+
+
+def _dtype_flag(parser, default: str | None) -> None:
+    parser.add_argument("--dtype", choices=EXPORT_DTYPES, default=default,
+                        help="tensor type written" + ("" if default else " (default: as read)"))
+
+
+def _torch_dtype(name: str | None, like=None):
+    import torch
+
+    if name is None:  # as the source stored it
+        return like if like in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _source_dtype(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        first = next(iter(f.keys()), None)
+        return f.get_slice(first).get_dtype() if first else None
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from sd_lora.adapter_io import load_adapter, save_adapter
+
+    state = load_adapter(args.input)
+    stored = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(
+        _source_dtype(args.input))
+    out = save_adapter(state, args.output, format=args.to, dtype=_torch_dtype(args.dtype, stored))
+    print(f"{args.input} -> {out} ({args.to}, {state.count()} modules)")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from sd_lora.adapter_io import load_adapter, save_adapter
+    from sd_lora.generate import parse_adapter_choice
+
+    choices = [parse_adapter_choice(text) for text in args.adapters]
+    for c in choices:
+        if c.unet_strength != c.text_encoder_strength:
+            raise UserError(f"{c.path}: merge takes one weight per adapter (FILE:WEIGHT)")
+    if args.into:
+        return _merge_into_base(args, choices)
+    from sd_lora.transforms import merge, summary
+
+    weighted = [(load_adapter(c.path), c.unet_strength) for c in choices]
+    merged, reports = merge(weighted, rank=args.rank)
+    out = save_adapter(merged, args.out, format=args.format, dtype=_torch_dtype(args.dtype))
+    how = "exact (ranks concatenated)" if args.rank is None else f"compressed to rank {args.rank}"
+    print(f"merged {len(choices)} adapters, {how}: {summary(reports)}")
+    print(out)
+    return 0
+
+
+def _merge_into_base(args, choices) -> int:
+    from sd_lora.adapter_io import load_adapter, pipeline_module_paths
+    from sd_lora.apply import apply_adapters
+    from sd_lora.formats.ldm_checkpoint import save_single_file
+    from sd_lora.models import load_pipeline
+
+    pipe = load_pipeline(args.into)
+    paths = pipeline_module_paths(pipe)
+    applied = apply_adapters(pipe, [(load_adapter(c.path, paths), c.unet_strength,
+                                     c.text_encoder_strength) for c in choices])
+    out = save_single_file(pipe, args.out, _torch_dtype(args.dtype))
+    matched = sum(sum(c.values()) for c in applied.coverage) if applied.coverage else 0
+    print(f"merged {len(choices)} adapters into {args.into} ({matched} layers changed)")
+    print(out)
+    return 0
+
+
+def run_resize(args: argparse.Namespace) -> int:
+    from sd_lora.adapter_io import load_adapter, save_adapter
+    from sd_lora.transforms import resize, summary
+
+    method, value = next(((m, v) for m, v in (("sv_ratio", args.sv_ratio), ("sv_fro", args.sv_fro),
+                                              ("sv_cumulative", args.sv_cumulative)) if v is not None),
+                         (None, None))
+    state = load_adapter(args.input)
+    resized, reports = resize(state, args.rank, method, value)
+    out = save_adapter(resized, args.out, dtype=_torch_dtype(args.dtype))
+    if args.verbose:
+        for r in reports:
+            print(f"  {r.component} {r.path}: rank {r.rank_before} -> {r.rank_after}, "
+                  f"energy kept {r.energy_kept:.2%}")
+    print(f"resized: {summary(reports)}")
+    print(out)
+    return 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from sd_lora.adapter_io import save_adapter
+    from sd_lora.extract import weight_differences
+    from sd_lora.models import load_pipeline
+    from sd_lora.transforms import from_differences, summary
+
+    family, differences = weight_differences(load_pipeline(args.base), load_pipeline(args.tuned),
+                                             conv=args.conv)
+    state, reports = from_differences(family, differences, args.rank, args.min_diff)
+    state.metadata["ss_output_name"] = args.out.stem
+    out = save_adapter(state, args.out, dtype=_torch_dtype(args.dtype))
+    total = sum(len(m) for m in differences.values())
+    print(f"extracted {len(reports)} of {total} layers (the rest differ by less than "
+          f"{args.min_diff:g} of the largest): {summary(reports)}")
+    print(out)
+    return 0
