@@ -62,10 +62,13 @@ def save_adapter(
         raise AdapterFileError(f"{path}: unknown format {format!r}; use one of {FORMATS}")
     if dtype not in SAVE_DTYPES:
         raise AdapterFileError(f"{path}: dtype {dtype} is not one of {SAVE_DTYPES}")
-    if format == "kohya":
-        tensors, metadata = kohya.to_kohya(state, dtype), {}
-    else:
-        tensors, metadata = peft_diffusers.to_diffusers(state, dtype)
+    try:
+        if format == "kohya":
+            tensors, metadata = kohya.to_kohya(state, dtype), {}
+        else:
+            tensors, metadata = peft_diffusers.to_diffusers(state, dtype)
+    except (kohya.KohyaKeyError, peft_diffusers.DiffusersKeyError) as e:
+        raise AdapterFileError(f"{path}: {e}") from None
     if info is None:  # keep what a loaded file said about its training (a format conversion)
         metadata.update(
             {
@@ -136,7 +139,9 @@ def detect_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in tensors):
         return "sdxl"
     for key, tensor in tensors.items():
-        if "attn2_to_k.lora_down" in key or "attn2.to_k.lora_A" in key:
+        # the cross-attention key projection's input is the text encoder's width
+        if key.endswith(("attn2_to_k.lora_down.weight", "attn2_to_k.hada_w1_b",
+                         "attn2.to_k.lora_A.weight")):
             return CONTEXT_WIDTH_FAMILY.get(int(tensor.shape[1]))
     return None
 

@@ -26,7 +26,7 @@ import torch
 from sd_lora.adapter_io import component_modules
 from sd_lora.block_weights import BlockWeightError, block_weight
 from sd_lora.errors import UserError
-from sd_lora.lora_state import AdapterState
+from sd_lora.lora_state import AdapterState, fits
 from sd_lora.models import model_family
 
 APPLIED_ATTR = "_sd_lora_applied"  # the pipeline remembers what is merged, to refuse double merges
@@ -93,11 +93,6 @@ def _as_entry(item) -> AdapterEntry:
     return AdapterEntry(*item)
 
 
-def _expected_shape(module) -> tuple[int, ...]:
-    """Shape of B @ A: (out, in) for Linear, (out, in, kh, kw) for Conv2d."""
-    return (int(module.lora_B.shape[0]), *(int(s) for s in module.lora_A.shape[1:]))
-
-
 def check_fits(pipe, entries: Sequence[AdapterEntry], layers=None) -> list[dict[str, int]]:
     """Raise `AdapterApplyError` unless every module of every adapter has a matching layer."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -128,8 +123,8 @@ def check_fits(pipe, entries: Sequence[AdapterEntry], layers=None) -> list[dict[
                         f"{name}: {component}.{path} already carries PEFT LoRA layers; call "
                         "pipe.unload_lora_weights() (or use a pipeline without them) first"
                     )
-                want, have = _expected_shape(module), tuple(layer.weight.shape)
-                if want != have:
+                want, have = tuple(module.delta().shape), tuple(layer.weight.shape)
+                if not fits(module, have):
                     raise AdapterApplyError(
                         f"{name}: {component}.{path} delta has shape {want} but the layer's "
                         f"weight is {have}; the adapter does not fit this base model"
@@ -167,8 +162,8 @@ def _merge(layers, originals, entries: Sequence[AdapterEntry]) -> None:
             if module is None:
                 continue
             strength = entry.module_strength(component, path)
-            if strength != 0.0:
-                total += module.delta(strength).to(weight.device)
+            if strength != 0.0:  # LyCORIS conv deltas come flattened: reshape to the kernel
+                total += module.delta(strength).to(weight.device).reshape(total.shape)
         weight.copy_(total.to(weight.dtype))
 
 

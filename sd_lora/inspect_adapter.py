@@ -109,8 +109,10 @@ def inspect_adapter(path: str | os.PathLike) -> dict:
     layout = detect_format(tensors, path)
     family = detect_family(tensors, metadata)
     problems: list[str] = []
+    kinds: list[str] = []
     try:
-        components = _from_state(adapter_from_tensors(tensors, metadata, source=path))
+        state = adapter_from_tensors(tensors, metadata, source=path)
+        components, kinds = _from_state(state), sorted(state.kinds())
     except AdapterFileError as e:
         problems.append(str(e))
         try:
@@ -122,6 +124,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict:
         "path": str(path),
         "file_size": path.stat().st_size,
         "format": layout,
+        "module_kinds": kinds,  # lora, loha, lokr
         "family": family,
         "tensors": len(tensors),
         "dtypes": _dtypes(tensors),
@@ -143,7 +146,9 @@ def format_inspection(info: dict) -> str:
     """Human-readable report of `inspect_adapter`'s result, for the CLI."""
     lines = [
         f"{info['path']}  ({info['file_size']:,} bytes)",
-        f"  format: {info['format']}   family: {info['family'] or 'unknown'}   "
+        f"  format: {info['format']}"
+        + (f" ({', '.join(info['module_kinds'])} modules)" if info["module_kinds"] not in ([], ["lora"]) else "")
+        + f"   family: {info['family'] or 'unknown'}   "
         f"tensors: {info['tensors']}   dtype: {', '.join(info['dtypes'])}",
     ]
     for component, c in info["components"].items():

@@ -11,6 +11,7 @@ module names; every community LoRA file has it).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ class LoraModule:
     lora_A: torch.Tensor  # (r, in) for Linear, (r, in, kh, kw) for Conv2d
     lora_B: torch.Tensor  # (out, r) for Linear, (out, r, 1, 1) for Conv2d
     alpha: float
+    kind = "lora"
 
     @property
     def r(self) -> int:
@@ -49,6 +51,93 @@ class LoraModule:
 
 
 @dataclass
+class LohaModule:
+    """LyCORIS LoHa (`hada_*` keys): W' = W + strength * (alpha / r) * (w1_a @ w1_b) * (w2_a @ w2_b),
+    a Hadamard (element-wise) product of two rank-r products. Conv kernels are stored
+    flattened, (out, in*kh*kw): the delta is reshaped to the layer's weight when applied."""
+
+    w1_a: torch.Tensor  # (out, r)
+    w1_b: torch.Tensor  # (r, in*kh*kw)
+    w2_a: torch.Tensor  # (out, r)
+    w2_b: torch.Tensor  # (r, in*kh*kw)
+    alpha: float
+    kind = "loha"
+
+    @property
+    def r(self) -> int:
+        return int(self.w1_b.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.r
+
+    def delta(self, strength: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        first = self.w1_a.to(dtype) @ self.w1_b.to(dtype).flatten(1)
+        second = self.w2_a.to(dtype) @ self.w2_b.to(dtype).flatten(1)
+        return first * second * (strength * self.scale)
+
+
+@dataclass
+class LokrModule:
+    """LyCORIS LoKr (`lokr_*` keys): W' = W + strength * scale * kron(w1, w2), where w1 and w2 are
+    stored whole (`lokr_w1`) or as a product (`lokr_w1_a @ lokr_w1_b`). scale = alpha / dim,
+    dim the inner size of the (last) factored one; 1 when neither is factored (LyCORIS' and
+    ComfyUI's rule). A 4-D w2 is a conv kernel (out2, in2, kh, kw)."""
+
+    w1: torch.Tensor | None
+    w2: torch.Tensor | None
+    alpha: float | None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+    kind = "lokr"
+
+    @property
+    def dim(self) -> int | None:
+        if self.w2_b is not None:
+            return int(self.w2_b.shape[0])
+        return int(self.w1_b.shape[0]) if self.w1_b is not None else None
+
+    @property
+    def r(self) -> int:
+        """For display (ss_network_dim): the factor rank, else the smaller whole factor's."""
+        if self.dim is not None:
+            return self.dim
+        return int(min(self.w1.shape[0], self.w1.shape[1]))
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None or self.dim is None else float(self.alpha) / self.dim
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        w1 = self.w1.to(dtype) if self.w1 is not None else self.w1_a.to(dtype) @ self.w1_b.to(dtype)
+        if self.w2 is not None:
+            w2 = self.w2.to(dtype)
+        else:
+            w2 = self.w2_a.to(dtype) @ self.w2_b.to(dtype).flatten(1)
+        return w1, w2
+
+    def delta(self, strength: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w1, w2 = self.factors(dtype)
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        return torch.kron(w1, w2) * (strength * self.scale)
+
+
+ADAPTER_MODULES = (LoraModule, LohaModule, LokrModule)
+
+
+def fits(module, weight_shape: tuple[int, ...]) -> bool:
+    """Whether `module`'s delta can be added to a weight of `weight_shape`: the same shape, or
+    (LyCORIS' flattened conv kernels) the same output size and number of elements."""
+    shape = tuple(module.delta().shape)
+    if shape == tuple(weight_shape):
+        return True
+    return shape[0] == weight_shape[0] and math.prod(shape) == math.prod(weight_shape)
+
+
+@dataclass
 class AdapterState:
     """All LoRA modules of one adapter, keyed by component then module path."""
 
@@ -63,6 +152,10 @@ class AdapterState:
         if unknown:
             raise ValueError(f"unknown components {sorted(unknown)}; expected {COMPONENTS}")
 
+    def kinds(self) -> set[str]:
+        """"lora", "loha", "lokr": what the modules are."""
+        return {m.kind for comp in self.modules.values() for m in comp.values()}
+
     def count(self) -> int:
         return sum(len(m) for m in self.modules.values())
 
@@ -70,4 +163,5 @@ class AdapterState:
         return {m.r for comp in self.modules.values() for m in comp.values()}
 
     def alphas(self) -> set[float]:
-        return {float(m.alpha) for comp in self.modules.values() for m in comp.values()}
+        return {float(m.r if m.alpha is None else m.alpha)  # a LoKr without alpha: scale 1
+                for comp in self.modules.values() for m in comp.values()}

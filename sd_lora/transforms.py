@@ -138,6 +138,9 @@ def merge(
         rank_before = sum(m.r for m, _ in parts)
         total = sum(m.delta(w, torch.float64) for m, w in parts)
         if rank is None:
+            if any(m.kind != "lora" for m, _ in parts):
+                raise TransformError(f"{component} {path}: an exact merge concatenates LoRA ranks; "
+                                     "LoHa/LoKr modules need --rank (the sum is re-factored by SVD)")
             up = torch.cat([flat(m.lora_B.double()) * (w * m.scale) for m, w in parts], dim=1)
             down = torch.cat([flat(m.lora_A.double()) for m, _ in parts], dim=0)
             module = module_from_factors(up.float(), down.float(), like)

@@ -35,7 +35,7 @@ import torch
 
 from sd_lora.inject import CLIP_PREFIX
 from sd_lora.inject import canonical_name as canonical_path  # CLIP paths keep `text_model.`
-from sd_lora.lora_state import AdapterState, LoraModule
+from sd_lora.lora_state import AdapterState, LohaModule, LokrModule, LoraModule
 
 # The prefix written for each component, per base family. SDXL's row is here so that the table
 # is complete, but sd-scripts writes SDXL UNet keys with LDM names (input_blocks_4_1_...), which
@@ -66,6 +66,17 @@ SUFFIX_KINDS: dict[str, str] = {
     ".lora_down.weight": "lora_down",
     ".lora_up.weight": "lora_up",
     ".alpha": "alpha",
+    # LyCORIS, in the same files (A1111, ComfyUI and sd-scripts read them alike)
+    **{f".{part}": part for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+                                     "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
+                                     "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+                                     "dora_scale")},
+}
+UNSUPPORTED_PARTS = {
+    "hada_t1": "LoHa with Tucker-decomposed conv kernels (hada_t1/hada_t2)",
+    "hada_t2": "LoHa with Tucker-decomposed conv kernels (hada_t1/hada_t2)",
+    "lokr_t2": "LoKr with a Tucker-decomposed conv kernel (lokr_t2)",
+    "dora_scale": "DoRA (dora_scale: the magnitude vector that rescales the updated weight)",
 }
 
 
@@ -106,10 +117,7 @@ def to_kohya(state: AdapterState, dtype: torch.dtype = torch.float16) -> dict[st
             raise KohyaKeyError(f"{state.family} has no kohya prefix for component {component!r}")
         for path, module in modules.items():
             name = kohya_module_name(prefixes[component], canonical_path(component, path))
-            tensors[f"{name}.lora_down.weight"] = module.lora_A.to(dtype).contiguous()
-            tensors[f"{name}.lora_up.weight"] = module.lora_B.to(dtype).contiguous()
-            # float32 whatever `dtype` is, so that an alpha like 0.1 survives exactly enough.
-            tensors[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
+            tensors.update(module_tensors(name, module, dtype))
     return tensors
 
 
@@ -118,8 +126,8 @@ def parse_kohya_key(key: str) -> KohyaKey:
     suffix = next((s for s in SUFFIX_KINDS if key.endswith(s)), None)
     if suffix is None:
         raise KohyaKeyError(
-            f"{key!r} is not a plain LoRA tensor (expected a name ending in "
-            f"{list(SUFFIX_KINDS)}); LoHa/LoKr/DoRA/LoCon-mid keys are not supported"
+            f"{key!r} is not a LoRA, LoHa or LoKr tensor (expected a name ending in one of "
+            f"{list(SUFFIX_KINDS)})"
         )
     module = key[: -len(suffix)]
     for prefix, component in PREFIX_COMPONENTS:
@@ -163,12 +171,70 @@ def _group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor
     for key, tensor in tensors.items():
         parsed = parse_kohya_key(key)
         groups.setdefault(parsed.module, {})[parsed.kind] = tensor
-    incomplete = [m for m, parts in groups.items() if not {"lora_down", "lora_up"} <= set(parts)]
-    if incomplete:
-        raise KohyaKeyError(
-            f"{len(incomplete)} kohya modules lack lora_down or lora_up: {_first(incomplete)}"
-        )
+    for module, parts in groups.items():
+        unsupported = sorted({UNSUPPORTED_PARTS[p] for p in parts if p in UNSUPPORTED_PARTS})
+        if unsupported:
+            raise KohyaKeyError(f"{module}: {unsupported[0]} is not supported yet")
+        kinds = {_kind_of(p) for p in parts if p != "alpha"}
+        if len(kinds) != 1:
+            raise KohyaKeyError(f"{module}: mixes the parts of {sorted(kinds) or 'no'} modules "
+                                f"({sorted(parts)})")
+        missing = _missing_parts(kinds.pop(), set(parts))
+        if missing:
+            raise KohyaKeyError(f"{module} lacks {missing}")
     return groups
+
+
+def _kind_of(part: str) -> str:
+    return "loha" if part.startswith("hada_") else "lokr" if part.startswith("lokr_") else "lora"
+
+
+def _missing_parts(kind: str, parts: set[str]) -> str:
+    """'' when `parts` make a whole module of `kind`, else what is missing."""
+    if kind == "lora":
+        need = {"lora_down", "lora_up"} - parts
+        return " and ".join(sorted(need))
+    if kind == "loha":
+        need = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} - parts
+        return " and ".join(sorted(need))
+    for w in ("lokr_w1", "lokr_w2"):
+        if w not in parts and not {f"{w}_a", f"{w}_b"} <= parts:
+            return f"{w} (or {w}_a and {w}_b)"
+    return ""
+
+
+def module_from_parts(parts: dict[str, torch.Tensor]):
+    """A LoraModule, LohaModule or LokrModule (float32) from one module's kohya/LyCORIS tensors."""
+    alpha = float(parts["alpha"].item()) if "alpha" in parts else None
+    get = {k: v.float() for k, v in parts.items() if k != "alpha"}
+    kind = _kind_of(next(iter(get)))
+    if kind == "lora":
+        down, up = get["lora_down"], get["lora_up"]
+        return LoraModule(lora_A=down, lora_B=up, alpha=alpha if alpha is not None else float(down.shape[0]))
+    if kind == "loha":
+        r = get["hada_w1_b"].shape[0]
+        return LohaModule(get["hada_w1_a"], get["hada_w1_b"], get["hada_w2_a"], get["hada_w2_b"],
+                          alpha=alpha if alpha is not None else float(r))
+    return LokrModule(w1=get.get("lokr_w1"), w2=get.get("lokr_w2"), alpha=alpha,
+                      w1_a=get.get("lokr_w1_a"), w1_b=get.get("lokr_w1_b"),
+                      w2_a=get.get("lokr_w2_a"), w2_b=get.get("lokr_w2_b"))
+
+
+def module_tensors(name: str, module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The kohya/LyCORIS tensors of one module (inverse of `module_from_parts`); `.alpha` is
+    float32 whatever `dtype` is, so that an alpha like 0.1 survives exactly enough."""
+    if module.kind == "lora":
+        parts = {"lora_down.weight": module.lora_A, "lora_up.weight": module.lora_B}
+    elif module.kind == "loha":
+        parts = {"hada_w1_a": module.w1_a, "hada_w1_b": module.w1_b,
+                 "hada_w2_a": module.w2_a, "hada_w2_b": module.w2_b}
+    else:
+        parts = {f"lokr_{n}": getattr(module, n)
+                 for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b") if getattr(module, n) is not None}
+    tensors = {f"{name}.{part}": t.to(dtype).contiguous() for part, t in parts.items()}
+    if module.alpha is not None:
+        tensors[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
+    return tensors
 
 
 def _first(names: list[str], n: int = 5) -> str:
@@ -181,7 +247,8 @@ def from_kohya(
 ) -> AdapterState:
     """Inverse of `to_kohya`. `module_paths`: the target model's module paths per component.
 
-    Tensors come back as float32. A module without `.alpha` gets alpha = r.
+    Tensors come back as float32. A LoRA or LoHa module without `.alpha` gets alpha = r; a LoKr
+    one keeps none (scale 1).
     """
     _check_family(family, "reading")
     table = lookup_table(module_paths, family)
@@ -192,12 +259,10 @@ def from_kohya(
             f"{len(unmapped)} kohya modules match no {family} module of the target model: "
             f"{_first(unmapped)}. Is the adapter for another base family or architecture?"
         )
-    modules: dict[str, dict[str, LoraModule]] = {}
+    modules: dict[str, dict] = {}
     for name, parts in groups.items():
         component, path = table[name]
-        down, up = parts["lora_down"].float(), parts["lora_up"].float()
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
         if path in modules.get(component, {}):
             raise KohyaKeyError(f"{component} module {path!r} appears twice (e.g. as {name!r})")
-        modules.setdefault(component, {})[path] = LoraModule(lora_A=down, lora_B=up, alpha=alpha)
+        modules.setdefault(component, {})[path] = module_from_parts(parts)
     return AdapterState(family=family, modules=modules)

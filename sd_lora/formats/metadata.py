@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from sd_lora.lora_state import AdapterState
 
+LYCORIS_NETWORK_MODULE = "lycoris.kohya"
 NETWORK_MODULE = "networks.lora"
 IMPLEMENTATION = {
     "sd1": "diffusers",
@@ -119,10 +120,13 @@ def _network_keys(state: AdapterState) -> dict[str, str]:
     modules = [m for comp in state.modules.values() for m in comp.values()]
     if not modules:
         raise ValueError("the adapter has no modules; there is nothing to save")
+    kinds = state.kinds()
     return {
-        "ss_network_module": NETWORK_MODULE,
+        # sd-scripts' own module for plain LoRA; LyCORIS' for LoHa/LoKr, as its files say
+        "ss_network_module": NETWORK_MODULE if kinds == {"lora"} else LYCORIS_NETWORK_MODULE,
         "ss_network_dim": str(_most_common([m.r for m in modules])),
-        "ss_network_alpha": str(float(_most_common([float(m.alpha) for m in modules]))),
+        "ss_network_alpha": str(float(_most_common([float(m.r if m.alpha is None else m.alpha)
+                                                     for m in modules]))),
         "ss_base_model_version": BASE_MODEL_VERSION[state.family],
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.implementation": IMPLEMENTATION[state.family],

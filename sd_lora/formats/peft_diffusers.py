@@ -63,10 +63,20 @@ def component_config(component: str, modules: dict[str, LoraModule]) -> dict:
     }
 
 
+LYCORIS_NAMES = {"loha": "LoHa", "lokr": "LoKr"}
+
+
 def to_diffusers(
     state: AdapterState, dtype: torch.dtype = torch.float16
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, safetensors metadata) in the layout `load_lora_weights` reads, alpha kept."""
+    other = sorted(state.kinds() - {"lora"})
+    if other:
+        raise DiffusersKeyError(
+            f"the adapter holds {' and '.join(LYCORIS_NAMES[k] for k in other)} "
+            "modules, which the diffusers/PEFT LoRA layout cannot hold; keep the kohya layout, or "
+            "turn it into a plain LoRA first (sd-lora resize IN --rank R --out OUT)"
+        )
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, object] = {}
     for component, modules in state.modules.items():
