@@ -141,7 +141,8 @@ def detect_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     for key, tensor in tensors.items():
         # the cross-attention key projection's input is the text encoder's width
         if key.endswith(("attn2_to_k.lora_down.weight", "attn2_to_k.hada_w1_b",
-                         "attn2.to_k.lora_A.weight")):
+                         "attn2.to_k.lora_A.weight", "attn2.to_k.lora.down.weight",
+                         "attn2.processor.to_k_lora.down.weight")):
             return CONTEXT_WIDTH_FAMILY.get(int(tensor.shape[1]))
     return None
 

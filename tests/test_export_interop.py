@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from sd_lora.adapter_io import component_modules, load_adapter, save_adapter
 from sd_lora.apply import AdapterApplyError, apply_adapters
 from sd_lora.inject import add_lora, read_adapter_state, target_module_names
+from sd_lora.lora_state import AdapterState, LoraModule
 from sd_lora.tiny import build_tiny_pipeline
 from tests.lora_helpers import fill_lora_B
 
@@ -243,3 +244,51 @@ def test_we_read_the_files_diffusers_writes(tmp_path, uniform):
     info = inspect_adapter(path)  # no family: still described, the problem said
     assert info["family"] is None and "family" in info["problems"][0]
     assert info["components"]["text_encoder"]["alphas"] == [TE_ALPHA]
+
+
+def legacy_keys(state, style: str) -> dict[str, torch.Tensor]:
+    """The state's tensors as diffusers' pre-PEFT training scripts wrote them (alpha = r)."""
+    tensors = {}
+    for component, modules in state.modules.items():
+        for path, m in modules.items():
+            for part, tensor in (("down", m.lora_A), ("up", m.lora_B)):
+                if component == "unet" and style.startswith("attn_procs"):  # 0.14-0.19
+                    head, _, proj = path.rpartition(".to_")
+                    proj = "out" if proj == "out.0" else proj
+                    key = f"{head}.processor.to_{proj}_lora.{part}.weight"
+                    key = key if style == "attn_procs_bare" else f"unet.{key}"  # the oldest: bare
+                elif component == "unet":  # 0.20-0.21, LoRACompatibleLinear
+                    key = f"unet.{path}.lora.{part}.weight"
+                else:
+                    key = f"text_encoder.{path}.lora_linear_layer.{part}.weight"
+                tensors[key] = tensor.contiguous()
+    return tensors
+
+
+@pytest.mark.parametrize("style", ["attn_procs_bare", "attn_procs", "lora_compatible"])
+def test_older_diffusers_layouts_read_as_diffusers_itself_reads_them(tmp_path, uniform, style):
+    state, _ = uniform
+    attention = AdapterState(family="sd1", modules={
+        "unet": {p: m for p, m in state.modules["unet"].items() if ".attn" in p},
+        "text_encoder": state.modules["text_encoder"]})
+    path = tmp_path / f"{style}.safetensors"
+    save_file(legacy_keys(attention, style), path)
+    ours = load_adapter(path, family="sd1")
+    for component, modules in attention.modules.items():
+        assert set(ours.modules[component]) == set(modules)
+        for p, m in modules.items():
+            assert ours.modules[component][p].alpha == m.r  # no alpha stored: alpha = r
+            assert torch.equal(ours.modules[component][p].lora_A, m.lora_A)
+    mine, base = build_tiny_pipeline(seed=0), component_modules(build_tiny_pipeline(seed=0))
+    apply_adapters(mine, [(ours, 1.0, 1.0)])
+    as_read = AdapterState(family="sd1", modules={  # what those scripts applied: up @ down
+        c: {p: LoraModule(m.lora_A, m.lora_B, alpha=m.r) for p, m in mods.items()}
+        for c, mods in attention.modules.items()})
+    assert_weight_deltas(mine, base, as_read, f"legacy {style}")
+    if style == "attn_procs_bare":
+        # Measured: diffusers 0.42 finds "no LoRA keys ... with the prefix='unet'" in these and
+        # leaves the UNet as it was (a file that loads and does nothing); we read them.
+        return
+    theirs = build_tiny_pipeline(seed=0)
+    theirs.load_lora_weights(str(path))
+    assert_outputs_match(theirs, outputs(mine), f"legacy {style} via load_lora_weights")

@@ -36,7 +36,39 @@ class DiffusersKeyError(ValueError):
     """A diffusers-layout key or metadata entry that cannot be read; the message names it."""
 
 
+# The layouts diffusers' training scripts wrote before PEFT (0.14-0.21), and what each piece is
+# called now. Attention processors: `...attn1.processor.to_q_lora.down.weight`, UNet keys
+# without a component prefix in the oldest files; LoRACompatibleLinear: `...to_q.lora.down.weight`
+# and, in the text encoder, `...q_proj.lora_linear_layer.up.weight`. None of them stores alpha:
+# diffusers applied them at alpha = r, and so do we.
+LEGACY_PIECES = (
+    (".processor.", "."),
+    ("to_out_lora.", "to_out.0.lora."),
+    *((f"to_{p}_lora.", f"to_{p}.lora.") for p in "qkv"),
+    (".lora_linear_layer.down.weight", ".lora_A.weight"),
+    (".lora_linear_layer.up.weight", ".lora_B.weight"),
+    (".lora.down.weight", ".lora_A.weight"),
+    (".lora.up.weight", ".lora_B.weight"),
+)
+UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
+
+
+def is_legacy(keys) -> bool:
+    return any(".lora.down.weight" in k or ".lora_linear_layer." in k or "_lora.down.weight" in k
+               for k in keys)
+
+
+def modern_key(key: str) -> str:
+    """A pre-PEFT diffusers key in today's layout (other keys unchanged)."""
+    for old, new in LEGACY_PIECES:
+        key = key.replace(old, new)
+    return "unet." + key if key.startswith(UNET_BLOCKS) else key
+
+
 def is_diffusers(keys) -> bool:
+    keys = list(keys)
+    if is_legacy(keys):
+        return True
     return any(k.startswith(tuple(f"{c}." for c in COMPONENTS)) and ".lora_" in k for k in keys)
 
 
@@ -140,6 +172,8 @@ def from_diffusers(
 ) -> AdapterState:
     """Inverse of `to_diffusers`; tensors come back as float32, text-encoder paths canonical."""
     configs = _split_configs(metadata)
+    if is_legacy(tensors):
+        tensors = {modern_key(k): v for k, v in tensors.items()}
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         component, path, part = _split_key(key)
