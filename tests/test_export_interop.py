@@ -292,3 +292,39 @@ def test_older_diffusers_layouts_read_as_diffusers_itself_reads_them(tmp_path, u
     theirs = build_tiny_pipeline(seed=0)
     theirs.load_lora_weights(str(path))
     assert_outputs_match(theirs, outputs(mine), f"legacy {style} via load_lora_weights")
+
+
+def test_full_size_sd15_kohya_layout_equals_the_reference_converter():
+    """SD 1.5's full-size UNet and CLIP ViT-L (built on the meta device from the bundled config),
+    every target group at rank 1: our kohya key set and shapes equal those that diffusers'
+    maintained `convert_state_dict_to_kohya` gives for PEFT LoRA on the same layers, once its
+    two known departures from sd-scripts' layout are undone (it writes `lora_te1_` and, under
+    transformers 5, drops the `text_model.` level; see the test above)."""
+    from sd_lora.formats.kohya import to_kohya
+    from sd_lora.inject import canonical_name, target_suffixes
+    from tests.test_models import meta_components
+
+    unet, _, text_encoder = meta_components("stable-diffusion-v1-5")
+    modules: dict = {}
+    reference: dict[str, torch.Tensor] = {}
+    for component, model, groups in (("unet", unet, ("attn", "proj", "ff")),
+                                      ("text_encoder", text_encoder, ("attn", "mlp"))):
+        names = target_module_names(model, target_suffixes(component, groups))
+        for name in names:
+            weight = model.get_submodule(name).weight
+            tail = (1,) * (weight.dim() - 2)
+            modules.setdefault(component, {})[canonical_name(component, name)] = LoraModule(
+                torch.zeros(1, *weight.shape[1:]), torch.zeros(weight.shape[0], 1, *tail), 1.0)
+        inject_adapter_in_model(LoraConfig(r=1, lora_alpha=1, target_modules=names), model)
+        reference.update({f"{component}.{k}": v for k, v in get_peft_model_state_dict(model).items()})
+    ours = {k: tuple(v.shape) for k, v in to_kohya(AdapterState("sd1", modules)).items()}
+    theirs = {}
+    for key, value in convert_state_dict_to_kohya(reference).items():
+        key = key.replace("lora_te1_", "lora_te_")
+        if key.startswith("lora_te_") and not key.startswith("lora_te_text_model_"):
+            key = key.replace("lora_te_", "lora_te_text_model_", 1)
+        theirs[key] = tuple(value.shape)
+    # 16 transformer blocks x (attn1 4 + attn2 4 + ff 2 + proj_in/out 2); 12 CLIP layers x 6
+    assert (len(modules["unet"]), len(modules["text_encoder"])) == (192, 72)
+    assert len(ours) == 3 * (192 + 72)  # lora_down, lora_up, alpha each
+    assert ours == theirs

@@ -49,13 +49,18 @@ def test_quickstart_notebook_runs(tmp_path):
     (work / "notebooks").mkdir()
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
+    km = kernel_manager(tmp_path)
     client = NotebookClient(
         nb,
-        km=kernel_manager(tmp_path),
+        km=km,
         timeout=TIMEOUT_S,
         resources={"metadata": {"path": str(work / "notebooks")}},  # the kernel's cwd
     )
-    client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+    try:
+        client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+    finally:  # a kernel manager passed in is ours to stop: the kernel outlived the test before
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     nbformat.write(nb, work / "notebooks" / "quickstart.ipynb")  # executed copy, for debugging
 
     assert nb.cells[-1].outputs[0]["text"].strip() == sys.prefix, "kernel ran another Python"
