@@ -9,6 +9,7 @@ those of the standard SD 1.x / 2.x architectures (`reference_module_paths`).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 
@@ -34,6 +35,7 @@ FORMATS = ("kohya", "diffusers")
 SAVE_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
 # Width of the cross-attention context, seen as attn2.to_k's input: tells the family of a file
 # that states none.
+logger = logging.getLogger(__name__)
 CONTEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
@@ -193,6 +195,8 @@ def adapter_from_tensors(
     except (ValueError, NotImplementedError) as e:
         raise AdapterFileError(f"{source}: {e}") from e
     state.metadata = dict(metadata)
+    if state.unmatched:  # never a silent drop: say what was left out
+        logger.warning("%s: %s", source, state.coverage())
     return state
 
 

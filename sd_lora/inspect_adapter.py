@@ -113,6 +113,8 @@ def inspect_adapter(path: str | os.PathLike) -> dict:
     try:
         state = adapter_from_tensors(tensors, metadata, source=path)
         components, kinds = _from_state(state), sorted(state.kinds())
+        if state.unmatched:
+            problems.append(f"{state.coverage()} (against the standard {family} layout)")
     except AdapterFileError as e:
         problems.append(str(e))
         try:

@@ -144,6 +144,8 @@ class AdapterState:
     family: str  # one of FAMILIES
     modules: dict[str, dict[str, LoraModule]] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    # Modules of the file that match nothing in the target model: {name in the file: why}.
+    unmatched: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -155,6 +157,14 @@ class AdapterState:
     def kinds(self) -> set[str]:
         """"lora", "loha", "lokr": what the modules are."""
         return {m.kind for comp in self.modules.values() for m in comp.values()}
+
+    def coverage(self) -> str:
+        """'N modules matched' plus what was left out, for logs and reports."""
+        text = f"{self.count()} modules matched"
+        if self.unmatched:
+            names = ", ".join(sorted(self.unmatched)[:3]) + (" ..." if len(self.unmatched) > 3 else "")
+            text += f"; {len(self.unmatched)} in the file match nothing and are left out ({names})"
+        return text
 
     def count(self) -> int:
         return sum(len(m) for m in self.modules.values())

@@ -134,18 +134,43 @@ def test_kohya_without_alpha_means_alpha_equals_rank(tiny_pipe, state):
     assert back.alphas() == {float(UNET_R)}
 
 
-def test_kohya_unmapped_key_is_an_error_naming_it(tiny_pipe, state):
+def test_kohya_modules_the_base_lacks_are_reported_and_a_foreign_file_refused(tiny_pipe, state,
+                                                                              tmp_path):
+    """A few modules the base lacks: left out and listed (never silently). Mostly foreign
+    modules: an error naming the likely cause."""
     tensors = to_kohya(state)
     tensors["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 8)
     tensors["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.zeros(8, 4)
-    with pytest.raises(KohyaKeyError, match="lora_unet_down_blocks_9_attentions_0_proj_in"):
-        from_kohya(tensors, pipeline_module_paths(tiny_pipe), "sd1")
+    back = from_kohya(tensors, pipeline_module_paths(tiny_pipe), "sd1")
+    assert back.count() == state.count()
+    assert list(back.unmatched) == ["lora_unet_down_blocks_9_attentions_0_proj_in"]
+    assert "1 in the file match nothing and are left out (lora_unet_down_blocks_9" in back.coverage()
+    from sd_lora.inspect_adapter import format_inspection, inspect_adapter
+
+    path = tmp_path / "extra.safetensors"
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "sd_v1"})
+    assert "match nothing and are left out" in format_inspection(inspect_adapter(path))
+
+    sdxl_like = {}
+    for i in range(5):  # LDM block names, as sd-scripts writes SDXL UNet keys
+        name = f"lora_unet_input_blocks_{i}_1_transformer_blocks_0_attn1_to_q"
+        sdxl_like[f"{name}.lora_down.weight"] = torch.zeros(4, 8)
+        sdxl_like[f"{name}.lora_up.weight"] = torch.zeros(8, 4)
+    with pytest.raises(KohyaKeyError, match="5 of the file's 5 kohya modules match no sd1 module"
+                                            ".*looks like an SDXL LoRA.*the base is SD 1.x"):
+        from_kohya(sdxl_like, pipeline_module_paths(tiny_pipe), "sd1")
+    wide = {k: v for k, v in to_kohya(state).items()}
+    for key in [k for k in wide if "attn2_to_k.lora_down" in k]:
+        wide[key] = torch.zeros(4, 1024)  # SD 2.x text features, on modules named like SD 1.x
+    renamed = {k.replace("lora_unet_", "lora_unet_x"): v for k, v in wide.items()}
+    with pytest.raises(KohyaKeyError, match="1024 wide, as SD 2.x does; the base is SD 1.x"):
+        from_kohya(renamed, pipeline_module_paths(tiny_pipe), "sd1")
 
 
 @pytest.mark.parametrize(
     "key, message",
     [
-        ("lora_unet_x.hada_w1_a", "not a plain LoRA tensor"),
+        ("lora_unet_x.weird_w1", "not a LoRA, LoHa or LoKr tensor"),
         ("lora_vae_x.lora_down.weight", "no known kohya prefix"),
     ],
 )

@@ -72,6 +72,10 @@ SUFFIX_KINDS: dict[str, str] = {
                                      "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
                                      "dora_scale")},
 }
+# A file may name a few modules the base lacks (A1111 and ComfyUI skip them silently); past this
+# share the file is for another model, and reading it would do almost nothing.
+MAX_UNMATCHED = 0.1
+CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention widths
 UNSUPPORTED_PARTS = {
     "hada_t1": "LoHa with Tucker-decomposed conv kernels (hada_t1/hada_t2)",
     "hada_t2": "LoHa with Tucker-decomposed conv kernels (hada_t1/hada_t2)",
@@ -254,15 +258,33 @@ def from_kohya(
     table = lookup_table(module_paths, family)
     groups = _group(tensors)
     unmapped = [name for name in groups if name not in table]
-    if unmapped:
+    if unmapped and (len(unmapped) == len(groups) or len(unmapped) > MAX_UNMATCHED * len(groups)):
         raise KohyaKeyError(
-            f"{len(unmapped)} kohya modules match no {family} module of the target model: "
-            f"{_first(unmapped)}. Is the adapter for another base family or architecture?"
+            f"{len(unmapped)} of the file's {len(groups)} kohya modules match no {family} module "
+            f"of the target model (e.g. {_first(unmapped, 3)}): {likely_cause(unmapped, tensors, family)}"
         )
     modules: dict[str, dict] = {}
     for name, parts in groups.items():
+        if name not in table:
+            continue
         component, path = table[name]
         if path in modules.get(component, {}):
             raise KohyaKeyError(f"{component} module {path!r} appears twice (e.g. as {name!r})")
         modules.setdefault(component, {})[path] = module_from_parts(parts)
-    return AdapterState(family=family, modules=modules)
+    unmatched = {name: "no module of that name in the target model" for name in unmapped}
+    return AdapterState(family=family, modules=modules, unmatched=unmatched)
+
+
+def likely_cause(names: list[str], tensors: dict[str, torch.Tensor], family: str) -> str:
+    """Why a file's modules do not match the base, from their names and shapes."""
+    base = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[family]
+    if any(n.startswith("lora_te2_") for n in names) or any(
+            part in n for n in names for part in ("input_blocks_", "output_blocks_", "middle_block_")):
+        return f"this looks like an SDXL LoRA (LDM block names or a second text encoder); the base is {base}"
+    for key, tensor in tensors.items():
+        if key.endswith("attn2_to_k.lora_down.weight"):
+            width = int(tensor.shape[1])
+            if width in CONTEXT_FAMILIES and CONTEXT_FAMILIES[width] != family:
+                return (f"its cross-attention reads text features {width} wide, as "
+                        f"{CONTEXT_FAMILIES[width]} does; the base is {base}")
+    return "the adapter is for another architecture, or its layout is one sd-lora does not know"
