@@ -17,6 +17,8 @@ import gradio as gr
 import pandas as pd
 
 from app.common import adapter_choices, format_seconds, friendly
+from sd_lora.config import load_config_text
+from sd_lora.data.plan import JobCheck
 from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
 from sd_lora.jobs import PRESETS, JobManager, JobStatus, preset_toml
@@ -98,8 +100,8 @@ class TrainTab:
 
     def wire(self, adapter_dropdowns: list) -> None:
         self.adapter_dropdowns = adapter_dropdowns
-        self.scan.click(self.show_dataset, self.data, [self.report, self.dataset], api_name="dataset",
-                        concurrency_limit=2)
+        self.scan.click(self.show_dataset, [self.data, self.toml], [self.report, self.dataset],
+                        api_name="dataset", concurrency_limit=2)
         self.zip.upload(self.upload_zip, self.zip, [self.data, self.report, self.dataset],
                         api_name="upload_zip", concurrency_limit=2)
         self.preset.change(self.preset_fields, self.preset, self.fields, api_visibility="private",
@@ -162,11 +164,19 @@ class TrainTab:
         return path
 
     @friendly
-    def show_dataset(self, choice: str | None):
+    def show_dataset(self, choice: str | None, toml_text: str | None = None):
+        """The dataset's report (what `sd-lora check` says) and, from the job TOML when it
+        parses, the plan: images and items per epoch, size, steps and epochs."""
         scan = scan_dataset(self.data_path(choice))
         shown = [(str(s.image), s.caption or "(no caption)") for s in scan.samples[:PREVIEW_IMAGES]]
         more = scan.num_images - len(shown)
         report = scan.report() + (f"\n(showing {len(shown)} of {scan.num_images} images)" if more else "")
+        if toml_text:
+            try:
+                config = load_config_text(toml_text, source="the job TOML")
+                report += "\n\n" + JobCheck(config, "as chosen above", scan, None).plan_text()
+            except UserError:  # being edited: Start training reports what is wrong with it
+                pass
         return report, shown
 
     @friendly

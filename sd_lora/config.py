@@ -170,15 +170,22 @@ class JobConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
     """Defaults, then the TOML file (if any), then `section.field=value` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    if path is None:
+        return load_config_text("", overrides)
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    return load_config_text(text, overrides, source=str(path))
+
+
+def load_config_text(text: str, overrides: list[str] = (), source: str = "the config") -> JobConfig:
+    """`load_config` on TOML text (the app's job editor); errors name `source`."""
+    try:
+        raw: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
     for item in overrides:
         _set_dotted(raw, *parse_override(item))
     config = build(JobConfig, raw, "")

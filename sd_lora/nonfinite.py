@@ -49,7 +49,7 @@ class NonFiniteGuard:
         self.in_a_row += 1
         if self.first_bad_step is None:
             self.first_bad_step = step
-        logger.warning("step %d skipped: %s (loss %s); %d skipped so far", step, what, loss,
+        logger.warning("step %d skipped: %s (loss %.4g); %d skipped so far", step, what, loss,
                        self.skipped)
         if self.max_consecutive and self.in_a_row >= self.max_consecutive:
             raise TrainingDiverged(self.message(step, what))

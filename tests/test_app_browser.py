@@ -221,6 +221,9 @@ def test_train_from_the_page_survives_closing_it(browser, app):
     choose(page, "#train-data", "datasets/stripes")
     page.click("#train-scan")
     sync_api.expect(text(page, "#train-report")).to_have_value(re.compile("broken.png"))
+    # the plan from the job the page holds (the quick preset: 300 steps of 4 images)
+    sync_api.expect(text(page, "#train-report")).to_have_value(
+        re.compile(r"Plan: base .*300 steps of 4 images", re.S))
     sync_api.expect(page.locator("#train-dataset img")).to_have_count(4)
     text(page, "#train-name").fill("browser-lora")
     text(page, "#train-name").blur()

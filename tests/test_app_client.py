@@ -172,8 +172,14 @@ def test_compare_and_xy_grid(app):
 
 def test_dataset_zip_upload_and_escape_attempts(app, tmp_path):
     client, workspace, _ = app
-    report, images = client.predict("datasets/stripes", api_name="/dataset")
+    report, images = client.predict("datasets/stripes", "", api_name="/dataset")
     assert "4 images" in report and "broken.png" in report and "notes.txt.bak" in report
+    assert "Plan:" not in report  # no job TOML: the dataset's report alone
+    job = 'version = 1\n[data]\npath = "x"\n[train]\nmax_steps = 12\nbatch_size = 2\n'
+    report, _ = client.predict("datasets/stripes", job, api_name="/dataset")
+    assert "4 images (4 items per epoch)" in report and "12 steps of 2 images: 6.0 epochs" in report
+    report, _ = client.predict("datasets/stripes", "[train\nbroken", api_name="/dataset")
+    assert "4 images" in report and "Plan:" not in report  # a TOML being edited is left alone
     assert len(images) == 4 and all(item["caption"].startswith("zkstripes") for item in images)
     archive = tmp_path / "my set.zip"
     with zipfile.ZipFile(archive, "w") as zf:
@@ -190,9 +196,9 @@ def test_dataset_zip_upload_and_escape_attempts(app, tmp_path):
         client.predict(gradio_client.handle_file(str(evil)), api_name="/upload_zip")
     assert not (tmp_path / "escape.txt").exists()
     with pytest.raises(AppError, match="contains '..'"):
-        client.predict("../../etc", api_name="/dataset")
+        client.predict("../../etc", "", api_name="/dataset")
     with pytest.raises(AppError, match="not a folder inside"):
-        client.predict("/etc", api_name="/dataset")
+        client.predict("/etc", "", api_name="/dataset")
 
 
 def wait_for(client, job_id, states, timeout=240):

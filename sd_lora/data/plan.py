@@ -68,14 +68,17 @@ class JobCheck:
         }
 
     def text(self) -> str:
-        plan = self.plan()
-        size = plan["resolution"]
-        size = f"{size}x{size}" if isinstance(size, int) else size
+        """The dataset reports, then the plan."""
         lines = [self.data.report()]
         if self.regularization:
             lines.append(self.regularization.report())
-        lines += [
-            "",
+        return "\n".join(lines + ["", self.plan_text()])
+
+    def plan_text(self) -> str:
+        plan = self.plan()
+        size = plan["resolution"]
+        size = f"{size}x{size}" if isinstance(size, int) else size
+        lines = [
             f"Plan: base {plan['base']}",
             f"  {plan['images']} images ({plan['items_per_epoch']} items per epoch"
             + (f", {plan['regularization_images']} regularization images among them"
