@@ -24,7 +24,8 @@ REPORT_STYLES = ("auto", "none", "stripes", "pastel", "outline", "pixel", "sepia
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
-LrSchedule = Literal["constant", "linear", "cosine"]
+LrSchedule = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+LossKind = Literal["l2", "huber", "smooth_l1"]
 ExportFormat = Literal["kohya", "diffusers"]
 ExportDtype = Literal["fp16", "bf16", "fp32"]
 
@@ -48,6 +49,13 @@ class DataConfig:
     center_crop: bool = True
     random_flip: bool = False
     caption_extensions: tuple[str, ...] = (".txt", ".caption")
+    # The share of the style's items trained with an empty caption (sd-scripts'
+    # caption_dropout_rate): the adapter also learns the style unprompted. 0: never.
+    caption_dropout: float = 0.0
+    # sd-scripts' shuffle_caption / keep_tokens: the comma-separated tags in a new order for
+    # each item and epoch, the first keep_tokens tags (the trigger word) left in front.
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
     # Regularization images (DreamBooth's prior preservation, sd-scripts' reg_data_dir): a folder
     # of images NOT in the style, captioned without the trigger word, trained alongside (repeated
     # or cut to as many items per epoch as the style images) so that the adapter learns to change
@@ -93,7 +101,14 @@ class TrainConfig:
     learning_rate: float = 1e-4  # UNet LoRA
     text_encoder_learning_rate: float = 5e-5
     lr_scheduler: LrSchedule = "constant"
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = 0  # a linear ramp from 0, for every schedule (constant included)
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts: how many times the cosine restarts
+    lr_scheduler_power: float = 1.0  # polynomial: the decay's power (1: linear)
+    # The loss on each element: "l2" (squared error), or sd-scripts' pseudo-Huber forms, robust
+    # to outliers: "huber" 2c(sqrt(e^2 + c^2) - c), "smooth_l1" 2(sqrt(e^2 + c^2) - c), c =
+    # huber_c. Both are ~e^2 for |e| << c; past c they grow like |e|.
+    loss: LossKind = "l2"
+    huber_c: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -273,13 +288,13 @@ def _check_scalar(hint: type, value: Any, dotted: str) -> Any:
 REGULARIZATION_TARGETS = ("noise", "base")
 
 _POSITIVE = {
-    "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps",
+    "train.max_steps", "train.lr_scheduler_num_cycles", "train.huber_c", "train.batch_size", "train.gradient_accumulation_steps",
     "lora.unet_r", "lora.text_encoder_r", "sample.steps", "report.max_images",
 }
 _NON_NEGATIVE = {
     "data.resolution", "train.lr_warmup_steps", "train.checkpoint_every",
     "train.checkpoints_keep", "train.dataloader_workers", "sample.every",
-    "train.max_nonfinite_steps",
+    "train.max_nonfinite_steps", "train.lr_scheduler_power", "data.keep_tokens",
     "train.max_grad_norm", "train.adam_weight_decay", "train.noise_offset",
     "train.min_snr_gamma", "data.regularization_weight",
 }
@@ -300,6 +315,8 @@ def validate(config: JobConfig) -> None:
             raise ConfigError(f"{dotted} = {value!r} must be between 0 and 1 (e.g. 1e-4)")
     if not 0 <= config.lora.dropout < 1:
         raise ConfigError(f"lora.dropout = {config.lora.dropout!r} must be in [0, 1)")
+    if not 0 <= config.data.caption_dropout <= 1:
+        raise ConfigError(f"data.caption_dropout = {config.data.caption_dropout!r} must be in [0, 1]")
     if not 0 <= config.data.regularization_caption_dropout <= 1:
         raise ConfigError(
             f"data.regularization_caption_dropout = {config.data.regularization_caption_dropout!r}"

@@ -82,17 +82,37 @@ def denoising_loss(
     timesteps: torch.Tensor,  # (B,)
     weights: torch.Tensor | None = None,  # (B,) per-sample loss weights, e.g. min_snr_weights
     wanted: torch.Tensor | None = None,  # (B, 4, h, w) instead of `target`, e.g. preserved_target
+    kind: str = "l2",  # see element_loss
+    huber_c: float = 0.1,
 ) -> torch.Tensor:
-    """Mean squared error between the UNet's prediction and the target, in fp32; with `weights`,
-    the mean over samples of weight x that sample's mean squared error."""
+    """The element loss (squared error by default) between the UNet's prediction and the
+    target, in fp32, averaged; with `weights`, the mean over samples of weight x that sample's
+    mean loss."""
     noisy = schedule.add_noise(latents, noise, timesteps.to(latents.device))
     prediction = unet(noisy, timesteps.to(latents.device), text_embeddings).sample
     if wanted is None:
         wanted = target(schedule, latents.float(), noise.float(), timesteps.to(latents.device))
+    per_element = element_loss(prediction.float(), wanted.float(), kind, huber_c)
     if weights is None:
-        return F.mse_loss(prediction.float(), wanted.float())
-    per_sample = F.mse_loss(prediction.float(), wanted.float(), reduction="none")
-    return (per_sample.mean(dim=tuple(range(1, per_sample.ndim))) * weights.float()).mean()
+        return per_element.mean()
+    return (per_element.mean(dim=tuple(range(1, per_element.ndim))) * weights.float()).mean()
+
+
+def element_loss(prediction: torch.Tensor, wanted: torch.Tensor, kind: str = "l2",
+                 huber_c: float = 0.1) -> torch.Tensor:
+    """Per-element loss: "l2" e^2; sd-scripts' pseudo-Huber "huber" 2c(sqrt(e^2 + c^2) - c) and
+    "smooth_l1" 2(sqrt(e^2 + c^2) - c), with e = prediction - wanted. Both Huber forms are
+    ~e^2 (times 1, resp. 1/c) for |e| << c and linear in |e| beyond: a few wild errors (a
+    mislabeled image, an outlier timestep) pull less."""
+    if kind == "l2":
+        return F.mse_loss(prediction, wanted, reduction="none")
+    error = prediction - wanted
+    soft = torch.sqrt(error**2 + huber_c**2) - huber_c
+    if kind == "huber":
+        return 2 * huber_c * soft
+    if kind == "smooth_l1":
+        return 2 * soft
+    raise ValueError(f"unknown loss {kind!r}; use l2, huber or smooth_l1")
 
 
 @torch.no_grad()

@@ -93,6 +93,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     print(check.text())
     scan = check.data
     regularization = regularization_samples(config.data, scan, check.regularization)
+    style = style_samples(config.data, scan)
     accelerator = make_accelerator(config.train, output_dir)
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
     pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
@@ -102,7 +103,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
         enable_gradient_checkpointing(trained)
     optimizer = make_optimizer(trained, config.train)
     lr_scheduler = make_lr_scheduler(optimizer, config.train, accelerator.num_processes)
-    dataset, loader = make_dataloader(scan.samples + regularization, resolution, config.data,
+    dataset, loader = make_dataloader(style + regularization, resolution, config.data,
                                       config.train)
     prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
     models = dict(zip(trained, prepared[: len(trained)]))
@@ -250,13 +251,22 @@ def make_optimizer(trained: dict[str, torch.nn.Module], cfg: TrainConfig) -> tor
 
 
 def make_lr_scheduler(optimizer, cfg: TrainConfig, num_processes: int):
-    # Accelerate steps a prepared scheduler once per process, hence the scaling.
+    # Accelerate steps a prepared scheduler once per process, hence the scaling. diffusers'
+    # "constant" ignores warmup steps without a word; "constant_with_warmup" honours them.
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps else cfg.lr_scheduler
     return get_scheduler(
-        cfg.lr_scheduler,
+        name,
         optimizer,
         num_warmup_steps=cfg.lr_warmup_steps * num_processes,
         num_training_steps=cfg.max_steps * num_processes,
+        num_cycles=cfg.lr_scheduler_num_cycles,
+        power=cfg.lr_scheduler_power,
     )
+
+
+def style_samples(cfg: DataConfig, scan: DatasetScan) -> list[Sample]:
+    """The dataset's samples, with the caption dropout asked for (data.caption_dropout)."""
+    return [replace(s, caption_dropout=cfg.caption_dropout) for s in scan.samples]
 
 
 def regularization_samples(cfg: DataConfig, scan: DatasetScan,
@@ -276,6 +286,7 @@ def make_dataloader(samples: list[Sample], resolution: int, data: DataConfig, cf
     dataset = ImageCaptionDataset(
         samples, resolution, center_crop=data.center_crop,
         random_flip=data.random_flip, seed=cfg.seed,
+        shuffle_tags=data.shuffle_tags, keep_tokens=data.keep_tokens,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=EpochSampler(len(dataset), seed=cfg.seed),
@@ -375,7 +386,7 @@ class TrainingLoop:
                                                     self.config.train.min_snr_gamma)
             wanted = self.preserved_targets(batch, latents, noise, timesteps, input_ids)
             loss = denoising_loss(unet, self.schedule, latents, embeddings, noise, timesteps,
-                                  weights, wanted)
+                                  weights, wanted, self.config.train.loss, self.config.train.huber_c)
             accelerator.backward(loss)
             loss_value = float(accelerator.gather(loss.detach()).mean())  # NaN if any process's is
             if not math.isfinite(loss_value) and self.window_bad_loss is None:

@@ -223,3 +223,28 @@ def test_inspection_describes_a_file_it_cannot_resolve(tmp_path):
         "alphas": [8],
     }
     assert "problem:" in format_inspection(info)
+
+
+def test_a_runs_recipe_lands_in_the_keys_sd_scripts_uses():
+    from pathlib import Path
+
+    from sd_lora.config import load_config
+    from sd_lora.data import scan_dataset
+    from sd_lora.run_outputs import training_info
+
+    sample = Path(__file__).resolve().parents[1] / "datasets" / "sample_stripes"
+    config = load_config(None, ['train.lr_scheduler="cosine_with_restarts"', "train.lr_warmup_steps=50",
+                                "data.caption_dropout=0.1", "data.shuffle_tags=true",
+                                "data.keep_tokens=1", 'train.loss="huber"', "train.huber_c=0.2",
+                                "train.gradient_accumulation_steps=2"])
+    info = training_info(config, "sd1", "epsilon", scan_dataset(sample), 512, 1.7e9)
+    metadata = build_metadata(small_state(), info)
+    assert {k: metadata[k] for k in ("ss_lr_scheduler", "ss_lr_warmup_steps",
+                                     "ss_caption_dropout_rate", "ss_shuffle_caption",
+                                     "ss_keep_tokens", "ss_loss_type", "ss_huber_c",
+                                     "ss_gradient_accumulation_steps")} == {
+        "ss_lr_scheduler": "cosine_with_restarts", "ss_lr_warmup_steps": "50",
+        "ss_caption_dropout_rate": "0.1", "ss_shuffle_caption": "True", "ss_keep_tokens": "1",
+        "ss_loss_type": "huber", "ss_huber_c": "0.2", "ss_gradient_accumulation_steps": "2"}
+    assert "ss_huber_c" not in build_metadata(small_state(), training_info(
+        load_config(None), "sd1", "epsilon", scan_dataset(sample), 512, 1.7e9))

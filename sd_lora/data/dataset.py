@@ -35,6 +35,8 @@ class ImageCaptionDataset(Dataset):
         center_crop: bool = True,
         random_flip: bool = False,
         seed: int = 0,
+        shuffle_tags: bool = False,
+        keep_tokens: int = 0,
     ) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
@@ -45,6 +47,7 @@ class ImageCaptionDataset(Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.shuffle_tags, self.keep_tokens = shuffle_tags, keep_tokens
         self.epoch = 0
         self._reported: set[str] = set()  # paths already logged as unreadable (per process)
 
@@ -78,7 +81,10 @@ class ImageCaptionDataset(Dataset):
             random.Random(f"{self.seed}:{self.epoch}:{i}:caption").random() < item.caption_dropout
         ):
             return ""
-        return item.caption
+        if not self.shuffle_tags:
+            return item.caption
+        return shuffled_tags(item.caption, self.keep_tokens,
+                             random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
 
     def _load(self, i: int) -> torch.Tensor | None:
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")  # str seeds hash with SHA-512: stable
@@ -97,3 +103,12 @@ class ImageCaptionDataset(Dataset):
                 )
             return None
         return pixels.flip(-1) if flip else pixels
+
+
+def shuffled_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
+    """sd-scripts' shuffle_caption: the comma-separated tags in a random order, the first
+    `keep_tokens` tags (the trigger word, usually) left in place at the front."""
+    tags = [t.strip() for t in caption.split(",")]
+    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(rest)
+    return ", ".join(t for t in kept + rest if t)

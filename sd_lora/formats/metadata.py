@@ -67,6 +67,8 @@ class TrainingInfo:
     min_snr_gamma: float | None = None  # ss_min_snr_gamma (None: unweighted loss)
     noise_offset: float | None = None  # ss_noise_offset
     prior_loss_weight: float | None = None  # ss_prior_loss_weight (with regularization images)
+    # More sd-scripts recipe keys, already named: {"ss_lr_scheduler": "cosine", ...}
+    recipe: Mapping[str, object] = field(default_factory=dict)
     started_at: float | None = None  # unix time
     finished_at: float | None = None  # unix time
     trigger_phrase: str | None = None
@@ -158,6 +160,7 @@ def _training_keys(info: TrainingInfo, family: str) -> dict[str, object]:
         "ss_min_snr_gamma": info.min_snr_gamma,
         "ss_noise_offset": info.noise_offset,
         "ss_prior_loss_weight": info.prior_loss_weight,
+        **dict(info.recipe),
         "modelspec.architecture": architecture(family, info.prediction_type),
         "modelspec.title": info.name,
         "modelspec.resolution": f"{width}x{height}",

@@ -1,0 +1,118 @@
+"""Recipe options shown to have their effect: learning-rate schedules (warmup honoured by every
+one, restarts, polynomial power), the pseudo-Huber losses, tag shuffling with keep_tokens and
+caption dropout."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sd_lora.config import ConfigError, load_config
+from sd_lora.data import ImageCaptionDataset, scan_dataset
+from sd_lora.data.dataset import shuffled_tags
+from sd_lora.objective import denoising_loss, element_loss, training_schedule
+from sd_lora.tiny import sd1_scheduler_config
+from sd_lora.train import make_lr_scheduler, style_samples
+from tests.test_world import TOY_DATA
+
+
+def learning_rates(*overrides: str, steps: int = 20) -> list[float]:
+    cfg = load_config(None, [f"train.max_steps={steps}", *overrides]).train
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_lr_scheduler(optimizer, cfg, num_processes=1)
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_constant_schedule_honours_warmup():
+    # diffusers' own "constant" would ignore the warmup steps: 1.0 from the first step.
+    assert learning_rates("train.lr_warmup_steps=4")[:6] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert set(learning_rates()) == {1.0}
+
+
+def test_cosine_with_restarts_and_polynomial_follow_their_formulas():
+    rates = learning_rates('train.lr_scheduler="cosine_with_restarts"', "train.lr_scheduler_num_cycles=2")
+    for t, lr in enumerate(rates):  # each half of the run is one full cosine from 1 to 0
+        phase = (t % 10) / 10
+        assert math.isclose(lr, 0.5 * (1 + math.cos(math.pi * phase)), abs_tol=1e-6), t
+    assert rates[10] == 1.0 and rates[9] < 0.03  # the restart
+    rates = learning_rates('train.lr_scheduler="polynomial"', "train.lr_scheduler_power=2")
+    for t, lr in enumerate(rates):
+        assert math.isclose(lr, (1 - t / 20) ** 2, abs_tol=1e-6), t
+    with pytest.raises(ConfigError, match="lr_scheduler_num_cycles = 0 must be positive"):
+        load_config(None, ["train.lr_scheduler_num_cycles=0"])
+
+
+def test_pseudo_huber_losses_are_quadratic_near_zero_and_linear_far_away():
+    c = 0.1
+    e = torch.tensor([1e-3, 0.05, 1.0, 10.0])
+    zero = torch.zeros(4)
+    torch.testing.assert_close(element_loss(e, zero, "l2"), e**2)
+    huber, smooth = element_loss(e, zero, "huber", c), element_loss(e, zero, "smooth_l1", c)
+    torch.testing.assert_close(huber, 2 * c * (torch.sqrt(e**2 + c**2) - c))
+    assert math.isclose(huber[0].item(), 1e-6, rel_tol=1e-3)  # ~e^2 for |e| << c
+    assert math.isclose(smooth[0].item(), 1e-6 / c, rel_tol=1e-3)  # ~e^2 / c
+    assert math.isclose(huber[3].item(), 2 * c * 10 - 2 * c * c, rel_tol=1e-3)  # ~2c|e|
+    assert math.isclose(smooth[3].item(), 2 * 10 - 2 * c, rel_tol=1e-3)  # ~2|e|
+    assert huber[3] < (e**2)[3] / 40  # an outlier pulls far less than under l2
+    with pytest.raises(ValueError, match="unknown loss"):
+        element_loss(e, zero, "l1")
+
+
+def test_denoising_loss_uses_the_chosen_element_loss():
+    class Oracle(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward(self, *args):
+            return type("Out", (), {"sample": self.out})()
+
+    schedule = training_schedule(sd1_scheduler_config(), "epsilon")
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    wrong = noise + 3.0
+    t = torch.tensor([5, 500])
+    huber = denoising_loss(Oracle(wrong), schedule, latents, None, noise, t, kind="huber", huber_c=0.1)
+    assert math.isclose(float(huber), 2 * 0.1 * (math.sqrt(9 + 0.01) - 0.1), rel_tol=1e-5)
+    assert math.isclose(float(denoising_loss(Oracle(wrong), schedule, latents, None, noise, t)), 9.0,
+                        rel_tol=1e-5)
+
+
+def test_tag_shuffle_keeps_the_first_tags_and_every_tag():
+    caption = "zkpastel, two red circles, a blue square, on green, small"
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(50):
+        out = shuffled_tags(caption, 1, rng)
+        assert out.startswith("zkpastel, ")
+        assert Counter(out.split(", ")) == Counter(caption.split(", "))
+        seen.add(out)
+    assert len(seen) > 10  # the order really changes
+    assert shuffled_tags(caption, 5, rng) == caption  # all kept
+
+
+def test_dataset_shuffles_tags_reproducibly_and_drops_style_captions_at_the_asked_rate():
+    scan = scan_dataset(TOY_DATA / "pastel")
+    tags = "zkpastel, red circle, blue square, green background, two shapes"
+    samples = [replace(s, caption=tags) for s in scan.samples] * 8  # 256 items, 5 tags each
+    a = ImageCaptionDataset(samples, 64, seed=3, shuffle_tags=True, keep_tokens=1)
+    b = ImageCaptionDataset(samples, 64, seed=3, shuffle_tags=True, keep_tokens=1)
+    first = [a._caption(i) for i in range(len(a))]
+    assert first == [b._caption(i) for i in range(len(b))]  # same seed, epoch, index: same order
+    assert all(c.startswith("zkpastel") for c in first)
+    a.set_epoch(1)
+    assert first != [a._caption(i) for i in range(len(a))]
+    data = load_config(None, ["data.caption_dropout=0.25"]).data
+    dropped = ImageCaptionDataset(style_samples(data, scan) * 8, 64, seed=3)
+    share = [dropped._caption(i) for i in range(len(dropped))].count("") / len(dropped)
+    assert 0.17 < share < 0.33, share
+    assert all(s.caption_dropout == 0 for s in style_samples(load_config(None).data, scan))
