@@ -143,6 +143,19 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
+def remove_incomplete(output_dir: Path) -> list[Path]:
+    """Delete the temporary folders of checkpoints whose writer died mid-save (a SIGKILL or a
+    power cut skips the cleanup): they are never complete and never read. Call it before a
+    run starts writing here; returns what was removed."""
+    if not output_dir.is_dir():
+        return []
+    stale = [p for p in output_dir.iterdir()
+             if p.is_dir() and p.name.startswith(".checkpoint-") and p.name.endswith(".tmp")]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
+
+
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -27,6 +27,7 @@ from sd_lora.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    remove_incomplete,
     save_checkpoint,
     write_failed,
 )
@@ -158,6 +159,8 @@ def prepare_run_folder(cfg: TrainConfig, resume: bool) -> Path:
             "or choose another --output (nothing was changed)"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in remove_incomplete(output_dir):
+        print(f"removed {stale.name}: a checkpoint whose save was interrupted (never complete)")
     return output_dir
 
 

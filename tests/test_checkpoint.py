@@ -84,3 +84,17 @@ def test_listing_ignores_temporary_folders_and_prunes_oldest(tmp_path):
         "checkpoint-000005", "checkpoint-000010", "checkpoint-000015"]
     prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000010", "checkpoint-000015"]
+
+
+def test_a_save_killed_half_way_leaves_a_temporary_folder_the_next_start_removes(tmp_path):
+    from sd_lora.checkpoint import remove_incomplete
+
+    models, optimizer, scheduler = _setup(0)
+    save_checkpoint(checkpoint_path(tmp_path, 5), models, optimizer, scheduler,
+                    Progress(5, 0, 5), torch.Generator())
+    killed = tmp_path / ".checkpoint-000010.abc123.tmp"  # what atomic_folder leaves on SIGKILL
+    killed.mkdir()
+    (killed / "lora.safetensors").write_bytes(b"half")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000005"]
+    assert remove_incomplete(tmp_path) == [killed] and not killed.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-000005"]

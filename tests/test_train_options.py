@@ -187,7 +187,7 @@ def test_regularization_target_base_trains_toward_the_adapter_off_prediction():
         adapted = pipe.unet(schedule.add_noise(latents, noise, t), t,
                             encode_prompts(trained["text_encoder"], ids)).sample
     assert (adapted[1:] - moved[1:]).abs().max() > 1e-3  # the loss sees the adapter's change
-    with pytest.raises(ConfigError, match="one of 'noise', 'base'"):
+    with pytest.raises(ConfigError, match=r"regularization_target = 'model' is not allowed; use one of \('noise', 'base'\)"):
         load_config(None, ['data.regularization="x"', 'data.regularization_target="model"'])
     with pytest.raises(ConfigError, match="data.regularization is empty"):
         load_config(None, ['data.regularization_target="base"'])
