@@ -29,14 +29,13 @@ from sd_lora.formats.metadata import (
     family_from_metadata,
     file_hashes,
 )
-from sd_lora.lora_state import COMPONENTS, AdapterState
+from sd_lora.lora_state import COMPONENTS, CONTEXT_WIDTH_FAMILY, AdapterState
 
 FORMATS = ("kohya", "diffusers")
 SAVE_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
 # Width of the cross-attention context, seen as attn2.to_k's input: tells the family of a file
 # that states none.
 logger = logging.getLogger(__name__)
-CONTEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
 class AdapterFileError(UserError):  # a ValueError too

@@ -59,11 +59,11 @@ def _dtype_flag(parser, default: str | None) -> None:
 
 
 def _torch_dtype(name: str | None, like=None):
-    import torch
+    from sd_lora.run_outputs import EXPORT_DTYPES as TORCH_DTYPES  # the export's own table
 
     if name is None:  # as the source stored it
-        return like if like in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+        return like if like in TORCH_DTYPES.values() else TORCH_DTYPES["fp32"]
+    return TORCH_DTYPES[name]
 
 
 def _source_dtype(path: Path):

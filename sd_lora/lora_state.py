@@ -19,6 +19,9 @@ import torch
 # The pipeline attribute each component lives under; the same strings key `AdapterState.modules`.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# The text features each family's cross-attention reads: what a file's to_k input width tells.
+CONTEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
 @dataclass

@@ -165,6 +165,11 @@ def test_kohya_modules_the_base_lacks_are_reported_and_a_foreign_file_refused(ti
     renamed = {k.replace("lora_unet_", "lora_unet_x"): v for k, v in wide.items()}
     with pytest.raises(KohyaKeyError, match="1024 wide, as SD 2.x does; the base is SD 1.x"):
         from_kohya(renamed, pipeline_module_paths(tiny_pipe), "sd1")
+    same_width = {k: (torch.zeros(4, 768) if "attn2_to_k.lora_down" in k else v)
+                  for k, v in renamed.items()}  # the base's own width: not the cause
+    with pytest.raises(KohyaKeyError, match="for another architecture") as err:
+        from_kohya(same_width, pipeline_module_paths(tiny_pipe), "sd1")
+    assert "as SD 1.x does" not in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,14 @@ import torch
 
 from sd_lora.inject import CLIP_PREFIX
 from sd_lora.inject import canonical_name as canonical_path  # CLIP paths keep `text_model.`
-from sd_lora.lora_state import AdapterState, LohaModule, LokrModule, LoraModule
+from sd_lora.lora_state import (
+    CONTEXT_WIDTH_FAMILY,
+    FAMILY_NAMES,
+    AdapterState,
+    LohaModule,
+    LokrModule,
+    LoraModule,
+)
 
 # The prefix written for each component, per base family. SDXL's row is here so that the table
 # is complete, but sd-scripts writes SDXL UNet keys with LDM names (input_blocks_4_1_...), which
@@ -75,7 +82,6 @@ SUFFIX_KINDS: dict[str, str] = {
 # A file may name a few modules the base lacks (A1111 and ComfyUI skip them silently); past this
 # share the file is for another model, and reading it would do almost nothing.
 MAX_UNMATCHED = 0.1
-CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention widths
 UNSUPPORTED_PARTS = {
     "hada_t1": "LoHa with Tucker-decomposed conv kernels (hada_t1/hada_t2)",
     "hada_t2": "LoHa with Tucker-decomposed conv kernels (hada_t1/hada_t2)",
@@ -277,14 +283,15 @@ def from_kohya(
 
 def likely_cause(names: list[str], tensors: dict[str, torch.Tensor], family: str) -> str:
     """Why a file's modules do not match the base, from their names and shapes."""
-    base = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[family]
+    base = FAMILY_NAMES[family]
     if any(n.startswith("lora_te2_") for n in names) or any(
             part in n for n in names for part in ("input_blocks_", "output_blocks_", "middle_block_")):
         return f"this looks like an SDXL LoRA (LDM block names or a second text encoder); the base is {base}"
     for key, tensor in tensors.items():
         if key.endswith("attn2_to_k.lora_down.weight"):
             width = int(tensor.shape[1])
-            if width in CONTEXT_FAMILIES and CONTEXT_FAMILIES[width] != family:
+            other = CONTEXT_WIDTH_FAMILY.get(width)
+            if other is not None and other != family:
                 return (f"its cross-attention reads text features {width} wide, as "
-                        f"{CONTEXT_FAMILIES[width]} does; the base is {base}")
+                        f"{FAMILY_NAMES[other]} does; the base is {base}")
     return "the adapter is for another architecture, or its layout is one sd-lora does not know"
