@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/train_speed.py                  # tiny (64 px) and SD 1.5 (256 px)
     .venv/bin/python bench/train_speed.py --only tiny --json /tmp/speed.json
+    .venv/bin/python bench/train_speed.py --only sdxl --precision bf16   # SDXL, 512 px
 
-Bases: the built-in `tiny` pipeline, and the full SD 1.5 architecture (UNet, CLIP ViT-L text
-encoder, VAE) built with random weights from the bundled configs; speed does not depend on the
-weight values, and nothing is downloaded. For each base it measures fp32 and bf16 (fp16 too when
+Bases: the built-in `tiny` pipeline, the full SD 1.5 architecture (UNet, CLIP ViT-L text
+encoder, VAE) and the full SDXL base architecture (UNet, CLIP ViT-L and OpenCLIP ViT-bigG, VAE;
+only with --only sdxl, it is slow on a CPU), built with random weights from the bundled configs;
+speed does not depend on the weight values, and nothing is downloaded. For each base it measures fp32 and bf16 (fp16 too when
 CUDA is present), with and without gradient checkpointing, and two kinds of step:
 
 - "full": `TrainingLoop.train_micro_batch` as the trainer runs it: VAE encode of the images,
@@ -36,15 +38,23 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sd_lora.config import JobConfig, LoraConfig, ModelConfig, TrainConfig
 from sd_lora.inject import lora_parameters
 from sd_lora.models import freeze, prediction_type_of
 from sd_lora.objective import denoising_loss, sample_noise, sample_timesteps, training_schedule
-from sd_lora.text import encode_prompts, tokenize
+from sd_lora.text import default_time_ids, encode_all, text_encoders_of, tokenize_all, tokenizers_of
 from sd_lora.tiny import clip_tokenizer
+from sd_lora.tiny_variants import open_clip_tokenizer
 from sd_lora.train import (
     WEIGHT_DTYPES,
     TrainingLoop,
@@ -56,14 +66,16 @@ from sd_lora.train import (
 )
 
 RESULT_TAG = "BENCH_RESULT "  # the child's one line of stdout that the parent reads
-DEFAULT_RESOLUTION = {"tiny": 64, "sd15": 256}  # tiny at its native size
-DEFAULT_STEPS = {"tiny": 20, "sd15": 3}
-BATCH_SIZE = {"tiny": 4, "sd15": 1}
+DEFAULT_RESOLUTION = {"tiny": 64, "sd15": 256, "sdxl": 512}  # tiny at its native size
+DEFAULT_STEPS = {"tiny": 20, "sd15": 3, "sdxl": 2}
+BATCH_SIZE = {"tiny": 4, "sd15": 1, "sdxl": 1}
 LORA = dict(unet_r=16, unet_alpha=16.0, unet_targets=("attn",),
             text_encoder_r=8, text_encoder_alpha=8.0, text_encoder_targets=("attn",))
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # our label -> Accelerate's
 CAPTION = "a photo of a red bicycle leaning against a brick wall, soft evening light"
-SD15_CONFIGS = Path(__file__).resolve().parent.parent / "sd_lora/assets/configs/stable-diffusion-v1-5"
+CONFIGS = Path(__file__).resolve().parent.parent / "sd_lora/assets/configs"
+SD15_CONFIGS = CONFIGS / "stable-diffusion-v1-5"
+SDXL_CONFIGS = CONFIGS / "stable-diffusion-xl-base-1.0"
 CACHING_NOTE = ("The trainer does not cache latents or text embeddings yet (a later issue): it "
                 "runs the 'full' step. 'cached' shows what caching would leave per step.")
 
@@ -117,7 +129,8 @@ def build_base(base: str, precision: str, device):
     """A frozen pipeline in the trainer's dtypes: base weights in the training precision, VAE fp32."""
     if base == "tiny":
         return load_frozen_base(ModelConfig(base="tiny"), MIXED_PRECISION[precision], device)
-    pipe = freeze(build_sd15_pipeline(precision))
+    build = build_sdxl_pipeline if base == "sdxl" else build_sd15_pipeline
+    pipe = freeze(build(precision))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -138,6 +151,24 @@ def build_sd15_pipeline(precision: str):
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
         scheduler=PNDMScheduler.from_config(scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def build_sdxl_pipeline(precision: str):
+    """SDXL base's architecture with random weights, from the bundled configs (no download)."""
+    def config(component: str) -> dict:
+        return json.loads((SDXL_CONFIGS / component / "config.json").read_text())
+
+    with default_dtype(WEIGHT_DTYPES[MIXED_PRECISION[precision]]):
+        unet = UNet2DConditionModel.from_config(config("unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder")))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config("text_encoder_2")))
+    vae = AutoencoderKL.from_config(config("vae"))
+    scheduler_config = json.loads((SDXL_CONFIGS / "scheduler/scheduler_config.json").read_text())
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(), tokenizer_2=open_clip_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(scheduler_config), add_watermarker=False,
     )
 
 
@@ -178,7 +209,10 @@ def make_training_loop(case: Case, accelerator, pipe):
 
 def full_step(loop, pixels, captions):
     """The step the trainer runs today: encode images and captions, then the LoRA update."""
-    batch = {"pixel_values": pixels, "caption": captions}
+    size = pixels.shape[-1]
+    batch = {"pixel_values": pixels, "caption": captions,
+             "loss_weight": torch.ones(len(captions)), "preserve": torch.zeros(len(captions), dtype=torch.bool),
+             "time_ids": default_time_ids(len(captions), size, size)}
     return lambda: loop.train_micro_batch(batch)
 
 
@@ -187,8 +221,10 @@ def cached_step(loop, pixels, captions):
     accelerator, unet = loop.accelerator, loop.models["unet"]
     latents = loop.encode_images(pixels)  # (B, 4, H/8, W/8)
     with torch.no_grad():
-        input_ids = tokenize(loop.pipe.tokenizer, captions).to(accelerator.device)
-        embeddings = encode_prompts(loop.pipe.text_encoder, input_ids)  # (B, 77, 768)
+        input_ids = tokenize_all(tokenizers_of(loop.pipe), captions).to(accelerator.device)
+        size = pixels.shape[-1]
+        embeddings = encode_all(text_encoders_of(loop.pipe), input_ids,  # (B, 77, 768 or 2048)
+                                default_time_ids(len(captions), size, size))
 
     def step() -> float:
         # Same order and extras (clipping, schedule) as train_micro_batch, so the difference
@@ -279,6 +315,8 @@ def child_main(spec: str) -> int:
 
 def all_cases(args) -> list[Case]:
     precisions = ["fp32", "bf16"] + (["fp16"] if torch.cuda.is_available() else [])
+    if args.precision:
+        precisions = [args.precision]
     bases = [args.only] if args.only else ["tiny", "sd15"]
     return [
         Case(base, args.resolution or DEFAULT_RESOLUTION[base], precision, checkpointing, cached,
@@ -375,7 +413,9 @@ def run_all(args) -> tuple[list[dict], dict]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["tiny", "sd15"], help="run one base only")
+    parser.add_argument("--only", choices=["tiny", "sd15", "sdxl"],
+                        help="run one base only (sdxl runs only when named here)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="one precision only")
     parser.add_argument("--steps", type=int, help="timed steps per configuration "
                         f"(default: {DEFAULT_STEPS})")
     parser.add_argument("--resolution", type=int, help="pixels, for every base "

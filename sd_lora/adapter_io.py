@@ -240,33 +240,46 @@ SD_UNET_LAYOUT = dict(
 )
 # CLIP-L (SD 1.x) has 12 layers, OpenCLIP-H as diffusers loads it (SD 2.x) 23: 24 covers both.
 SD_TEXT_LAYERS = 24
+# SDXL base's block layout (its LDM names depend on it; see kohya.LDM_UNET_LAYOUTS) with its
+# transformer depths, and its encoders' depths: CLIP-L 12 layers, OpenCLIP-bigG 32.
+SDXL_UNET_LAYOUT = dict(
+    kohya.LDM_UNET_LAYOUTS["sdxl"],
+    block_out_channels=(8, 16, 32),  # SDXL's 1:2:4 ratios
+    transformer_layers_per_block=(1, 2, 10),
+    norm_num_groups=8,
+    attention_head_dim=1,
+    cross_attention_dim=8,
+    use_linear_projection=True,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 8,
+)
+SDXL_TEXT_LAYERS = (12, 32)
+
+
+def _meta_text_encoder(layers: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(num_hidden_layers=layers, hidden_size=8,
+                                        intermediate_size=8, num_attention_heads=1))
 
 
 @functools.cache
-def _reference_paths() -> tuple[tuple[str, tuple[str, ...]], ...]:
+def _reference_paths(family: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD_UNET_LAYOUT)
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                num_hidden_layers=SD_TEXT_LAYERS,
-                hidden_size=8,
-                intermediate_size=8,
-                num_attention_heads=1,
-            )
-        )
-    return (
-        ("unet", tuple(_layers("unet", unet))),
-        ("text_encoder", tuple(_layers("text_encoder", text))),
-    )
+        if family == "sdxl":
+            models = [("unet", UNet2DConditionModel(**SDXL_UNET_LAYOUT)),
+                      ("text_encoder", _meta_text_encoder(SDXL_TEXT_LAYERS[0])),
+                      ("text_encoder_2", _meta_text_encoder(SDXL_TEXT_LAYERS[1]))]
+        else:
+            models = [("unet", UNet2DConditionModel(**SD_UNET_LAYOUT)),
+                      ("text_encoder", _meta_text_encoder(SD_TEXT_LAYERS))]
+    return tuple((component, tuple(_layers(component, model))) for component, model in models)
 
 
 def reference_module_paths(family: str) -> dict[str, list[str]]:
-    """Module paths of the standard SD 1.x/2.x architecture, for reading without a model."""
+    """Module paths of the standard SD 1.x/2.x or SDXL architecture, for reading without a model."""
     if family not in kohya.SUPPORTED_FAMILIES:
-        raise NotImplementedError(
-            f"no reference module table for {family!r} yet; pass module_paths from the pipeline"
-        )
-    return {component: list(paths) for component, paths in _reference_paths()}
+        raise NotImplementedError(f"no reference module table for family {family!r}")
+    return {component: list(paths) for component, paths in _reference_paths(family)}

@@ -89,6 +89,9 @@ class LoraConfig:
     text_encoder_r: int = 4
     text_encoder_alpha: float = 4.0
     text_encoder_targets: tuple[str, ...] = ("attn",)  # groups: attn, mlp
+    # SDXL only: also train its second text encoder (OpenCLIP ViT-bigG), with the same rank,
+    # alpha and targets as the first, when train_text_encoder is on.
+    train_text_encoder_2: bool = True
     dropout: float = 0.0
 
 
@@ -101,6 +104,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4  # UNet LoRA
     text_encoder_learning_rate: float = 5e-5
+    text_encoder_2_learning_rate: float = 0.0  # SDXL's second encoder; 0: text_encoder_learning_rate
     lr_scheduler: LrSchedule = "constant"
     lr_warmup_steps: int = 0  # a linear ramp from 0, for every schedule (constant included)
     lr_scheduler_num_cycles: int = 1  # cosine_with_restarts: how many times the cosine restarts
@@ -312,6 +316,11 @@ def validate(config: JobConfig) -> None:
         value = getattr(config.train, dotted.split(".")[1])
         if not 0 < value < 1:
             raise ConfigError(f"{dotted} = {value!r} must be between 0 and 1 (e.g. 1e-4)")
+    if not 0 <= config.train.text_encoder_2_learning_rate < 1:
+        raise ConfigError(
+            f"train.text_encoder_2_learning_rate = {config.train.text_encoder_2_learning_rate!r} "
+            "must be in [0, 1) (0: the same as train.text_encoder_learning_rate)"
+        )
     if not 0 <= config.lora.dropout < 1:
         raise ConfigError(f"lora.dropout = {config.lora.dropout!r} must be in [0, 1)")
     if not 0 <= config.data.caption_dropout <= 1:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from sd_lora.objective import denoising_loss
-from sd_lora.text import encode_prompts, tokenize
+from sd_lora.text import default_time_ids, encode_all, tokenize_all
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)  # spread over the schedule; each image gets every one
 
@@ -17,9 +17,10 @@ EVAL_TIMESTEPS = (100, 300, 500, 700, 900)  # spread over the schedule; each ima
 @dataclass(frozen=True)
 class EvalBatch:
     latents: torch.Tensor  # (N, 4, h, w) scaled latents, N = images x timesteps
-    input_ids: torch.Tensor  # (N, 77)
+    input_ids: torch.Tensor  # (N, E, 77), E text encoders
     timesteps: torch.Tensor  # (N,)
     noise: torch.Tensor  # (N, 4, h, w)
+    time_ids: torch.Tensor  # (N, 6) SDXL's size conditioning (other bases ignore it)
 
 
 @torch.no_grad()
@@ -27,27 +28,35 @@ def make_eval_batch(
     pixel_values: torch.Tensor,  # (n, 3, H, W) in [-1, 1]
     captions: list[str],
     vae: torch.nn.Module,
-    tokenizer,
+    tokenizers,  # the pipe's tokenizer, or a list of them (SDXL: two)
     seed: int = 1234,
     timesteps: tuple[int, ...] = EVAL_TIMESTEPS,
 ) -> EvalBatch:
-    """Encode the images once (latent mean, no sampling) and fix the noise from `seed`."""
+    """Encode the images once (latent mean, no sampling) and fix the noise from `seed`. SDXL's
+    size conditioning is that of an uncropped image at the images' size, as when generating."""
     vae_param = next(vae.parameters())
     latents = vae.encode(pixel_values.to(vae_param.device, vae_param.dtype)).latent_dist.mean
     latents = latents.float() * vae.config.scaling_factor
     k = len(timesteps)
     latents = latents.repeat_interleave(k, dim=0)
-    input_ids = tokenize(tokenizer, captions).repeat_interleave(k, dim=0)
+    input_ids = tokenize_all(_as_list(tokenizers), captions).repeat_interleave(k, dim=0)
     steps = torch.tensor(timesteps, dtype=torch.long).repeat(len(captions))
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=generator)
-    return EvalBatch(latents=latents.cpu(), input_ids=input_ids, timesteps=steps, noise=noise)
+    height, width = pixel_values.shape[-2:]
+    time_ids = default_time_ids(latents.shape[0], int(height), int(width))
+    return EvalBatch(latents=latents.cpu(), input_ids=input_ids, timesteps=steps, noise=noise,
+                     time_ids=time_ids)
+
+
+def _as_list(one_or_many) -> list:
+    return list(one_or_many) if isinstance(one_or_many, (list, tuple)) else [one_or_many]
 
 
 @torch.no_grad()
 def eval_loss(
     unet: torch.nn.Module,
-    text_encoder: torch.nn.Module,
+    text_encoders,  # the pipe's text encoder, or a list of them (SDXL: two)
     schedule,
     batch: EvalBatch,
     chunk: int = 8,
@@ -59,12 +68,13 @@ def eval_loss(
     size = batch.latents.shape[0]
     for start in range(0, size, chunk):
         end = min(start + chunk, size)
-        embeddings = encode_prompts(text_encoder, batch.input_ids[start:end].to(device))
+        embeddings = encode_all(_as_list(text_encoders), batch.input_ids[start:end].to(device),
+                                batch.time_ids[start:end])
         loss = denoising_loss(
             unet,
             schedule,
             batch.latents[start:end].to(device, dtype),
-            embeddings.to(dtype),
+            embeddings.to(dtype=dtype),
             batch.noise[start:end].to(device, dtype),
             batch.timesteps[start:end],
         )

@@ -3,7 +3,8 @@
 `load_pipeline(base)` accepts:
 - "toy": the built-in base pretrained on the toy world (`sd_lora.world.toy_base`), 64 px;
 - "tiny": the built-in random SD 1.x-topology model for plumbing tests (`sd_lora.tiny`);
-- a local diffusers folder (the one holding `model_index.json`);
+- "tiny-sdxl": its SDXL-topology counterpart (`sd_lora.tiny_variants`);
+- a local diffusers folder (the one holding `model_index.json`) of SD 1.x, 2.x or SDXL;
 - a Hugging Face hub id `org/name`: read from the local cache first (`HF_HUB_CACHE` /
   `HF_HOME`), downloaded only when not cached and `HF_HUB_OFFLINE` is not set;
 - a single-file A1111/LDM `.safetensors` checkpoint of SD 1.x or 2.x, loaded offline
@@ -23,15 +24,22 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from sd_lora import pickles
 from sd_lora.errors import UserError
 from sd_lora.tiny import build_tiny_pipeline
+from sd_lora.tiny_variants import build_tiny_sdxl_pipeline
 from sd_lora.world.toy_base import toy_base_path
 
-BUILTIN_BASES = ("toy", "tiny")
+BUILTIN_BASES = ("toy", "tiny", "tiny-sdxl")
+# The pipeline classes a diffusers folder may name, and the extra arguments each is built with.
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": (StableDiffusionPipeline, dict(
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)),
+    "StableDiffusionXLPipeline": (StableDiffusionXLPipeline, dict(add_watermarker=False)),
+}
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
@@ -39,8 +47,8 @@ PICKLE_SUFFIXES = pickles.PICKLE_SUFFIXES
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 HUB_PROBE_TIMEOUT_S = 10
 ACCEPTED_FORMS = (
-    '"toy" (the built-in toy-world model); "tiny" (the built-in random test model); '
-    "a diffusers folder containing model_index.json; "
+    '"toy" (the built-in toy-world model); "tiny" or "tiny-sdxl" (built-in random test '
+    "models); a diffusers folder (SD 1.x, 2.x or SDXL) containing model_index.json; "
     'a Hugging Face hub id such as "runwayml/stable-diffusion-v1-5"; '
     "or a single-file SD 1.x/2.x checkpoint ending in .safetensors"
 )
@@ -65,6 +73,8 @@ def load_pipeline(
     kind = base_kind(base)
     if kind == "tiny":
         pipe = build_tiny_pipeline()
+    elif kind == "tiny-sdxl":
+        pipe = build_tiny_sdxl_pipeline()
     elif kind == "toy":
         pipe = _load_toy(dtype)
     elif kind == "folder":
@@ -153,14 +163,14 @@ def _load_pickled_checkpoint(path: Path, dtype, prediction_type, load_single_fil
             raise BaseModelError(str(e).replace(str(converted), str(path))) from None
 
 
-def _check_pipeline_class(index: dict, where: str) -> None:
+def _check_pipeline_class(index: dict, where: str) -> str:
+    """The pipeline class name of a model_index.json, if sd-lora can train it."""
     name = index.get("_class_name")
-    if name == "StableDiffusionPipeline":
-        return
-    if name and "XL" in name:
-        raise BaseModelError(f"{where} is an SDXL pipeline ({name}); SDXL support comes later")
+    if name in PIPELINE_CLASSES:
+        return name
     raise BaseModelError(
-        f"{where} is a {name} pipeline; only StableDiffusionPipeline (SD 1.x/2.x) bases are supported"
+        f"{where} is a {name} pipeline; supported: {', '.join(PIPELINE_CLASSES)} "
+        "(SD 1.x, 2.x and SDXL text-to-image bases)"
     )
 
 
@@ -171,9 +181,9 @@ def _load_folder(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
             f"{path} is a folder but not a diffusers pipeline (no model_index.json); pass the "
             "folder that `save_pretrained` wrote, or a single .safetensors checkpoint file"
         )
-    _check_pipeline_class(json.loads(index_file.read_text()), str(path))
+    name = _check_pipeline_class(json.loads(index_file.read_text()), str(path))
     try:
-        return _from_pretrained(str(path), dtype)
+        return _from_pretrained(str(path), dtype, name)
     except (OSError, ValueError) as e:
         raise BaseModelError(
             f"{path}: a component of this diffusers folder cannot be loaded (weights are read "
@@ -181,14 +191,14 @@ def _load_folder(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
         ) from e
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline.from_pretrained(
+def _from_pretrained(source: str, dtype: torch.dtype, class_name: str = "StableDiffusionPipeline",
+                     **kwargs) -> DiffusionPipeline:
+    cls, extra = PIPELINE_CLASSES[class_name]
+    return cls.from_pretrained(
         source,
         dtype=dtype,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
         use_safetensors=True,  # never unpickle: .bin weights can run code when loaded
+        **extra,
         **kwargs,
     )
 
@@ -225,9 +235,9 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     cache = hub_cache_dir()
     cached_index = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache)
     if isinstance(cached_index, str):
-        _check_pipeline_class(json.loads(Path(cached_index).read_text()), repo_id)
+        name = _check_pipeline_class(json.loads(Path(cached_index).read_text()), repo_id)
         try:
-            return _from_pretrained(repo_id, dtype, cache_dir=cache, local_files_only=True)
+            return _from_pretrained(repo_id, dtype, name, cache_dir=cache, local_files_only=True)
         except (OSError, ValueError):
             pass  # partly cached: fetch the rest below, if allowed
     not_here = (
@@ -250,9 +260,9 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> DiffusionPipeline:
         raise BaseModelError(
             f"{not_here} the hub is not reachable for it ({type(e).__name__}: {e}). {advice}"
         ) from e
-    _check_pipeline_class(json.loads(Path(index).read_text()), repo_id)
+    name = _check_pipeline_class(json.loads(Path(index).read_text()), repo_id)
     try:
-        return _from_pretrained(repo_id, dtype, cache_dir=cache)
+        return _from_pretrained(repo_id, dtype, name, cache_dir=cache)
     except Exception as e:
         raise BaseModelError(f"base {repo_id!r}: downloading or loading it failed: {e}") from e
 

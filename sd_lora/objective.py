@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from sd_lora.text import Conditioning, unet_forward
+
 
 def training_schedule(scheduler_config: dict, prediction_type: str) -> DDPMScheduler:
     """The forward (noising) process of the base model, with the prediction type to train."""
@@ -77,7 +79,7 @@ def denoising_loss(
     unet: torch.nn.Module,
     schedule: DDPMScheduler,
     latents: torch.Tensor,  # (B, 4, h, w), already scaled by the VAE scaling factor
-    text_embeddings: torch.Tensor,  # (B, 77, D)
+    text_embeddings: torch.Tensor | Conditioning,  # (B, 77, D), or SDXL's Conditioning
     noise: torch.Tensor,  # (B, 4, h, w)
     timesteps: torch.Tensor,  # (B,)
     weights: torch.Tensor | None = None,  # (B,) per-sample loss weights, e.g. min_snr_weights
@@ -89,7 +91,7 @@ def denoising_loss(
     target, in fp32, averaged; with `weights`, the mean over samples of weight x that sample's
     mean loss."""
     noisy = schedule.add_noise(latents, noise, timesteps.to(latents.device))
-    prediction = unet(noisy, timesteps.to(latents.device), text_embeddings).sample
+    prediction = unet_forward(unet, noisy, timesteps.to(latents.device), text_embeddings)
     if wanted is None:
         wanted = target(schedule, latents.float(), noise.float(), timesteps.to(latents.device))
     per_element = element_loss(prediction.float(), wanted.float(), kind, huber_c)
@@ -120,7 +122,7 @@ def preserved_target(
     base_unet: torch.nn.Module,  # the UNet as the base has it (the caller switches the adapter off)
     schedule: DDPMScheduler,
     latents: torch.Tensor,
-    base_embeddings: torch.Tensor,  # the prompts encoded by the base text encoder
+    base_embeddings: torch.Tensor | Conditioning,  # the prompts as the base encodes them
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     preserve: torch.Tensor,  # (B,) bool: which samples keep the base's prediction
@@ -133,6 +135,8 @@ def preserved_target(
     keep = preserve.to(device)
     if keep.any():
         noisy = schedule.add_noise(latents[keep], noise[keep], timesteps.to(device)[keep])
-        base = base_unet(noisy, timesteps.to(device)[keep], base_embeddings[keep]).sample
+        kept = (base_embeddings.select(keep) if isinstance(base_embeddings, Conditioning)
+                else base_embeddings[keep])
+        base = unet_forward(base_unet, noisy, timesteps.to(device)[keep], kept)
         wanted[keep] = base.float()
     return wanted

@@ -30,6 +30,7 @@ from sd_lora.data import DatasetScan, load_image, scan_dataset
 from sd_lora.evaluate import eval_loss, make_eval_batch
 from sd_lora.inject import lora_weight
 from sd_lora.sampling import RenderSettings, image_grid, render
+from sd_lora.text import text_encoders_of, tokenizers_of
 
 TRIGGER_SHARE = 0.8  # a first caption tag this common is the trigger word
 GENERATED_OFF_STYLE_IMAGES = 8  # renders of the base when no off-style folder is given
@@ -174,11 +175,11 @@ def off_style_images(
 
 
 def compare_losses(pipe, schedule, models, images: ImageSet) -> LossComparison:
-    batch = make_eval_batch(images.pixels, images.captions, pipe.vae, pipe.tokenizer)
+    batch = make_eval_batch(images.pixels, images.captions, pipe.vae, tokenizers_of(pipe))
     losses = []
     for weight in (0.0, 1.0):
         with lora_weight(models, weight):
-            losses.append(eval_loss(pipe.unet, pipe.text_encoder, schedule, batch))
+            losses.append(eval_loss(pipe.unet, text_encoders_of(pipe), schedule, batch))
     return LossComparison(
         images.source, len(images.captions), round(losses[0], 6), round(losses[1], 6)
     )

@@ -215,7 +215,9 @@ def load_single_file(
         family = detect_family(header)
         if family == "sdxl":
             raise HeaderError(
-                "it is an SDXL checkpoint (conditioner.embedders.*); SDXL support comes later"
+                "it is an SDXL checkpoint (conditioner.embedders.*): single-file SDXL checkpoints "
+                "are not supported yet; load it once in diffusers (StableDiffusionXLPipeline."
+                "from_single_file) and pass the folder that save_pretrained writes"
             )
         prediction, why = resolve_prediction_type(header, family, prediction_type)
         configs = choose_configs(header, family, prediction)

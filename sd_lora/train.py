@@ -66,7 +66,7 @@ from sd_lora.run_outputs import (
     sample_prompts,
     write_summary,
 )
-from sd_lora.text import encode_prompts, tokenize
+from sd_lora.text import encode_all, text_encoders_of, tokenize_all, tokenizers_of
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -116,9 +116,9 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
         last = list_checkpoints(output_dir)[-1]
         progress = load_checkpoint(last, trained, optimizer, lr_scheduler, noise_generator)
         accelerator.print(f"resumed from {last} at step {progress.global_step}")
-    eval_batch = make_eval_batch(*_eval_images(scan, resolution), pipe.vae, pipe.tokenizer)
+    eval_batch = make_eval_batch(*_eval_images(scan, resolution), pipe.vae, tokenizers_of(pipe))
     with _eval_mode(trained.values()):
-        before = eval_loss(pipe.unet, pipe.text_encoder, schedule, eval_batch)
+        before = eval_loss(pipe.unet, text_encoders_of(pipe), schedule, eval_batch)
     write_run_records(output_dir, config, scan, accelerator)
     log = RunLog(output_dir, accelerator, resume=progress.global_step > 0)
     started = time.time()
@@ -131,7 +131,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     report = None
     for model in trained.values():
         model.eval()  # training is over: no LoRA dropout in the last evaluation and samples
-    after = eval_loss(pipe.unet, pipe.text_encoder, schedule, eval_batch)
+    after = eval_loss(pipe.unet, text_encoders_of(pipe), schedule, eval_batch)
     if accelerator.is_main_process:
         render_sample_grid(pipe, config.sample, prompts, resolution, output_dir / "samples" / "final.png")
         try:
@@ -226,10 +226,15 @@ def add_adapters(pipe, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
     """Inject LoRA; returns the models that train, keyed by component."""
     add_lora(pipe.unet, "unet", cfg.unet_targets, cfg.unet_r, cfg.unet_alpha, cfg.dropout)
     trained = {"unet": pipe.unet}
-    if cfg.train_text_encoder:
-        add_lora(pipe.text_encoder, "text_encoder", cfg.text_encoder_targets,
+    if not cfg.train_text_encoder:
+        return trained
+    encoders = ["text_encoder"]
+    if getattr(pipe, "text_encoder_2", None) is not None and cfg.train_text_encoder_2:
+        encoders.append("text_encoder_2")
+    for name in encoders:
+        add_lora(getattr(pipe, name), name, cfg.text_encoder_targets,
                  cfg.text_encoder_r, cfg.text_encoder_alpha, cfg.dropout)
-        trained["text_encoder"] = pipe.text_encoder
+        trained[name] = getattr(pipe, name)
     return trained
 
 
@@ -243,7 +248,8 @@ def enable_gradient_checkpointing(trained: dict[str, torch.nn.Module]) -> None:
 
 
 def make_optimizer(trained: dict[str, torch.nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
-    lrs = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_learning_rate}
+    lrs = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_learning_rate,
+           "text_encoder_2": cfg.text_encoder_2_learning_rate or cfg.text_encoder_learning_rate}
     groups = [{"params": lora_parameters(m), "lr": lrs[name]} for name, m in trained.items()]
     return torch.optim.AdamW(
         groups,
@@ -373,16 +379,15 @@ class TrainingLoop:
     def train_micro_batch(self, batch) -> float:
         accelerator = self.accelerator
         unet = self.models["unet"]
-        text_encoder = self.models.get("text_encoder", self.pipe.text_encoder)
         with accelerator.accumulate(*self.models.values()):
             latents = self.encode_images(batch["pixel_values"])
             noise = sample_noise(latents, self.noise_generator)
             noise = add_noise_offset(noise, self.config.train.noise_offset, self.noise_generator)
             timesteps = sample_timesteps(latents.shape[0], self.schedule.config.num_train_timesteps,
                                          self.noise_generator)
-            input_ids = tokenize(self.pipe.tokenizer, batch["caption"]).to(accelerator.device)
-            with torch.set_grad_enabled("text_encoder" in self.models):
-                embeddings = encode_prompts(text_encoder, input_ids)
+            input_ids = tokenize_all(tokenizers_of(self.pipe), batch["caption"]).to(accelerator.device)
+            with torch.set_grad_enabled(len(self.models) > 1):  # a text encoder trains
+                embeddings = self.encode(input_ids, batch.get("time_ids"))
             weights = batch["loss_weight"].to(accelerator.device, torch.float32)
             if self.config.train.min_snr_gamma:
                 weights = weights * min_snr_weights(self.schedule, timesteps,
@@ -418,12 +423,19 @@ class TrainingLoop:
         preserve = batch["preserve"]
         if not bool(preserve.any()):
             return None
-        text_encoder = self.models.get("text_encoder", self.pipe.text_encoder)
         unet = self.models["unet"]
         with torch.no_grad(), lora_weight(self.trained.values(), 0.0):
-            base_embeddings = encode_prompts(text_encoder, input_ids)
+            base_embeddings = self.encode(input_ids, batch.get("time_ids"))
             return preserved_target(unet, self.schedule, latents, base_embeddings, noise,
                                     timesteps, preserve)
+
+    def encode(self, input_ids: torch.Tensor, time_ids: torch.Tensor | None):
+        """Token ids (B, E, 77) -> the UNet's conditioning, through the encoders that train
+        (Accelerate-prepared) and the frozen ones; `time_ids` (B, 6) is SDXL's (see data.dataset)."""
+        encoders = text_encoders_of(self.pipe, self.models)
+        if time_ids is not None:
+            time_ids = time_ids.to(self.accelerator.device)
+        return encode_all(encoders, input_ids, time_ids)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

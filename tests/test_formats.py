@@ -191,9 +191,11 @@ def test_parse_kohya_key_without_a_model():
     assert parse_kohya_key("lora_unet_a_b.lora_down.weight").kind == "lora_down"
 
 
-def test_sdxl_kohya_export_says_not_supported_yet(state):
+def test_an_sd1_adapter_labelled_sdxl_is_refused_naming_the_module(state):
+    """SDXL's kohya names are LDM names of SDXL's block layout; an SD 1.x UNet's
+    `down_blocks.0.attentions` has none (SDXL's first level has no attention)."""
     state.family = "sdxl"
-    with pytest.raises(NotImplementedError, match="not supported yet"):
+    with pytest.raises(KohyaKeyError, match="down_blocks.0.attentions.0.*no LDM name"):
         to_kohya(state)
 
 

@@ -207,12 +207,50 @@ def test_folder_without_model_index_is_explained(tmp_path):
         load_pipeline(str(tmp_path))
 
 
-def test_sdxl_folder_is_refused(tmp_path):
+def test_other_pipeline_classes_are_refused_naming_the_supported_ones(tmp_path):
     (tmp_path / "model_index.json").write_text(
-        json.dumps({"_class_name": "StableDiffusionXLPipeline"})
+        json.dumps({"_class_name": "StableDiffusionInpaintPipeline"})
     )
-    with pytest.raises(BaseModelError, match="SDXL support comes later"):
+    with pytest.raises(BaseModelError,
+                       match="StableDiffusionInpaintPipeline.*StableDiffusionXLPipeline"):
         load_pipeline(str(tmp_path))
+
+
+@torch.no_grad()
+def test_sdxl_folder_loads_with_both_text_encoders(tmp_path):
+    """A diffusers SDXL folder (save_pretrained of the tiny SDXL pipeline) loads frozen, as an
+    SDXL pipeline, every weight bit-identical and the UNet's output on SDXL conditioning the
+    same as the pipeline that wrote it."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sd_lora.text import (
+        default_time_ids,
+        encode_all,
+        text_encoders_of,
+        tokenize_all,
+        tokenizers_of,
+    )
+
+    original = load_pipeline("tiny-sdxl")
+    original.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path))
+    assert isinstance(loaded, StableDiffusionXLPipeline) and model_family(loaded) == "sdxl"
+    assert_frozen(loaded)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want_sd, got_sd = getattr(original, name).state_dict(), getattr(loaded, name).state_dict()
+        assert want_sd.keys() == got_sd.keys(), name
+        assert all(torch.equal(v, got_sd[k]) for k, v in want_sd.items()), name
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    results = []
+    for pipe in (original, loaded):
+        # No "!": once saved, the pad token "!" of the second tokenizer is a special token
+        # that transformers matches in the text (id 0, not 256), as in SDXL's own tokenizer_2.
+        ids = tokenize_all(tokenizers_of(pipe), ["a photo of a cat"])
+        cond = encode_all(text_encoders_of(pipe), ids, default_time_ids(1, 64, 64))
+        assert cond.hidden_states.shape == (1, 77, 64) and cond.pooled.shape == (1, 32)
+        results.append(pipe.unet(latents, 10, **cond.unet_kwargs()).sample)
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-5)
+    assert ids[0, 1, -1] == 0 and ids[0, 0, -1] == 49407  # the second tokenizer pads with "!"
 
 
 # --- hub ids --------------------------------------------------------------------------------
@@ -291,7 +329,7 @@ def test_missing_checkpoint_file(tmp_path):
                 "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
                 "model.diffusion_model.input_blocks.0.0.weight",
             ],
-            "SDXL support comes later",
+            "single-file SDXL checkpoints are not supported yet",
         ),
         (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA weights"),
         (["model.diffusion_model.input_blocks.0.0.weight"], "no text encoder"),

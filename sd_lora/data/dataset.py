@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from sd_lora.data.images import DECODE_ERRORS, load_image
+from sd_lora.data.images import DECODE_ERRORS, load_image_and_geometry
 from sd_lora.data.scan import Sample
 
 logger = logging.getLogger(__name__)
@@ -22,7 +22,10 @@ logger = logging.getLogger(__name__)
 
 class ImageCaptionDataset(Dataset):
     """Item i -> {"pixel_values": (3, R, R) float32 in [-1, 1], "caption": str, "index": int,
-    "loss_weight": float, "preserve": bool}.
+    "loss_weight": float, "preserve": bool, "time_ids": (6,) float32}.
+
+    `time_ids` is SDXL's size conditioning for the item: (original height, original width, crop
+    top, crop left, target height, target width); other bases ignore it.
 
     Call `set_epoch(epoch)` before each pass (Accelerate's data loader does when it wraps this).
     With DataLoader workers, use non-persistent workers so that each pass sees the new epoch.
@@ -63,11 +66,13 @@ class ImageCaptionDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self.items)} items")
         for offset in range(len(self.items)):
             i = (index + offset) % len(self.items)
-            pixels = self._load(i)
-            if pixels is not None:
+            loaded = self._load(i)
+            if loaded is not None:
+                pixels, time_ids = loaded
                 item = self.items[i]
                 return {"pixel_values": pixels, "caption": self._caption(i), "index": i,
-                        "loss_weight": item.loss_weight, "preserve": item.preserve}
+                        "loss_weight": item.loss_weight, "preserve": item.preserve,
+                        "time_ids": time_ids}
         raise RuntimeError(
             f"none of the {len(self.items)} dataset items can be read any more "
             f"(first: {self.items[0].image}); did the dataset folder change after the scan?"
@@ -86,12 +91,12 @@ class ImageCaptionDataset(Dataset):
         return shuffled_tags(item.caption, self.keep_tokens,
                              random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
 
-    def _load(self, i: int) -> torch.Tensor | None:
+    def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")  # str seeds hash with SHA-512: stable
         flip = self.random_flip and rng.random() < 0.5
         path = self.items[i].image
         try:
-            pixels = load_image(path, self.resolution, self.center_crop, rng)  # (3, R, R)
+            pixels, geometry = load_image_and_geometry(path, self.resolution, self.center_crop, rng)
         except DECODE_ERRORS as e:
             if str(path) not in self._reported:
                 self._reported.add(str(path))
@@ -102,7 +107,8 @@ class ImageCaptionDataset(Dataset):
                     e,
                 )
             return None
-        return pixels.flip(-1) if flip else pixels
+        time_ids = torch.tensor([*geometry, self.resolution, self.resolution], dtype=torch.float32)
+        return (pixels.flip(-1) if flip else pixels), time_ids
 
 
 def shuffled_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:

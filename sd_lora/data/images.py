@@ -9,6 +9,7 @@ import io
 import random
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -104,6 +105,20 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+EXIF_ORIENTATION = 0x0112
+EXIF_QUARTER_TURNS = (5, 6, 7, 8)  # orientations that swap width and height
+
+
+class CropGeometry(NamedTuple):
+    """Where a training square came from, in SDXL's size conditioning terms (pixels): the
+    upright image's size before resizing, and the crop's top-left corner after it."""
+
+    original_height: int
+    original_width: int
+    crop_top: int
+    crop_left: int
+
+
 def load_image(
     path: str | Path,
     resolution: int,
@@ -116,6 +131,16 @@ def load_image(
     resized to `resolution` (Lanczos), then cropped to a square: centred, or at a random offset
     drawn from `rng` (required when `center_crop` is False, so the result is reproducible).
     """
+    return load_image_and_geometry(path, resolution, center_crop, rng)[0]
+
+
+def load_image_and_geometry(
+    path: str | Path,
+    resolution: int,
+    center_crop: bool = True,
+    rng: random.Random | torch.Generator | None = None,
+) -> tuple[torch.Tensor, CropGeometry]:
+    """`load_image`, and the crop's geometry (what SDXL's `time_ids` condition on)."""
     if resolution < 1:
         raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
     if not center_crop and rng is None:
@@ -124,17 +149,22 @@ def load_image(
         )
     with _open(path) as im:
         check_pixel_count(*im.size)
+        width, height = im.size  # read before JPEG draft decoding shrinks it
+        if im.getexif().get(EXIF_ORIENTATION) in EXIF_QUARTER_TURNS:
+            width, height = height, width
         im.draft(None, (resolution, resolution))  # JPEG: decode at the smallest scale >= resolution
         rgb = to_rgb(ImageOps.exif_transpose(im))
-    square = _resize_and_crop(rgb, resolution, None if center_crop else rng)
+    square, top, left = _resize_and_crop(rgb, resolution, None if center_crop else rng)
     pixels = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy())  # (H, W, 3)
-    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
+    geometry = CropGeometry(height, width, top, left)
+    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0), geometry  # (3, H, W)
 
 
 def _resize_and_crop(
     im: Image.Image, resolution: int, rng: random.Random | torch.Generator | None
-) -> Image.Image:
-    """Scale the shorter side to `resolution`, then crop the longer one (centred when rng is None)."""
+) -> tuple[Image.Image, int, int]:
+    """Scale the shorter side to `resolution`, then crop the longer one (centred when rng is
+    None); returns the square and its top and left offsets in the scaled image."""
     width, height = im.size
     scale = resolution / min(width, height)
     new_w = max(resolution, round(width * scale))
@@ -144,7 +174,7 @@ def _resize_and_crop(
     # Resample only the crop window: box is in source pixels, the output is resolution x resolution.
     right, bottom = min(width, (left + resolution) / scale), min(height, (top + resolution) / scale)
     box = (left / scale, top / scale, right, bottom)
-    return im.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+    return im.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box), top, left
 
 
 def _offset(slack: int, rng: random.Random | torch.Generator | None) -> int:

@@ -17,6 +17,7 @@ from sd_lora.models import base_kind
 
 BASE_KINDS = {
     "tiny": "the built-in random test model (64 px)",
+    "tiny-sdxl": "the built-in random SDXL-topology test model (64 px)",
     "toy": "the built-in toy-world model (64 px)",
     "folder": "a local diffusers folder",
     "file": "a single-file checkpoint",

@@ -23,16 +23,21 @@ text-encoder q/k/v LoRA unless `out_proj` is adapted too (it detects the layout 
 A1111 and ComfyUI read `.alpha` per module. Per-module alphas survive diffusers in the diffusers
 layout (`peft_diffusers`).
 
-SDXL (not supported yet): sd-scripts writes its UNet names in LDM form; the diffusers -> LDM UNet
-table of `sd_lora.formats.ldm_checkpoint` is the piece to build that mapping from.
+SDXL: sd-scripts writes UNet names in LDM form (`lora_unet_input_blocks_4_1_transformer_blocks_0_
+attn1_to_q`, from the diffusers path `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`)
+through the table of `sd_lora.formats.ldm_checkpoint.unet_module_table`, and `lora_te1_` /
+`lora_te2_` for the two text encoders. Files with diffusers UNet names for SDXL exist too (older
+trainers, diffusers' own converter); they are read, never written.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 
+from sd_lora.formats.ldm_checkpoint import UnmappedKeyError, map_module_name, unet_module_table
 from sd_lora.inject import CLIP_PREFIX
 from sd_lora.inject import canonical_name as canonical_path  # CLIP paths keep `text_model.`
 from sd_lora.lora_state import (
@@ -44,9 +49,7 @@ from sd_lora.lora_state import (
     LoraModule,
 )
 
-# The prefix written for each component, per base family. SDXL's row is here so that the table
-# is complete, but sd-scripts writes SDXL UNet keys with LDM names (input_blocks_4_1_...), which
-# needs a diffusers <-> LDM module-name table that is not written yet (see SUPPORTED_FAMILIES).
+# The prefix written for each component, per base family.
 WRITE_PREFIXES: dict[str, dict[str, str]] = {
     "sd1": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sd2": {"unet": "lora_unet", "text_encoder": "lora_te"},
@@ -59,8 +62,18 @@ READ_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "sd2": {"text_encoder": ("lora_te1",)},
     "sdxl": {},
 }
-# Families whose UNet names are diffusers paths; the others need an LDM name table.
-SUPPORTED_FAMILIES = ("sd1", "sd2")
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
+# Families whose UNet names are written in LDM form, and the block layout their names follow:
+# every SDXL UNet (base 1.0 and its fine-tunes) has SDXL base's levels and layers per block,
+# which are all that the names depend on (transformer depth only adds transformer_blocks_N).
+LDM_UNET_LAYOUTS: dict[str, dict] = {
+    "sdxl": dict(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        addition_embed_type="text_time",
+    ),
+}
 # Model-free parsing: which component a prefix belongs to, longest prefix first.
 PREFIX_COMPONENTS: tuple[tuple[str, str], ...] = (
     ("lora_unet_", "unet"),
@@ -102,10 +115,8 @@ class KohyaKey(NamedTuple):
 
 def _check_family(family: str, action: str) -> None:
     if family not in SUPPORTED_FAMILIES:
-        raise NotImplementedError(
-            f"{action} kohya files for {family!r} is not supported yet: sd-scripts uses LDM UNet "
-            f"names and lora_te1_/lora_te2_ for SDXL. Supported families: {SUPPORTED_FAMILIES}; "
-            "use format='diffusers' for SDXL meanwhile."
+        raise KohyaKeyError(
+            f"{action} kohya files for family {family!r}: unknown; use one of {SUPPORTED_FAMILIES}"
         )
 
 
@@ -117,6 +128,24 @@ def kohya_module_name(prefix: str, module_path: str) -> str:
     return f"{prefix}_{module_path.replace('.', '_')}"
 
 
+@functools.cache
+def _ldm_table(family: str) -> dict[str, str]:
+    return unet_module_table(LDM_UNET_LAYOUTS[family])
+
+
+def written_path(family: str, component: str, path: str) -> str:
+    """The module path a kohya file spells: LDM for an SDXL UNet, else the canonical path."""
+    if component == "unet" and family in LDM_UNET_LAYOUTS:
+        try:
+            return map_module_name(path, _ldm_table(family))
+        except UnmappedKeyError:
+            raise KohyaKeyError(
+                f"UNet module {path!r} has no LDM name in the {family} layout (is the base an "
+                f"{FAMILY_NAMES[family]} UNet?)"
+            ) from None
+    return canonical_path(component, path)
+
+
 def to_kohya(state: AdapterState, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """Kohya tensors of `state`: lora_down/lora_up in `dtype`, `.alpha` the real alpha in fp32."""
     _check_family(state.family, "writing")
@@ -126,7 +155,7 @@ def to_kohya(state: AdapterState, dtype: torch.dtype = torch.float16) -> dict[st
         if component not in prefixes:
             raise KohyaKeyError(f"{state.family} has no kohya prefix for component {component!r}")
         for path, module in modules.items():
-            name = kohya_module_name(prefixes[component], canonical_path(component, path))
+            name = kohya_module_name(prefixes[component], written_path(state.family, component, path))
             tensors.update(module_tensors(name, module, dtype))
     return tensors
 
@@ -163,7 +192,13 @@ def lookup_table(module_paths: dict[str, list[str]], family: str) -> dict[str, t
         for path in paths:
             canonical = canonical_path(component, path)
             # Also without `text_model_`: diffusers' converter writes that under transformers 5.
+            # An SDXL UNet's LDM name, and its diffusers path that some SDXL files use.
             spellings = {canonical, canonical.removeprefix(CLIP_PREFIX)}
+            if component == "unet" and family in LDM_UNET_LAYOUTS:
+                try:
+                    spellings.add(map_module_name(canonical, _ldm_table(family)))
+                except UnmappedKeyError:
+                    pass  # a layer outside SDXL's layout: only its diffusers spelling
             for prefix in names:
                 for spelling in spellings:
                     name = kohya_module_name(prefix, spelling)
