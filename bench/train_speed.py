@@ -163,6 +163,9 @@ def build_sdxl_pipeline(precision: str):
         unet = UNet2DConditionModel.from_config(config("unet"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder")))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config("text_encoder_2")))
+    # SDXL's text-encoder configs say torch_dtype float16, which transformers builds them in.
+    text_encoder.to(WEIGHT_DTYPES[MIXED_PRECISION[precision]])
+    text_encoder_2.to(WEIGHT_DTYPES[MIXED_PRECISION[precision]])
     vae = AutoencoderKL.from_config(config("vae"))
     scheduler_config = json.loads((SDXL_CONFIGS / "scheduler/scheduler_config.json").read_text())
     return StableDiffusionXLPipeline(

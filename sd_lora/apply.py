@@ -26,7 +26,7 @@ import torch
 from sd_lora.adapter_io import component_modules
 from sd_lora.block_weights import BlockWeightError, block_weight
 from sd_lora.errors import UserError
-from sd_lora.lora_state import AdapterState, fits
+from sd_lora.lora_state import AdapterState, applied_delta, delta_shape, fits
 from sd_lora.models import model_family
 
 APPLIED_ATTR = "_sd_lora_applied"  # the pipeline remembers what is merged, to refuse double merges
@@ -123,7 +123,7 @@ def check_fits(pipe, entries: Sequence[AdapterEntry], layers=None) -> list[dict[
                         f"{name}: {component}.{path} already carries PEFT LoRA layers; call "
                         "pipe.unload_lora_weights() (or use a pipeline without them) first"
                     )
-                want, have = tuple(module.delta().shape), tuple(layer.weight.shape)
+                want, have = tuple(delta_shape(module)), tuple(layer.weight.shape)
                 if not fits(module, have):
                     raise AdapterApplyError(
                         f"{name}: {component}.{path} delta has shape {want} but the layer's "
@@ -162,8 +162,8 @@ def _merge(layers, originals, entries: Sequence[AdapterEntry]) -> None:
             if module is None:
                 continue
             strength = entry.module_strength(component, path)
-            if strength != 0.0:  # LyCORIS conv deltas come flattened: reshape to the kernel
-                total += module.delta(strength).to(weight.device).reshape(total.shape)
+            if strength != 0.0:  # each against the original weight (DoRA depends on it)
+                total += applied_delta(module, original.to(weight.device), strength)
         weight.copy_(total.to(weight.dtype))
 
 

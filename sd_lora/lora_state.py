@@ -57,13 +57,19 @@ class LoraModule:
 class LohaModule:
     """LyCORIS LoHa (`hada_*` keys): W' = W + strength * (alpha / r) * (w1_a @ w1_b) * (w2_a @ w2_b),
     a Hadamard (element-wise) product of two rank-r products. Conv kernels are stored
-    flattened, (out, in*kh*kw): the delta is reshaped to the layer's weight when applied."""
+    flattened, (out, in*kh*kw): the delta is reshaped to the layer's weight when applied.
 
-    w1_a: torch.Tensor  # (out, r)
-    w1_b: torch.Tensor  # (r, in*kh*kw)
-    w2_a: torch.Tensor  # (out, r)
-    w2_b: torch.Tensor  # (r, in*kh*kw)
+    With Tucker-decomposed kernels (LyCORIS' use_tucker, `hada_t1`/`hada_t2` (r, r, kh, kw)) each
+    factor is t contracted with both matrices, which are then (r, out) and (r, in):
+    rebuild[p, q, k, l] = sum_ij t[i, j, k, l] * w_b[j, q] * w_a[i, p]."""
+
+    w1_a: torch.Tensor  # (out, r); Tucker: (r, out)
+    w1_b: torch.Tensor  # (r, in*kh*kw); Tucker: (r, in)
+    w2_a: torch.Tensor  # (out, r); Tucker: (r, out)
+    w2_b: torch.Tensor  # (r, in*kh*kw); Tucker: (r, in)
     alpha: float
+    t1: torch.Tensor | None = None  # (r, r, kh, kw)
+    t2: torch.Tensor | None = None
     kind = "loha"
 
     @property
@@ -75,9 +81,16 @@ class LohaModule:
         return float(self.alpha) / self.r
 
     def delta(self, strength: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        first = self.w1_a.to(dtype) @ self.w1_b.to(dtype).flatten(1)
-        second = self.w2_a.to(dtype) @ self.w2_b.to(dtype).flatten(1)
+        first = _factor(self.w1_a, self.w1_b, self.t1, dtype)
+        second = _factor(self.w2_a, self.w2_b, self.t2, dtype)
         return first * second * (strength * self.scale)
+
+
+def _factor(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, dtype) -> torch.Tensor:
+    """a @ b, or with a Tucker core t: (out, in, kh, kw) = t x_0 a x_1 b (see LohaModule)."""
+    if t is None:
+        return a.to(dtype) @ b.to(dtype).flatten(1)
+    return torch.einsum("ijkl,jq,ip->pqkl", t.to(dtype), b.to(dtype), a.to(dtype)).contiguous()
 
 
 @dataclass
@@ -85,7 +98,8 @@ class LokrModule:
     """LyCORIS LoKr (`lokr_*` keys): W' = W + strength * scale * kron(w1, w2), where w1 and w2 are
     stored whole (`lokr_w1`) or as a product (`lokr_w1_a @ lokr_w1_b`). scale = alpha / dim,
     dim the inner size of the (last) factored one; 1 when neither is factored (LyCORIS' and
-    ComfyUI's rule). A 4-D w2 is a conv kernel (out2, in2, kh, kw)."""
+    ComfyUI's rule). A 4-D w2 is a conv kernel (out2, in2, kh, kw); with a Tucker core
+    `lokr_t2` (r, r, kh, kw) the factored w2 is built from it as LoHa's factors are."""
 
     w1: torch.Tensor | None
     w2: torch.Tensor | None
@@ -94,6 +108,7 @@ class LokrModule:
     w1_b: torch.Tensor | None = None
     w2_a: torch.Tensor | None = None
     w2_b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
     kind = "lokr"
 
     @property
@@ -115,10 +130,7 @@ class LokrModule:
 
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         w1 = self.w1.to(dtype) if self.w1 is not None else self.w1_a.to(dtype) @ self.w1_b.to(dtype)
-        if self.w2 is not None:
-            w2 = self.w2.to(dtype)
-        else:
-            w2 = self.w2_a.to(dtype) @ self.w2_b.to(dtype).flatten(1)
+        w2 = self.w2.to(dtype) if self.w2 is not None else _factor(self.w2_a, self.w2_b, self.t2, dtype)
         return w1, w2
 
     def delta(self, strength: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -128,13 +140,87 @@ class LokrModule:
         return torch.kron(w1, w2) * (strength * self.scale)
 
 
-ADAPTER_MODULES = (LoraModule, LohaModule, LokrModule)
+class NeedsBaseWeight(ValueError):
+    """A module (DoRA) whose weight change depends on the base layer's weight."""
+
+
+DORA_EPS = 1e-6  # added to the norms DoRA divides by, as LyCORIS does
+
+
+@dataclass
+class DoraModule:
+    """DoRA (`dora_scale` beside a LoRA, LoHa or LoKr module's tensors, as LyCORIS and
+    sd-scripts write it): the updated weight V = W + delta is renormalised to the learned
+    magnitudes, W_dora = dora_scale * V / ||V||. `dora_scale` of shape (1, in, ...) holds one
+    magnitude per input column (the norm is over each column of V: LyCORIS' default), of
+    shape (out, 1, ...) one per output row. At strength s the layer is W + s * (W_dora - W),
+    as ComfyUI applies it. The change depends on W, so `delta()` needs it: `delta_on(W)`."""
+
+    inner: LoraModule | LohaModule | LokrModule
+    dora_scale: torch.Tensor
+    kind = "dora"
+
+    @property
+    def r(self) -> int:
+        return self.inner.r
+
+    @property
+    def alpha(self) -> float | None:
+        return self.inner.alpha
+
+    @property
+    def scale(self) -> float:
+        return self.inner.scale
+
+    def on_output_axis(self, weight_shape: tuple[int, ...]) -> bool:
+        """One magnitude per output row (out, 1, ...) rather than per input column (1, in, ...)."""
+        shape = tuple(self.dora_scale.shape)
+        return shape[0] == weight_shape[0] != 1 and all(d == 1 for d in shape[1:])
+
+    def delta(self, strength: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NeedsBaseWeight(
+            "a DoRA module's change depends on the base layer's weight: apply it to a base "
+            "(generate, the app, merge --into); merge, resize and the diffusers layout cannot "
+            "hold it as a base-independent delta"
+        )
+
+    def delta_on(self, weight: torch.Tensor, strength: float = 1.0,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W_dora - W for base weight `weight`, times `strength`."""
+        base = weight.to(dtype)
+        updated = base + self.inner.delta(1.0, dtype).reshape(base.shape)
+        if self.on_output_axis(tuple(base.shape)):
+            norm = updated.reshape(base.shape[0], -1).norm(dim=1)
+            norm = norm.reshape(base.shape[0], *[1] * (base.dim() - 1))
+        else:
+            norm = updated.transpose(0, 1).reshape(base.shape[1], -1).norm(dim=1)
+            norm = norm.reshape(1, base.shape[1], *[1] * (base.dim() - 2))
+        magnitude = self.dora_scale.to(dtype).reshape(norm.shape)
+        return (updated * (magnitude / (norm + DORA_EPS)) - base) * strength
+
+    def delta_shape(self) -> torch.Size:
+        return self.inner.delta().shape
+
+
+ADAPTER_MODULES = (LoraModule, LohaModule, LokrModule, DoraModule)
+
+
+def applied_delta(module, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """The change `module` makes to a layer of base weight `weight` at `strength`, shaped
+    like `weight` (LyCORIS' flattened conv deltas reshaped)."""
+    if module.kind == "dora":
+        return module.delta_on(weight, strength).to(weight.dtype)
+    return module.delta(strength).to(weight.device).reshape(weight.shape)
+
+
+def delta_shape(module) -> torch.Size:
+    return module.delta_shape() if module.kind == "dora" else module.delta().shape
 
 
 def fits(module, weight_shape: tuple[int, ...]) -> bool:
     """Whether `module`'s delta can be added to a weight of `weight_shape`: the same shape, or
     (LyCORIS' flattened conv kernels) the same output size and number of elements."""
-    shape = tuple(module.delta().shape)
+    shape = tuple(delta_shape(module))
     if shape == tuple(weight_shape):
         return True
     return shape[0] == weight_shape[0] and math.prod(shape) == math.prod(weight_shape)
@@ -158,7 +244,7 @@ class AdapterState:
             raise ValueError(f"unknown components {sorted(unknown)}; expected {COMPONENTS}")
 
     def kinds(self) -> set[str]:
-        """"lora", "loha", "lokr": what the modules are."""
+        """"lora", "loha", "lokr", "dora": what the modules are."""
         return {m.kind for comp in self.modules.values() for m in comp.values()}
 
     def coverage(self) -> str:

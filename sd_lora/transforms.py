@@ -103,6 +103,17 @@ def dynamic_rank(singular_values: torch.Tensor, method: str, value: float, max_r
     return max(1, min(rank, max_rank, s.numel()))
 
 
+def _check_no_dora(states: Sequence[AdapterState]) -> None:
+    """DoRA's change depends on the base weight (see lora_state.DoraModule): there is no
+    base-independent delta to sum or factor."""
+    if any("dora" in s.kinds() for s in states):
+        raise TransformError(
+            "the adapter holds DoRA modules (dora_scale): their change depends on the base "
+            "layer's weight, so they cannot be merged with others or resized on their own; "
+            "bake them into a base instead (sd-lora merge A.safetensors --into BASE --out C.safetensors)"
+        )
+
+
 def _check_same_family(states: Sequence[AdapterState]) -> str:
     families = {s.family for s in states}
     if len(families) != 1:
@@ -123,6 +134,7 @@ def merge(
     rank=R: the sum compressed to rank R by SVD, with the relative error of each module."""
     if not weighted:
         raise TransformError("merge needs at least one adapter")
+    _check_no_dora([s for s, _ in weighted])
     family = _check_same_family([s for s, _ in weighted])
     merged = AdapterState(family=family)
     reports: list[ModuleReport] = []
@@ -162,6 +174,7 @@ def resize(
     the module's singular values, at most `rank`), with the energy kept."""
     if rank < 1:
         raise TransformError(f"rank = {rank} must be at least 1")
+    _check_no_dora([state])
     out = AdapterState(family=state.family, metadata=_carried_metadata(state))
     reports = []
     for component, modules in state.modules.items():

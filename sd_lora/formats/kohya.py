@@ -44,6 +44,7 @@ from sd_lora.lora_state import (
     CONTEXT_WIDTH_FAMILY,
     FAMILY_NAMES,
     AdapterState,
+    DoraModule,
     LohaModule,
     LokrModule,
     LoraModule,
@@ -95,12 +96,8 @@ SUFFIX_KINDS: dict[str, str] = {
 # A file may name a few modules the base lacks (A1111 and ComfyUI skip them silently); past this
 # share the file is for another model, and reading it would do almost nothing.
 MAX_UNMATCHED = 0.1
-UNSUPPORTED_PARTS = {
-    "hada_t1": "LoHa with Tucker-decomposed conv kernels (hada_t1/hada_t2)",
-    "hada_t2": "LoHa with Tucker-decomposed conv kernels (hada_t1/hada_t2)",
-    "lokr_t2": "LoKr with a Tucker-decomposed conv kernel (lokr_t2)",
-    "dora_scale": "DoRA (dora_scale: the magnitude vector that rescales the updated weight)",
-}
+# Parts beside a module's own tensors: its alpha, and DoRA's magnitudes.
+SHARED_PARTS = ("alpha", "dora_scale")
 
 
 class KohyaKeyError(ValueError):
@@ -217,10 +214,7 @@ def _group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor
         parsed = parse_kohya_key(key)
         groups.setdefault(parsed.module, {})[parsed.kind] = tensor
     for module, parts in groups.items():
-        unsupported = sorted({UNSUPPORTED_PARTS[p] for p in parts if p in UNSUPPORTED_PARTS})
-        if unsupported:
-            raise KohyaKeyError(f"{module}: {unsupported[0]} is not supported yet")
-        kinds = {_kind_of(p) for p in parts if p != "alpha"}
+        kinds = {_kind_of(p) for p in parts if p not in SHARED_PARTS}
         if len(kinds) != 1:
             raise KohyaKeyError(f"{module}: mixes the parts of {sorted(kinds) or 'no'} modules "
                                 f"({sorted(parts)})")
@@ -241,6 +235,8 @@ def _missing_parts(kind: str, parts: set[str]) -> str:
         return " and ".join(sorted(need))
     if kind == "loha":
         need = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} - parts
+        if ("hada_t1" in parts) != ("hada_t2" in parts):  # Tucker cores come in pairs
+            need |= {"hada_t1", "hada_t2"} - parts
         return " and ".join(sorted(need))
     for w in ("lokr_w1", "lokr_w2"):
         if w not in parts and not {f"{w}_a", f"{w}_b"} <= parts:
@@ -249,7 +245,11 @@ def _missing_parts(kind: str, parts: set[str]) -> str:
 
 
 def module_from_parts(parts: dict[str, torch.Tensor]):
-    """A LoraModule, LohaModule or LokrModule (float32) from one module's kohya/LyCORIS tensors."""
+    """A LoraModule, LohaModule or LokrModule (float32) from one module's kohya/LyCORIS tensors,
+    inside a DoraModule when the module has a `dora_scale`."""
+    if "dora_scale" in parts:
+        inner = module_from_parts({k: v for k, v in parts.items() if k != "dora_scale"})
+        return DoraModule(inner, parts["dora_scale"].float())
     alpha = float(parts["alpha"].item()) if "alpha" in parts else None
     get = {k: v.float() for k, v in parts.items() if k != "alpha"}
     kind = _kind_of(next(iter(get)))
@@ -259,23 +259,28 @@ def module_from_parts(parts: dict[str, torch.Tensor]):
     if kind == "loha":
         r = get["hada_w1_b"].shape[0]
         return LohaModule(get["hada_w1_a"], get["hada_w1_b"], get["hada_w2_a"], get["hada_w2_b"],
-                          alpha=alpha if alpha is not None else float(r))
+                          alpha=alpha if alpha is not None else float(r),
+                          t1=get.get("hada_t1"), t2=get.get("hada_t2"))
     return LokrModule(w1=get.get("lokr_w1"), w2=get.get("lokr_w2"), alpha=alpha,
                       w1_a=get.get("lokr_w1_a"), w1_b=get.get("lokr_w1_b"),
-                      w2_a=get.get("lokr_w2_a"), w2_b=get.get("lokr_w2_b"))
+                      w2_a=get.get("lokr_w2_a"), w2_b=get.get("lokr_w2_b"), t2=get.get("lokr_t2"))
 
 
 def module_tensors(name: str, module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The kohya/LyCORIS tensors of one module (inverse of `module_from_parts`); `.alpha` is
     float32 whatever `dtype` is, so that an alpha like 0.1 survives exactly enough."""
+    if module.kind == "dora":
+        tensors = module_tensors(name, module.inner, dtype)
+        tensors[f"{name}.dora_scale"] = module.dora_scale.to(dtype).contiguous()
+        return tensors
     if module.kind == "lora":
         parts = {"lora_down.weight": module.lora_A, "lora_up.weight": module.lora_B}
     elif module.kind == "loha":
-        parts = {"hada_w1_a": module.w1_a, "hada_w1_b": module.w1_b,
-                 "hada_w2_a": module.w2_a, "hada_w2_b": module.w2_b}
+        parts = {f"hada_{n}": getattr(module, n) for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")
+                 if getattr(module, n) is not None}
     else:
         parts = {f"lokr_{n}": getattr(module, n)
-                 for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b") if getattr(module, n) is not None}
+                 for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2") if getattr(module, n) is not None}
     tensors = {f"{name}.{part}": t.to(dtype).contiguous() for part, t in parts.items()}
     if module.alpha is not None:
         tensors[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)

@@ -95,7 +95,7 @@ def component_config(component: str, modules: dict[str, LoraModule]) -> dict:
     }
 
 
-LYCORIS_NAMES = {"loha": "LoHa", "lokr": "LoKr"}
+LYCORIS_NAMES = {"loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}
 
 
 def to_diffusers(
@@ -106,8 +106,9 @@ def to_diffusers(
     if other:
         raise DiffusersKeyError(
             f"the adapter holds {' and '.join(LYCORIS_NAMES[k] for k in other)} "
-            "modules, which the diffusers/PEFT LoRA layout cannot hold; keep the kohya layout, or "
-            "turn it into a plain LoRA first (sd-lora resize IN --rank R --out OUT)"
+            "modules, which the diffusers/PEFT LoRA layout cannot hold; keep the kohya layout"
+            + ("" if "dora" in other else
+               ", or turn it into a plain LoRA first (sd-lora resize IN --rank R --out OUT)")
         )
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, object] = {}
