@@ -230,10 +230,8 @@ def pipeline_module_paths(pipe) -> dict[str, list[str]]:
 # The SD 1.x / 2.x UNet block layout (module names depend on nothing else; SD 2.x's linear
 # proj_in/proj_out keep the same names). Channels are tiny: the model is built on the meta device.
 SD_UNET_LAYOUT = dict(
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    kohya.LDM_UNET_LAYOUTS["sd1"],
     block_out_channels=(8, 16, 32, 32),  # the 1:2:4:4 ratios of SD, for the same conv_shortcuts
-    layers_per_block=2,
     norm_num_groups=8,
     attention_head_dim=1,
     cross_attention_dim=8,

@@ -7,7 +7,7 @@
 - a local diffusers folder (the one holding `model_index.json`) of SD 1.x, 2.x or SDXL;
 - a Hugging Face hub id `org/name`: read from the local cache first (`HF_HUB_CACHE` /
   `HF_HOME`), downloaded only when not cached and `HF_HUB_OFFLINE` is not set;
-- a single-file A1111/LDM `.safetensors` checkpoint of SD 1.x or 2.x, loaded offline
+- a single-file A1111/LDM `.safetensors` checkpoint of SD 1.x, 2.x or SDXL, loaded offline
   (`sd_lora.single_file`). Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused
   unless `allow_pickle`, and then read by torch's weights-only unpickler (`sd_lora.pickles`).
 
@@ -50,7 +50,7 @@ ACCEPTED_FORMS = (
     '"toy" (the built-in toy-world model); "tiny" or "tiny-sdxl" (built-in random test '
     "models); a diffusers folder (SD 1.x, 2.x or SDXL) containing model_index.json; "
     'a Hugging Face hub id such as "runwayml/stable-diffusion-v1-5"; '
-    "or a single-file SD 1.x/2.x checkpoint ending in .safetensors"
+    "or a single-file SD 1.x/2.x/SDXL checkpoint ending in .safetensors"
 )
 
 

@@ -1,18 +1,21 @@
-"""Load an A1111/LDM single-file `.safetensors` checkpoint (SD 1.x, SD 2.x) with no network access.
+"""Load an A1111/LDM single-file `.safetensors` checkpoint (SD 1.x, 2.x, SDXL) with no network access.
 
 The diffusers config comes from, in order, whichever first matches the file's tensors exactly:
 1. the configs that `save_single_file` stored in the file's metadata (`sd_lora.configs`);
 2. the bundled config of the family (`assets/configs/`: SD 1.5, SD 2.1 768-v, SD 2.1-base);
 3. a config inferred from the header shapes, with SD conventions for what shapes cannot tell
    (32 GroupNorm groups; 8 heads in SD 1 UNets, 64-channel heads in SD 2 UNets and in text
-   encoders; the family's activation and VAE scaling).
-The chosen config is then handed to `StableDiffusionPipeline.from_single_file` with our CLIP
-tokenizer, so diffusers never looks anything up on the hub.
+   encoders; the family's activation and VAE scaling). Not for SDXL: its fine-tunes keep SDXL
+   base's architecture, so a file that matches neither is refused with the differences.
+The chosen config is then handed to `StableDiffusionPipeline.from_single_file` (or the SDXL
+pipeline's) with our CLIP tokenizers, so diffusers never looks anything up on the hub.
 
 SD 2 weights do not say whether the model predicts noise or velocity. The choice is, in order:
 the `prediction_type` argument, the file's metadata (ours, or `modelspec.prediction_type` /
 `modelspec.architecture`), else v_prediction (the SD 2.x 768-v models, as diffusers and A1111
-assume) with a warning saying how to choose epsilon for 512 "-base" models.
+assume) with a warning saying how to choose epsilon for 512 "-base" models. SDXL defaults to
+epsilon (SDXL base; the few v-prediction fine-tunes say so in their modelspec metadata, or pass
+prediction_type).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sd_lora.formats.ldm_header import (
     Header,
@@ -49,7 +52,11 @@ BUNDLED = {
     ("sd1", "v_prediction"): "stable-diffusion-v1-5",
     ("sd2", "v_prediction"): "stable-diffusion-2-1",
     ("sd2", "epsilon"): "stable-diffusion-2-1-base",
+    ("sdxl", "epsilon"): "stable-diffusion-xl-base-1.0",
+    ("sdxl", "v_prediction"): "stable-diffusion-xl-base-1.0",
 }
+TEXT_ENCODERS = {"sd1": ("text_encoder",), "sd2": ("text_encoder",),
+                 "sdxl": ("text_encoder", "text_encoder_2")}
 HEAD_WIDTH = 64  # channels per head: SD 2 UNets, CLIP ViT-L and OpenCLIP ViT-H text encoders
 SD1_UNET_HEADS = 8
 
@@ -65,6 +72,7 @@ class PipelineConfigs:
     model_index: dict
     source: str
     folder: Path | None = None  # a bundled folder usable as is
+    text_encoder_2: dict | None = None  # SDXL
 
 
 def bundled_folder(name: str) -> Path:
@@ -77,6 +85,7 @@ def bundled_configs(name: str) -> PipelineConfigs:
     def read(rel: str) -> dict:
         return json.loads((folder / rel).read_text())
 
+    second = folder / "text_encoder_2" / "config.json"
     return PipelineConfigs(
         unet=read("unet/config.json"),
         vae=read("vae/config.json"),
@@ -85,6 +94,7 @@ def bundled_configs(name: str) -> PipelineConfigs:
         model_index=read("model_index.json"),
         source=f"bundled config {name}",
         folder=folder,
+        text_encoder_2=json.loads(second.read_text()) if second.is_file() else None,
     )
 
 
@@ -100,6 +110,7 @@ def metadata_configs(header: Header, base: PipelineConfigs) -> PipelineConfigs |
         stored["scheduler"],
         index,
         source="configs stored in the file's metadata",
+        text_encoder_2=stored.get("text_encoder_2"),
     )
 
 
@@ -114,6 +125,9 @@ def _heads(widths: list[int], head_width: int, what: str) -> list[int]:
 
 def inferred_configs(header: Header, family: str, base: PipelineConfigs) -> PipelineConfigs:
     """The family's config with every field the header determines replaced by the header's."""
+    if family == "sdxl":
+        raise HeaderError("its shapes differ from SDXL base's, and other SDXL architectures "
+                          "are not inferred from shapes")
     unet = dict(base.unet, **infer_unet_fields(header.shapes))
     widths = list(unet["block_out_channels"])
     if family == "sd1":  # SD 1 fixes the number of heads (diffusers' legacy `attention_head_dim`)
@@ -159,7 +173,8 @@ def choose_configs(header: Header, family: str, prediction_type: str) -> Pipelin
 
 def _problems(header: Header, configs: PipelineConfigs, family: str) -> list[str]:
     try:
-        expected = expected_shapes(configs.unet, configs.vae, configs.text_encoder, family)
+        expected = expected_shapes(configs.unet, configs.vae, configs.text_encoder, family,
+                                   configs.text_encoder_2)
     except Exception as e:  # a config diffusers/transformers cannot build (e.g. bad head count)
         return [f"cannot build the models: {e}"]
     return shape_mismatches(header, expected)
@@ -179,8 +194,8 @@ def resolve_prediction_type(header: Header, family: str, requested: str | None) 
         return "epsilon", "the file's modelspec.prediction_type"
     if header.metadata.get("modelspec.architecture", "").endswith("-v"):
         return "v_prediction", "the file's modelspec.architecture"
-    if family == "sd1":
-        return "epsilon", "the SD 1.x default"
+    if family in ("sd1", "sdxl"):
+        return "epsilon", f"the {'SD 1.x' if family == 'sd1' else 'SDXL'} default"
     logger.warning(
         "%s: SD 2.x weights do not say whether the model predicts noise or velocity; assuming "
         "v_prediction (the 768-v models). For a 512 '-base' model pass prediction_type='epsilon'.",
@@ -197,6 +212,8 @@ def _write_folder(configs: PipelineConfigs, root: Path) -> Path:
         "text_encoder/config.json": configs.text_encoder,
         "scheduler/scheduler_config.json": configs.scheduler,
     }
+    if configs.text_encoder_2 is not None:
+        files["text_encoder_2/config.json"] = configs.text_encoder_2
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(json.dumps(data, indent=2))
@@ -206,19 +223,13 @@ def _write_folder(configs: PipelineConfigs, root: Path) -> Path:
 def load_single_file(
     path: Path, dtype: torch.dtype, prediction_type: str | None
 ) -> StableDiffusionPipeline:
-    """Load an SD 1.x/2.x LDM `.safetensors` checkpoint; raises BaseModelError naming the file."""
+    """Load an SD 1.x/2.x/SDXL LDM `.safetensors` checkpoint; raises BaseModelError naming the file."""
     try:
         header = read_header(path)
     except Exception as e:
         raise BaseModelError(f"{path} is not a readable .safetensors file: {e}") from e
     try:
         family = detect_family(header)
-        if family == "sdxl":
-            raise HeaderError(
-                "it is an SDXL checkpoint (conditioner.embedders.*): single-file SDXL checkpoints "
-                "are not supported yet; load it once in diffusers (StableDiffusionXLPipeline."
-                "from_single_file) and pass the folder that save_pretrained writes"
-            )
         prediction, why = resolve_prediction_type(header, family, prediction_type)
         configs = choose_configs(header, family, prediction)
     except HeaderError as e:
@@ -238,7 +249,7 @@ def load_single_file(
             pipe = _from_single_file(path, folder, family, dtype)
         except Exception as e:  # our shape check passed, so this is unexpected: keep the cause
             raise BaseModelError(f"diffusers could not load {path} ({configs.source}): {e}") from e
-    _check_loaded(pipe, path)
+    _check_loaded(pipe, path, family)
     if pipe.scheduler.config.get("prediction_type", "epsilon") != prediction:
         pipe.scheduler = type(pipe.scheduler).from_config(
             pipe.scheduler.config, prediction_type=prediction
@@ -247,7 +258,13 @@ def load_single_file(
 
 
 def _from_single_file(path: Path, folder: Path, family: str, dtype: torch.dtype):
-    """diffusers' loader, kept offline: local config folder, our tokenizer, no safety checker."""
+    """diffusers' loader, kept offline: local config folder, our tokenizers, no safety checker."""
+    if family == "sdxl":
+        return StableDiffusionXLPipeline.from_single_file(
+            str(path), config=str(folder), tokenizer=clip_tokenizer(),
+            tokenizer_2=open_clip_tokenizer(), add_watermarker=False, local_files_only=True,
+            dtype=dtype,
+        )
     tokenizer = open_clip_tokenizer() if family == "sd2" else clip_tokenizer()
     return StableDiffusionPipeline.from_single_file(
         str(path),
@@ -261,9 +278,9 @@ def _from_single_file(path: Path, folder: Path, family: str, dtype: torch.dtype)
     )
 
 
-def _check_loaded(pipe: StableDiffusionPipeline, path: Path) -> None:
+def _check_loaded(pipe, path: Path, family: str) -> None:
     """diffusers leaves weights it did not find on the meta device, silently; refuse that."""
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", *TEXT_ENCODERS[family]):
         missing = [n for n, p in getattr(pipe, name).named_parameters() if p.is_meta]
         if missing:
             raise BaseModelError(f"{path}: the {name} weights {missing[:3]} were not in the file")

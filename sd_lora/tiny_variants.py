@@ -82,7 +82,9 @@ def build_tiny_sd2_pipeline(
 
 
 SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim per size number (SDXL: 256)
-SDXL_TEXT_WIDTHS = (32, 32)  # the two encoders' widths (SDXL: 768, 1280)
+# The two encoders' widths (SDXL: 768, 1280). They must differ: diffusers' single-file loader
+# tells SDXL's two encoders apart in a checkpoint by their widths.
+SDXL_TEXT_WIDTHS = (32, 48)
 
 
 def tiny_sdxl_unet_config() -> dict:

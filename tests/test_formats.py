@@ -152,8 +152,9 @@ def test_kohya_modules_the_base_lacks_are_reported_and_a_foreign_file_refused(ti
     assert "match nothing and are left out" in format_inspection(inspect_adapter(path))
 
     sdxl_like = {}
-    for i in range(5):  # LDM block names, as sd-scripts writes SDXL UNet keys
-        name = f"lora_unet_input_blocks_{i}_1_transformer_blocks_0_attn1_to_q"
+    for i in range(1, 6):  # LDM block names, as sd-scripts writes SDXL UNet keys; SDXL's deep
+        # levels have 10 transformer blocks, SD 1.x's one (LDM names SD 1.x has are read as SD 1.x)
+        name = f"lora_unet_input_blocks_7_1_transformer_blocks_{i}_attn1_to_q"
         sdxl_like[f"{name}.lora_down.weight"] = torch.zeros(4, 8)
         sdxl_like[f"{name}.lora_up.weight"] = torch.zeros(8, 4)
     with pytest.raises(KohyaKeyError, match="5 of the file's 5 kohya modules match no sd1 module"
@@ -189,6 +190,26 @@ def test_parse_kohya_key_without_a_model():
     assert parse_kohya_key(key) == ("text_encoder", key.split(".")[0], "lora_up")
     assert parse_kohya_key("lora_te2_x.alpha").component == "text_encoder_2"
     assert parse_kohya_key("lora_unet_a_b.lora_down.weight").kind == "lora_down"
+
+
+def test_sd1_kohya_file_with_ldm_unet_names_is_read(state, tiny_pipe):
+    """Some older SD 1.x tools name the UNet in LDM form (`lora_unet_input_blocks_1_1_...` for
+    `down_blocks.0.attentions.0`): read against the model and model-free, the same modules."""
+    from sd_lora.formats.kohya import LDM_UNET_LAYOUTS, kohya_module_name, module_tensors
+    from sd_lora.formats.ldm_checkpoint import map_module_name, unet_module_table
+
+    table = unet_module_table(LDM_UNET_LAYOUTS["sd1"])
+    tensors = {}
+    for component, modules in state.modules.items():
+        for path, module in modules.items():
+            name = (kohya_module_name("lora_unet", map_module_name(path, table)) if component == "unet"
+                    else kohya_module_name("lora_te", path))
+            tensors.update(module_tensors(name, module, torch.float32))
+    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.alpha" in tensors
+    assert "lora_unet_output_blocks_5_1_transformer_blocks_0_attn2_to_out_0.alpha" in tensors  # OUT0
+    for paths in (pipeline_module_paths(tiny_pipe), reference_module_paths("sd1")):
+        assert_same_state(state, from_kohya(tensors, paths, "sd1"))
+    assert not any("input_blocks" in k for k in to_kohya(state))  # written with diffusers names
 
 
 def test_an_sd1_adapter_labelled_sdxl_is_refused_naming_the_module(state):

@@ -247,7 +247,7 @@ def test_sdxl_folder_loads_with_both_text_encoders(tmp_path):
         # that transformers matches in the text (id 0, not 256), as in SDXL's own tokenizer_2.
         ids = tokenize_all(tokenizers_of(pipe), ["a photo of a cat"])
         cond = encode_all(text_encoders_of(pipe), ids, default_time_ids(1, 64, 64))
-        assert cond.hidden_states.shape == (1, 77, 64) and cond.pooled.shape == (1, 32)
+        assert cond.hidden_states.shape == (1, 77, 80) and cond.pooled.shape == (1, 48)
         results.append(pipe.unet(latents, 10, **cond.unet_kwargs()).sample)
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-5)
     assert ids[0, 1, -1] == 0 and ids[0, 0, -1] == 49407  # the second tokenizer pads with "!"
@@ -329,7 +329,15 @@ def test_missing_checkpoint_file(tmp_path):
                 "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
                 "model.diffusion_model.input_blocks.0.0.weight",
             ],
-            "single-file SDXL checkpoints are not supported yet",
+            r"no VAE \(first_stage_model",  # an SDXL file without its VAE
+        ),
+        (
+            [
+                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                "model.diffusion_model.input_blocks.0.0.weight",
+                "first_stage_model.encoder.conv_in.weight",
+            ],
+            "shapes differ from SDXL base's",
         ),
         (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA weights"),
         (["model.diffusion_model.input_blocks.0.0.weight"], "no text encoder"),

@@ -78,7 +78,7 @@ def test_size_conditioning_and_the_pooled_embedding_reach_the_unet():
     pipe = load_pipeline("tiny-sdxl")
     plain = sdxl_outputs(pipe)
     cropped = sdxl_outputs(pipe, torch.tensor([[128.0, 96, 16, 0, 64, 64]] * 2))
-    assert plain["hidden"].shape == (2, 77, 64) and plain["pooled"].shape == (2, 32)
+    assert plain["hidden"].shape == (2, 77, 80) and plain["pooled"].shape == (2, 48)
     assert float((plain["unet"] - cropped["unet"]).abs().max()) > 1e-4  # time_ids are used
 
 
@@ -284,3 +284,124 @@ def test_tiny_sdxl_trains_both_encoders_and_its_export_loads_in_diffusers(tmp_pa
         fresh = load_pipeline("tiny-sdxl")
         fresh.load_lora_weights(str(result.adapter_files[fmt]))
         assert max_diff(sdxl_outputs(fresh), want) < FP32_TOLERANCE, fmt
+
+
+# --- single-file SDXL checkpoints ----------------------------------------------------------------
+
+
+def test_sdxl_single_file_round_trip_and_diffusers_reads_it(tmp_path):
+    """tiny-sdxl written as one LDM checkpoint loads back (our loader, and diffusers' own
+    from_single_file with the file's configs) with every weight bit-identical."""
+    from sd_lora.formats.ldm_checkpoint import save_single_file
+    from sd_lora.formats.ldm_header import read_header
+    from sd_lora.single_file import _write_folder, bundled_configs, metadata_configs
+    from sd_lora.tiny import clip_tokenizer
+    from sd_lora.tiny_variants import open_clip_tokenizer
+
+    original = load_pipeline("tiny-sdxl")
+    path = save_single_file(original, tmp_path / "xl.safetensors", torch.float32)
+    header = read_header(path)
+    assert header.metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    projection = original.text_encoder_2.text_projection.weight
+    with safe_open(str(path), "pt") as f:
+        assert torch.equal(f.get_tensor("conditioner.embedders.1.model.text_projection"), projection.T)
+        assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in f.keys()
+    ours = load_pipeline(str(path))
+    configs = metadata_configs(header, bundled_configs("stable-diffusion-xl-base-1.0"))
+    folder = _write_folder(configs, tmp_path / "configs")
+    theirs = StableDiffusionXLPipeline.from_single_file(
+        str(path), config=str(folder), tokenizer=clip_tokenizer(), tokenizer_2=open_clip_tokenizer(),
+        local_files_only=True, add_watermarker=False)
+    for loaded in (ours, theirs):
+        assert isinstance(loaded, StableDiffusionXLPipeline)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            want, got = getattr(original, name).state_dict(), getattr(loaded, name).state_dict()
+            assert want.keys() == got.keys(), name
+            assert all(torch.equal(v, got[k]) for k, v in want.items()), name
+    assert max_diff(sdxl_outputs(ours), sdxl_outputs(original)) < FP32_TOLERANCE
+
+
+def test_full_size_sdxl_checkpoint_layout_is_what_diffusers_reads():
+    """SDXL base's four models (meta device) in our LDM layout: diffusers' single-file
+    converters (the ones `from_single_file` runs) turn every one back into exactly the model's
+    own parameter names and shapes. 2514 tensors: SDXL base files have one more, CLIP-L's
+    position_ids buffer, which no loader needs."""
+    from diffusers.loaders import single_file_utils as diffusers_ldm
+
+    from sd_lora.single_file import bundled_configs
+
+    configs = bundled_configs("stable-diffusion-xl-base-1.0")
+    unet, te1, te2 = full_size_sdxl()
+    with torch.device("meta"):
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_config(configs.vae)
+    ckpt = ldm.components_to_ldm(unet, vae, te1, "sdxl", te2)
+    assert len(ckpt) == 2514
+    assert tuple(ckpt["conditioner.embedders.1.model.text_projection"].shape) == (1280, 1280)
+    assert tuple(ckpt["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"].shape) == (3840, 1280)
+    assert tuple(ckpt["model.diffusion_model.label_emb.0.0.weight"].shape) == (1280, 2816)
+    converted = {
+        "unet": (unet, diffusers_ldm.convert_ldm_unet_checkpoint(ckpt, configs.unet)),
+        "vae": (vae, diffusers_ldm.convert_ldm_vae_checkpoint(ckpt, configs.vae)),
+        "text_encoder": (te1, {k.removeprefix("text_model."): v for k, v in
+                               diffusers_ldm.convert_ldm_clip_checkpoint(ckpt, ldm.SDXL_CLIP_PREFIX).items()}),
+        "text_encoder_2": (te2, diffusers_ldm.convert_open_clip_checkpoint(te2, ckpt, ldm.SDXL_OPEN_CLIP_PREFIX)),
+    }
+    for name, (model, theirs) in converted.items():
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in theirs.items()} == want, name
+
+
+def test_merge_into_an_sdxl_base_writes_a_checkpoint_that_loads(tmp_path, adapted):
+    from sd_lora.cli import main
+
+    state, reference, _ = adapted
+    adapter = save_adapter(state, tmp_path / "a.safetensors", dtype=torch.float32)
+    out = tmp_path / "baked.safetensors"
+    assert main(["merge", str(adapter), "--into", "tiny-sdxl", "--out", str(out), "--dtype", "fp32"]) == 0
+    baked = load_pipeline(str(out))
+    assert max_diff(sdxl_outputs(baked), reference) < 1e-4  # merged W + dW rounds differently
+
+
+def test_sdxl_convert_is_lossless_both_ways(tmp_path, adapted):
+    """kohya (LDM names) -> diffusers -> kohya gives back the same file tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    from sd_lora.cli import main
+
+    state, _, _ = adapted
+    kohya = save_adapter(state, tmp_path / "k.safetensors", dtype=torch.float32)
+    diffusers, again = tmp_path / "d.safetensors", tmp_path / "k2.safetensors"
+    assert main(["convert", str(kohya), str(diffusers), "--to", "diffusers", "--dtype", "fp32"]) == 0
+    assert main(["convert", str(diffusers), str(again), "--to", "kohya", "--dtype", "fp32"]) == 0
+    first, second = load_file(kohya), load_file(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert any(k.startswith("text_encoder_2.") for k in load_file(diffusers))
+
+
+def test_the_app_session_generates_with_an_sdxl_adapter_and_refuses_an_sd1_one(tmp_path, adapted):
+    """The browser app's session on an SDXL base: an SDXL adapter changes the image (the
+    first UNet strength 0 gives the base's own pixels); an SD 1.x adapter is refused by name."""
+    import numpy as np
+
+    from sd_lora.session import AdapterSetting, GenerateRequest, GenerationSession
+    from sd_lora.workspace import Workspace
+    from tests.test_workspace import make_adapter_file
+
+    state, _, _ = adapted
+    space = Workspace.create(tmp_path / "adapters")
+    save_adapter(state, space.adapters / "xl.safetensors")
+    make_adapter_file(space.adapters / "sd1.safetensors", seed=1)
+    session = GenerationSession(space)
+
+    def render(*adapters):
+        result = session.generate(GenerateRequest(base="tiny-sdxl", prompt="a red circle", seed=3,
+                                                  steps=4, adapters=adapters))[0]
+        return np.asarray(result.image.convert("RGB"))
+
+    base = render()
+    assert session.base_family == "sdxl"
+    assert not np.array_equal(render(AdapterSetting("xl", 1.0, 1.0)), base)
+    assert np.array_equal(render(AdapterSetting("xl", 0.0, 0.0)), base)
+    with pytest.raises(Exception, match="sd1.*sdxl|SD 1.*SDXL"):
+        render(AdapterSetting("sd1", 1.0, 1.0))

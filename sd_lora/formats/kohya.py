@@ -27,7 +27,8 @@ SDXL: sd-scripts writes UNet names in LDM form (`lora_unet_input_blocks_4_1_tran
 attn1_to_q`, from the diffusers path `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`)
 through the table of `sd_lora.formats.ldm_checkpoint.unet_module_table`, and `lora_te1_` /
 `lora_te2_` for the two text encoders. Files with diffusers UNet names for SDXL exist too (older
-trainers, diffusers' own converter); they are read, never written.
+trainers, diffusers' own converter), and SD 1.x/2.x files with LDM UNet names (some older
+tools); both are read, never written.
 """
 
 from __future__ import annotations
@@ -64,10 +65,17 @@ READ_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "sdxl": {},
 }
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
-# Families whose UNet names are written in LDM form, and the block layout their names follow:
-# every SDXL UNet (base 1.0 and its fine-tunes) has SDXL base's levels and layers per block,
-# which are all that the names depend on (transformer depth only adds transformer_blocks_N).
+# The UNet block layout each family's LDM module names follow: every SD 1.x/2.x UNet has SD's
+# four levels, every SDXL UNet (base 1.0 and its fine-tunes) SDXL base's three; the names depend
+# on nothing else (transformer depth only adds transformer_blocks_N).
+SD_BLOCKS = dict(
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    layers_per_block=2,
+)
 LDM_UNET_LAYOUTS: dict[str, dict] = {
+    "sd1": SD_BLOCKS,
+    "sd2": SD_BLOCKS,
     "sdxl": dict(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -75,6 +83,11 @@ LDM_UNET_LAYOUTS: dict[str, dict] = {
         addition_embed_type="text_time",
     ),
 }
+# sd-scripts writes LDM UNet names for SDXL only; SD 1.x/2.x files with LDM names (some older
+# tools) are read, never written.
+WRITES_LDM_UNET = ("sdxl",)
+
+
 # Model-free parsing: which component a prefix belongs to, longest prefix first.
 PREFIX_COMPONENTS: tuple[tuple[str, str], ...] = (
     ("lora_unet_", "unet"),
@@ -132,7 +145,7 @@ def _ldm_table(family: str) -> dict[str, str]:
 
 def written_path(family: str, component: str, path: str) -> str:
     """The module path a kohya file spells: LDM for an SDXL UNet, else the canonical path."""
-    if component == "unet" and family in LDM_UNET_LAYOUTS:
+    if component == "unet" and family in WRITES_LDM_UNET:
         try:
             return map_module_name(path, _ldm_table(family))
         except UnmappedKeyError:
@@ -189,9 +202,9 @@ def lookup_table(module_paths: dict[str, list[str]], family: str) -> dict[str, t
         for path in paths:
             canonical = canonical_path(component, path)
             # Also without `text_model_`: diffusers' converter writes that under transformers 5.
-            # An SDXL UNet's LDM name, and its diffusers path that some SDXL files use.
+            # A UNet's LDM name too (what sd-scripts writes for SDXL; some SD 1.x tools too).
             spellings = {canonical, canonical.removeprefix(CLIP_PREFIX)}
-            if component == "unet" and family in LDM_UNET_LAYOUTS:
+            if component == "unet":
                 try:
                     spellings.add(map_module_name(canonical, _ldm_table(family)))
                 except UnmappedKeyError:

@@ -6,6 +6,9 @@ A diffusers pipeline's UNet, VAE and text encoder map onto one state dict:
     first_stage_model.*                       the VAE
     cond_stage_model.transformer.text_model.* SD 1.x: the CLIP text encoder, names unchanged
     cond_stage_model.model.*                  SD 2.x: the OpenCLIP text encoder, q/k/v fused
+    conditioner.embedders.0.transformer.text_model.*  SDXL: CLIP ViT-L, names unchanged
+    conditioner.embedders.1.model.*           SDXL: OpenCLIP ViT-bigG, q/k/v fused, with its
+                                              text_projection (transposed) and logit_scale
 
 Module names are converted through prefix tables (`unet_module_table`, `vae_module_table`,
 `open_clip_module_table`): the longest diffusers prefix of a name is replaced by its LDM
@@ -19,6 +22,7 @@ computed for a full-size model without allocating it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,12 +32,17 @@ from safetensors.torch import save_file
 
 from sd_lora.atomic import atomic_path
 from sd_lora.errors import UserError
-from sd_lora.formats.metadata import base_architecture
+from sd_lora.formats.metadata import IMPLEMENTATION, base_architecture
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # + "text_model." + transformers' names
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # + "text_model." + transformers' names
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+# OpenCLIP's learned temperature; no text-to-image loader reads it, every SDXL file has it.
+# ln(100): the value CLIP training ends at (it is clamped there).
+LOGIT_SCALE = math.log(100.0)
 CONFIGS_METADATA_KEY = "sd_lora.configs"  # JSON of the diffusers configs, written by us
 
 # Inside a UNet resnet: diffusers name -> LDM name.
@@ -216,22 +225,15 @@ def _clip_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k.removeprefix("text_model."): v for k, v in state_dict.items()}
 
 
-def clip_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 1.x CLIPTextModel -> `cond_stage_model.transformer.text_model.*` (names unchanged)."""
-    return {f"{CLIP_PREFIX}text_model.{k}": v for k, v in _clip_names(state_dict).items()}
+def clip_to_ldm(state_dict: Mapping[str, torch.Tensor],
+                prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """CLIPTextModel -> `<prefix>text_model.*` (names unchanged): SD 1.x's text encoder, or
+    SDXL's first with prefix SDXL_CLIP_PREFIX."""
+    return {f"{prefix}text_model.{k}": v for k, v in _clip_names(state_dict).items()}
 
 
-def open_clip_to_ldm(
-    state_dict: Mapping[str, torch.Tensor], num_layers: int
-) -> dict[str, torch.Tensor]:
-    """SD 2.x text encoder (a CLIPTextModel without the unused last layer) -> OpenCLIP keys.
-
-    diffusers keeps `num_layers` layers (23 for SD 2.x) because SD 2 conditions on the
-    penultimate layer of OpenCLIP's 24. A real checkpoint holds all 24, so like sd-scripts we
-    write the unused last block as a copy of the one before it, plus an identity
-    `text_projection` and a `logit_scale`; no SD 2 loader reads those, but every one expects them.
-    """
-    sd = _clip_names(state_dict)
+def _open_clip_tower(sd: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """CLIPTextModel names (without `text_model.`) -> OpenCLIP's text tower, q/k/v fused."""
     table = open_clip_module_table(num_layers)
     out: dict[str, torch.Tensor] = {}
     fused = {"q_proj", "k_proj", "v_proj"}
@@ -250,6 +252,33 @@ def open_clip_to_ldm(
                 for p in ("q_proj", "k_proj", "v_proj")
             ]
             out[f"transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat(parts)  # (3D, ...)
+    return out
+
+
+def open_clip_g_to_ldm(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder (CLIPTextModelWithProjection, all its layers: SDXL takes the
+    penultimate hidden state itself) -> `conditioner.embedders.1.model.*`. OpenCLIP applies the
+    projection as `x @ text_projection`, so the file holds the transposed Linear weight."""
+    sd = dict(_clip_names(state_dict))
+    projection = sd.pop("text_projection.weight")  # (projection_dim, width)
+    out = _open_clip_tower(sd, num_layers)
+    out["text_projection"] = projection.T.contiguous()  # (width, projection_dim)
+    out["logit_scale"] = torch.tensor(LOGIT_SCALE, dtype=projection.dtype, device=projection.device)
+    return {SDXL_OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
+
+
+def open_clip_to_ldm(
+    state_dict: Mapping[str, torch.Tensor], num_layers: int
+) -> dict[str, torch.Tensor]:
+    """SD 2.x text encoder (a CLIPTextModel without the unused last layer) -> OpenCLIP keys.
+
+    diffusers keeps `num_layers` layers (23 for SD 2.x) because SD 2 conditions on the
+    penultimate layer of OpenCLIP's 24. A real checkpoint holds all 24, so like sd-scripts we
+    write the unused last block as a copy of the one before it, plus an identity
+    `text_projection` and a `logit_scale`; no SD 2 loader reads those, but every one expects them.
+    """
+    sd = _clip_names(state_dict)
+    out = _open_clip_tower(sd, num_layers)
     last = f"transformer.resblocks.{num_layers - 1}."
     for key in [k for k in out if k.startswith(last)]:
         out[key.replace(last, f"transformer.resblocks.{num_layers}.")] = out[key].clone()
@@ -260,8 +289,10 @@ def open_clip_to_ldm(
     return {OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
 
 
-def components_to_ldm(unet, vae, text_encoder, family: str) -> dict[str, torch.Tensor]:
-    """One LDM state dict from the three models of an SD 1.x (`sd1`) or SD 2.x (`sd2`) pipeline."""
+def components_to_ldm(unet, vae, text_encoder, family: str,
+                      text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """One LDM state dict from the models of an SD 1.x (`sd1`), SD 2.x (`sd2`) or SDXL (`sdxl`,
+    with `text_encoder_2`) pipeline."""
     out = unet_to_ldm(unet.state_dict(), unet.config)
     out.update(vae_to_ldm(vae.state_dict(), vae.config))
     if family == "sd1":
@@ -270,8 +301,14 @@ def components_to_ldm(unet, vae, text_encoder, family: str) -> dict[str, torch.T
         out.update(
             open_clip_to_ldm(text_encoder.state_dict(), text_encoder.config.num_hidden_layers)
         )
+    elif family == "sdxl":
+        if text_encoder_2 is None:
+            raise UserError("an SDXL checkpoint needs both text encoders")
+        out.update(clip_to_ldm(text_encoder.state_dict(), SDXL_CLIP_PREFIX))
+        out.update(open_clip_g_to_ldm(text_encoder_2.state_dict(),
+                                      text_encoder_2.config.num_hidden_layers))
     else:
-        raise UserError(f"single-file LDM export supports families 'sd1' and 'sd2', not {family!r}")
+        raise UserError(f"single-file LDM export supports sd1, sd2 and sdxl, not {family!r}")
     return out
 
 
@@ -288,13 +325,16 @@ def pipeline_metadata(pipe, family: str, title: str) -> dict[str, str]:
         "text_encoder": pipe.text_encoder.config.to_dict(),
         "scheduler": scheduler,
     }
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        configs["text_encoder_2"] = pipe.text_encoder_2.config.to_dict()
     latent = pipe.unet.config.sample_size
     latent = latent if isinstance(latent, int) else max(latent)
     side = latent * 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # VAE halves per level
     return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": base_architecture(family, prediction),
-        "modelspec.implementation": "diffusers",  # what sd-scripts writes for SD 1.x / 2.x
+        # what sd-scripts writes: "diffusers" for SD 1.x / 2.x, Stability's repository for SDXL
+        "modelspec.implementation": IMPLEMENTATION[family],
         "modelspec.title": title,
         "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
         "modelspec.resolution": f"{side}x{side}",
@@ -303,14 +343,15 @@ def pipeline_metadata(pipe, family: str, title: str) -> dict[str, str]:
 
 
 def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype) -> Path:
-    """Write `pipe` (SD 1.x or 2.x) as one LDM `.safetensors` file in `dtype`, atomically."""
+    """Write `pipe` (SD 1.x, 2.x or SDXL) as one LDM `.safetensors` file in `dtype`, atomically."""
     from sd_lora.models import model_family  # lazily: this module needs no diffusers itself
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: single-file checkpoints are written as .safetensors only")
     family = model_family(pipe)
-    tensors = components_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, family)
+    tensors = components_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, family,
+                                getattr(pipe, "text_encoder_2", None))
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     metadata = pipeline_metadata(pipe, family, title=path.stem)
     with atomic_path(path) as tmp:

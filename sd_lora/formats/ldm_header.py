@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sd_lora.formats.ldm_checkpoint import (
     CLIP_PREFIX,
     CONFIGS_METADATA_KEY,
     OPEN_CLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     components_to_ldm,
@@ -37,15 +38,16 @@ SDXL_MARKER = "conditioner.embedders."
 OPTIONAL_KEYS = frozenset(
     {
         SD1_TEXT + "embeddings.position_ids",
+        SDXL_CLIP_PREFIX + "text_model.embeddings.position_ids",
         OPEN_CLIP_PREFIX + "text_projection",
         OPEN_CLIP_PREFIX + "logit_scale",
     }
 )
-COMPONENT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
+COMPONENT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", SDXL_MARKER)
 
 
 class HeaderError(ValueError):
-    """The header does not describe a loadable SD 1.x / 2.x checkpoint; the message says why."""
+    """The header does not describe a loadable SD 1.x / 2.x / SDXL checkpoint; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,10 @@ def _normalise(key: str) -> str:
 def detect_family(header: Header) -> str:
     """'sd1', 'sd2' or 'sdxl' from the text-encoder keys; raises HeaderError for anything else."""
     keys = header.shapes.keys()
-    if any(k.startswith(SDXL_MARKER) for k in keys):
-        return "sdxl"
     has_unet = any(k.startswith(UNET_PREFIX) for k in keys)
-    if any(k.startswith(OPEN_CLIP_PREFIX + "transformer.resblocks.") for k in keys):
+    if any(k.startswith(SDXL_MARKER) for k in keys):
+        family = "sdxl"
+    elif any(k.startswith(OPEN_CLIP_PREFIX + "transformer.resblocks.") for k in keys):
         family = "sd2"
     elif any(k.startswith(SD1_TEXT) for k in keys):
         family = "sd1"
@@ -210,15 +212,19 @@ def infer_text_encoder_fields(shapes: dict, family: str) -> dict:
 # --- exact comparison -----------------------------------------------------------------------
 
 
-def expected_shapes(unet: dict, vae: dict, text_encoder: dict, family: str) -> dict[str, tuple]:
-    """The LDM key -> shape table that these diffusers configs produce (built on `meta`)."""
+def expected_shapes(unet: dict, vae: dict, text_encoder: dict, family: str,
+                    text_encoder_2: dict | None = None) -> dict[str, tuple]:
+    """The LDM key -> shape table that these diffusers configs produce (built on `meta`);
+    SDXL's second text encoder from `text_encoder_2`."""
     with torch.device("meta"):
         models = (
             UNet2DConditionModel.from_config(unet),
             AutoencoderKL.from_config(vae),
             CLIPTextModel(CLIPTextConfig.from_dict(text_encoder)),
         )
-    return {k: tuple(v.shape) for k, v in components_to_ldm(*models, family).items()}
+        second = (CLIPTextModelWithProjection(CLIPTextConfig.from_dict(text_encoder_2))
+                  if text_encoder_2 is not None else None)
+    return {k: tuple(v.shape) for k, v in components_to_ldm(*models, family, second).items()}
 
 
 def _same_shape(key: str, a: tuple, b: tuple) -> bool:
