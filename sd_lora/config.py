@@ -57,6 +57,15 @@ class DataConfig:
     # each item and epoch, the first keep_tokens tags (the trigger word) left in front.
     shuffle_tags: bool = False
     keep_tokens: int = 0
+    # Aspect-ratio bucketing (sd-scripts' enable_bucket): each image trains at the bucket size
+    # nearest its own shape (sides multiples of bucket_reso_steps, area at most resolution^2)
+    # instead of a square crop; batches come from one bucket. The plan is printed at the start
+    # and written to the adapter's ss_bucket_info.
+    enable_bucket: bool = False
+    bucket_reso_steps: int = 64  # pixels; a multiple of 8
+    min_bucket_reso: int = 0  # the shortest side a bucket may have; 0: half the resolution
+    max_bucket_reso: int = 0  # the longest; 0: twice the resolution
+    bucket_no_upscale: bool = False  # smaller images keep their size (rounded down to the step)
     # Regularization images (DreamBooth's prior preservation, sd-scripts' reg_data_dir): a folder
     # of images NOT in the style, captioned without the trigger word, trained alongside (repeated
     # or cut to as many items per epoch as the style images) so that the adapter learns to change
@@ -299,7 +308,8 @@ _NON_NEGATIVE = {
     "train.checkpoints_keep", "train.dataloader_workers", "sample.every",
     "train.max_nonfinite_steps", "train.lr_scheduler_power", "data.keep_tokens",
     "train.max_grad_norm", "train.adam_weight_decay", "train.noise_offset",
-    "train.min_snr_gamma", "data.regularization_weight",
+    "train.min_snr_gamma", "data.regularization_weight", "data.min_bucket_reso",
+    "data.max_bucket_reso",
 }
 
 
@@ -339,6 +349,11 @@ def validate(config: JobConfig) -> None:
         raise ConfigError(
             "data.regularization_target is set but data.regularization is empty; "
             "give a folder of regularization images or drop the setting"
+        )
+    if config.data.bucket_reso_steps < 8 or config.data.bucket_reso_steps % 8:
+        raise ConfigError(
+            f"data.bucket_reso_steps = {config.data.bucket_reso_steps} must be a positive "
+            "multiple of 8 (64 is usual; 8 for the 64 px toy and tiny bases)"
         )
     if config.data.resolution % 8:
         raise ConfigError(f"data.resolution = {config.data.resolution} must be a multiple of 8")

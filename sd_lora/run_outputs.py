@@ -94,10 +94,12 @@ def render_sample_grid(pipe, cfg: SampleConfig, prompts: list[str], resolution: 
 
 
 def export_adapters(trained, family: str, prediction_type: str, config: JobConfig, scan,
-                    resolution: int, output_dir: Path, started_at: float) -> dict[str, Path]:
-    """Write the adapter in every configured format; returns {format: path}."""
+                    resolution: int, output_dir: Path, started_at: float,
+                    buckets: dict | None = None) -> dict[str, Path]:
+    """Write the adapter in every configured format; returns {format: path}. `buckets`: the
+    bucket plan (data.buckets.bucket_info) when training was bucketed."""
     state = read_adapter_state(trained, family)
-    info = training_info(config, family, prediction_type, scan, resolution, started_at)
+    info = training_info(config, family, prediction_type, scan, resolution, started_at, buckets)
     dtype = EXPORT_DTYPES[config.export.dtype]
     files = {}
     for fmt in config.export.formats:
@@ -113,9 +115,15 @@ def adapter_path(output_dir: Path, name: str, fmt: str) -> Path:
 
 
 def training_info(config: JobConfig, family: str, prediction_type: str, scan, resolution: int,
-                  started_at: float) -> TrainingInfo:
+                  started_at: float, buckets: dict | None = None) -> TrainingInfo:
     """What the file's `ss_*`/`modelspec.*` metadata says about this run."""
-    lora, train = config.lora, config.train
+    lora, train, data = config.lora, config.train, config.data
+    bucketing = {}
+    if buckets is not None:  # sd-scripts' keys; the bounds as resolved at this resolution
+        bucketing = {"ss_enable_bucket": True, "ss_bucket_info": json.dumps(buckets),
+                     "ss_min_bucket_reso": data.min_bucket_reso or resolution // 2,
+                     "ss_max_bucket_reso": data.max_bucket_reso or resolution * 2,
+                     "ss_bucket_no_upscale": data.bucket_no_upscale}
     network_args = {"unet_targets": ",".join(lora.unet_targets)}
     if lora.train_text_encoder:
         network_args["text_encoder_targets"] = ",".join(lora.text_encoder_targets)
@@ -145,6 +153,7 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
             "ss_loss_type": train.loss, **({"ss_huber_c": train.huber_c} if train.loss != "l2" else {}),
             "ss_batch_size_per_device": train.batch_size,
             "ss_gradient_accumulation_steps": train.gradient_accumulation_steps,
+            **bucketing,
         },
         trigger_phrase=detect_trigger([s.caption for s in scan.samples]),
         started_at=started_at,

@@ -42,6 +42,8 @@ from sd_lora.config import (
     to_toml,
 )
 from sd_lora.data import DatasetScan, ImageCaptionDataset, Sample, load_image
+from sd_lora.data.buckets import BucketBatchSampler, BucketSpec, bucket_info
+from sd_lora.data.buckets import describe as describe_buckets
 from sd_lora.data.order import EpochSampler
 from sd_lora.data.plan import check_job, regularization_layout
 from sd_lora.errors import UserError
@@ -66,6 +68,7 @@ from sd_lora.run_outputs import (
     sample_prompts,
     write_summary,
 )
+from sd_lora.stop_signals import ImmediateStop, StopSignals
 from sd_lora.text import encode_all, text_encoders_of, tokenize_all, tokenizers_of
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -106,6 +109,9 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     lr_scheduler = make_lr_scheduler(optimizer, config.train, accelerator.num_processes)
     dataset, loader = make_dataloader(style + regularization, resolution, config.data,
                                       config.train)
+    buckets = dataset_buckets(dataset, config.data)
+    if buckets is not None:
+        accelerator.print("Aspect-ratio buckets:\n" + describe_buckets(buckets))
     prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
     models = dict(zip(trained, prepared[: len(trained)]))
     optimizer, loader, lr_scheduler = prepared[len(trained) :]
@@ -136,7 +142,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
         render_sample_grid(pipe, config.sample, prompts, resolution, output_dir / "samples" / "final.png")
         try:
             files = export_adapters(trained, model_family(pipe), prediction_type_of(pipe), config,
-                                    scan, resolution, output_dir, started)
+                                    scan, resolution, output_dir, started, buckets)
         except WRITE_ERRORS as e:  # the final checkpoint holds the trained adapter
             raise write_failed(output_dir / f"{config.train.name}.safetensors", e, output_dir) from e
         write_summary(output_dir, before, after, progress.global_step, seconds, files,
@@ -291,20 +297,50 @@ def regularization_samples(cfg: DataConfig, scan: DatasetScan,
                     preserve=cfg.regularization_target == "base") for s in reg.samples[:count]]
 
 
+def bucket_spec(data: DataConfig, resolution: int) -> BucketSpec | None:
+    """The bucketing of data.enable_bucket at this resolution; None without bucketing."""
+    if not data.enable_bucket:
+        return None
+    try:
+        return BucketSpec(resolution, data.bucket_reso_steps,
+                          data.min_bucket_reso or resolution // 2,
+                          data.max_bucket_reso or resolution * 2, data.bucket_no_upscale)
+    except ValueError as e:
+        raise UserError(f"data.enable_bucket at {resolution} px: {e}; set data.bucket_reso_steps, "
+                        "data.min_bucket_reso and data.max_bucket_reso to fit") from None
+
+
 def make_dataloader(samples: list[Sample], resolution: int, data: DataConfig, cfg: TrainConfig):
+    buckets = bucket_spec(data, resolution)
     dataset = ImageCaptionDataset(
         samples, resolution, center_crop=data.center_crop,
         random_flip=data.random_flip, seed=cfg.seed,
-        shuffle_tags=data.shuffle_tags, keep_tokens=data.keep_tokens,
+        shuffle_tags=data.shuffle_tags, keep_tokens=data.keep_tokens, buckets=buckets,
     )
+    # Its own generator: each new iterator draws a worker seed, which would otherwise shift
+    # the global RNG (LoRA dropout) and make a resumed run diverge.
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if buckets is not None:
+        batches = BucketBatchSampler(dataset.sizes, cfg.batch_size, seed=cfg.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, generator=generator,
+                                             num_workers=cfg.dataloader_workers)
+        return dataset, loader
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=EpochSampler(len(dataset), seed=cfg.seed),
         num_workers=cfg.dataloader_workers, drop_last=len(dataset) >= cfg.batch_size,
-        # Its own generator: each new iterator draws a worker seed, which would otherwise shift
-        # the global RNG (LoRA dropout) and make a resumed run diverge.
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=generator,
     )
     return dataset, loader
+
+
+def dataset_buckets(dataset: ImageCaptionDataset, data: DataConfig) -> dict | None:
+    """ss_bucket_info of the dataset's images (each once, not per repeat); None unbucketed."""
+    if not data.enable_bucket:
+        return None
+    first = {}
+    for item, size in zip(dataset.items, dataset.sizes):
+        first.setdefault(item.image, (item.size, size))
+    return bucket_info([s for s, _ in first.values()], [b for _, b in first.values()])
 
 
 def _eval_images(scan: DatasetScan, resolution: int, count: int = 4):
@@ -340,34 +376,41 @@ class TrainingLoop:
         for model in self.models.values():
             model.train()
         try:
-            while step < cfg.max_steps:
-                loader.set_epoch(epoch)  # sets the sampler's epoch (and Accelerate's counter)
-                dataset.set_epoch(epoch)
-                batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
-                done_in_epoch = skip
-                for batch in batches:
-                    loss, applied = self.train_micro_batch(batch)
-                    done_in_epoch += 1
-                    if not self.accelerator.sync_gradients:
+            with StopSignals() as stop:
+                while step < cfg.max_steps:
+                    loader.set_epoch(epoch)  # sets the sampler's epoch (and Accelerate's counter)
+                    dataset.set_epoch(epoch)
+                    batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
+                    done_in_epoch = skip
+                    for batch in batches:
+                        loss, applied = self.train_micro_batch(batch)
+                        done_in_epoch += 1
+                        if not self.accelerator.sync_gradients:
+                            continue
+                        if applied:
+                            step += 1
+                            self.guard.good()
+                            bar.update(1)
+                            bar.set_postfix(loss=f"{loss:.4f}",
+                                            lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                            self.log.step(step, loss, self.lr_scheduler.get_last_lr()[0], epoch)
+                            self.after_step(Progress(step, epoch, done_in_epoch))
+                        else:  # nothing changed; raises when it keeps happening
+                            self.guard.bad(step + 1, loss, self.problem)
+                            bar.set_postfix(loss=f"{loss:.4f}", skipped=self.guard.skipped)
+                        if stop.requested:  # between two optimizer steps: a consistent state
+                            raise KeyboardInterrupt
+                        if step >= cfg.max_steps:
+                            break
+                    else:
+                        epoch, skip = epoch + 1, 0
                         continue
-                    if not applied:  # nothing changed; raises when it keeps happening
-                        self.guard.bad(step + 1, loss, self.problem)
-                        bar.set_postfix(loss=f"{loss:.4f}", skipped=self.guard.skipped)
-                        continue
-                    self.guard.good()
-                    step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                    self.log.step(step, loss, self.lr_scheduler.get_last_lr()[0], epoch)
-                    self.after_step(Progress(step, epoch, done_in_epoch))
-                    if step >= cfg.max_steps:
-                        break
-                else:
-                    epoch, skip = epoch + 1, 0
-                    continue
-                break
+                    break
+        except ImmediateStop:  # a second interrupt: the last complete checkpoint stands
+            bar.close()
+            raise
         except KeyboardInterrupt:
-            # Ctrl-C: keep what was learned, then stop.
+            # Ctrl-C / SIGTERM: keep what was learned, then stop.
             self.save(Progress(step, epoch, done_in_epoch))
             bar.close()
             raise

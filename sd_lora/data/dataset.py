@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from sd_lora.data.buckets import BucketSpec, plan_buckets
 from sd_lora.data.images import DECODE_ERRORS, load_image_and_geometry
 from sd_lora.data.scan import Sample
 
@@ -21,11 +22,13 @@ logger = logging.getLogger(__name__)
 
 
 class ImageCaptionDataset(Dataset):
-    """Item i -> {"pixel_values": (3, R, R) float32 in [-1, 1], "caption": str, "index": int,
+    """Item i -> {"pixel_values": (3, H, W) float32 in [-1, 1], "caption": str, "index": int,
     "loss_weight": float, "preserve": bool, "time_ids": (6,) float32}.
 
     `time_ids` is SDXL's size conditioning for the item: (original height, original width, crop
-    top, crop left, target height, target width); other bases ignore it.
+    top, crop left, target height, target width); other bases ignore it. (H, W) is the square
+    resolution, or with `buckets` the item's aspect-ratio bucket (see data.buckets; batch them
+    with buckets.BucketBatchSampler over `sizes`).
 
     Call `set_epoch(epoch)` before each pass (Accelerate's data loader does when it wraps this).
     With DataLoader workers, use non-persistent workers so that each pass sees the new epoch.
@@ -40,6 +43,7 @@ class ImageCaptionDataset(Dataset):
         seed: int = 0,
         shuffle_tags: bool = False,
         keep_tokens: int = 0,
+        buckets: BucketSpec | None = None,
     ) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
@@ -47,6 +51,13 @@ class ImageCaptionDataset(Dataset):
         if not self.items:
             raise ValueError("ImageCaptionDataset needs at least one sample (with repeats >= 1)")
         self.resolution = resolution
+        # Each item's (width, height): its aspect-ratio bucket, else the square resolution.
+        self.sizes: list[tuple[int, int]] = [(resolution, resolution)] * len(self.items)
+        if buckets is not None:
+            unsized = [s.image for s in self.items if s.size is None]
+            if unsized:
+                raise ValueError(f"bucketing needs each image's size from the scan; {unsized[0]} has none")
+            self.sizes = plan_buckets([s.size for s in self.items], buckets)
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
@@ -96,7 +107,7 @@ class ImageCaptionDataset(Dataset):
         flip = self.random_flip and rng.random() < 0.5
         path = self.items[i].image
         try:
-            pixels, geometry = load_image_and_geometry(path, self.resolution, self.center_crop, rng)
+            pixels, geometry = load_image_and_geometry(path, self.sizes[i], self.center_crop, rng)
         except DECODE_ERRORS as e:
             if str(path) not in self._reported:
                 self._reported.add(str(path))
@@ -107,7 +118,8 @@ class ImageCaptionDataset(Dataset):
                     e,
                 )
             return None
-        time_ids = torch.tensor([*geometry, self.resolution, self.resolution], dtype=torch.float32)
+        width, height = self.sizes[i]
+        time_ids = torch.tensor([*geometry, height, width], dtype=torch.float32)
         return (pixels.flip(-1) if flip else pixels), time_ids
 
 

@@ -136,12 +136,15 @@ def load_image(
 
 def load_image_and_geometry(
     path: str | Path,
-    resolution: int,
+    resolution: int | tuple[int, int],
     center_crop: bool = True,
     rng: random.Random | torch.Generator | None = None,
 ) -> tuple[torch.Tensor, CropGeometry]:
-    """`load_image`, and the crop's geometry (what SDXL's `time_ids` condition on)."""
-    if resolution < 1:
+    """`load_image`, and the crop's geometry (what SDXL's `time_ids` condition on).
+    `resolution` (width, height) gives a (3, height, width) tensor: the image is resized to
+    cover that size, then cropped to it (an aspect-ratio bucket)."""
+    width_out, height_out = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if min(width_out, height_out) < 1:
         raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
     if not center_crop and rng is None:
         raise ValueError(
@@ -152,29 +155,31 @@ def load_image_and_geometry(
         width, height = im.size  # read before JPEG draft decoding shrinks it
         if im.getexif().get(EXIF_ORIENTATION) in EXIF_QUARTER_TURNS:
             width, height = height, width
-        im.draft(None, (resolution, resolution))  # JPEG: decode at the smallest scale >= resolution
+        im.draft(None, (width_out, height_out))  # JPEG: decode at the smallest scale >= that
         rgb = to_rgb(ImageOps.exif_transpose(im))
-    square, top, left = _resize_and_crop(rgb, resolution, None if center_crop else rng)
-    pixels = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy())  # (H, W, 3)
+    cropped, top, left = _resize_and_crop(rgb, width_out, height_out, None if center_crop else rng)
+    pixels = torch.from_numpy(np.asarray(cropped, dtype=np.uint8).copy())  # (H, W, 3)
     geometry = CropGeometry(height, width, top, left)
     return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0), geometry  # (3, H, W)
 
 
 def _resize_and_crop(
-    im: Image.Image, resolution: int, rng: random.Random | torch.Generator | None
+    im: Image.Image, width_out: int, height_out: int, rng: random.Random | torch.Generator | None
 ) -> tuple[Image.Image, int, int]:
-    """Scale the shorter side to `resolution`, then crop the longer one (centred when rng is
-    None); returns the square and its top and left offsets in the scaled image."""
+    """Scale the image to cover width_out x height_out, then crop the side that overhangs
+    (centred when rng is None); returns the crop and its top and left offsets in the scaled
+    image."""
     width, height = im.size
-    scale = resolution / min(width, height)
-    new_w = max(resolution, round(width * scale))
-    new_h = max(resolution, round(height * scale))
-    left = _offset(new_w - resolution, rng)
-    top = _offset(new_h - resolution, rng)
-    # Resample only the crop window: box is in source pixels, the output is resolution x resolution.
-    right, bottom = min(width, (left + resolution) / scale), min(height, (top + resolution) / scale)
+    scale = max(width_out / width, height_out / height)
+    new_w = max(width_out, round(width * scale))
+    new_h = max(height_out, round(height * scale))
+    left = _offset(new_w - width_out, rng)
+    top = _offset(new_h - height_out, rng)
+    # Resample only the crop window: box is in source pixels, the output is the target size.
+    right = min(width, (left + width_out) / scale)
+    bottom = min(height, (top + height_out) / scale)
     box = (left / scale, top / scale, right, bottom)
-    return im.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box), top, left
+    return im.resize((width_out, height_out), Image.Resampling.LANCZOS, box=box), top, left
 
 
 def _offset(slack: int, rng: random.Random | torch.Generator | None) -> int:

@@ -60,6 +60,9 @@ class JobCheck:
             "regularization_images": self.regularization.num_images if self.regularization else 0,
             "resolution": data.resolution or "the base's native resolution",
             "crop": "centre" if data.center_crop else "random",
+            "buckets": (f"aspect-ratio buckets in steps of {data.bucket_reso_steps} px"
+                        + (", no upscaling" if data.bucket_no_upscale else "")
+                        if data.enable_bucket else None),
             "random_flip": data.random_flip,
             "images_per_step": per_step,
             "steps": train.max_steps,
@@ -84,7 +87,8 @@ class JobCheck:
             f"  {plan['images']} images ({plan['items_per_epoch']} items per epoch"
             + (f", {plan['regularization_images']} regularization images among them"
                if self.regularization else "") + ")",
-            f"  at {size}, {plan['crop']} crop" + (", random flips" if plan["random_flip"] else ""),
+            f"  at {size}" + (f" in {plan['buckets']}" if plan["buckets"] else "")
+            + f", {plan['crop']} crop" + (", random flips" if plan["random_flip"] else ""),
             f"  {plan['steps']} steps of {plan['images_per_step']} images: {plan['epochs']} epochs",
             f"  {plan['skipped_files']} files skipped, {plan['warnings']} warnings"
             + (" (listed above)" if plan["skipped_files"] or plan["warnings"] else ""),

@@ -58,6 +58,8 @@ class Sample:
     # Train toward the base model's own prediction (adapter off) instead of the noise: the
     # adapter learns to leave this image's prompt as the base draws it.
     preserve: bool = False
+    size: tuple[int, int] | None = None  # (width, height) upright, as the scan decoded it
+    digest: str = ""  # sha256 of the file's bytes when scanned
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def scan_dataset(
     samples: list[Sample] = []
     first_with: dict[str, Path] = {}  # content digest -> the first image that has it
     for image, probe in zip(found.images, _probe_all(found.images)):
-        sample = _check_image(root, image, probe.size, captions, min_side, found)
+        sample = _check_image(root, image, probe, captions, min_side, found)
         if sample is None:
             continue
         samples.append(sample)
@@ -264,12 +266,13 @@ def _probe_all(images: list[Path]) -> list[_Probe]:
 def _check_image(
     root: Path,
     image: Path,
-    size: tuple[int, int] | Exception,
+    probe: _Probe,
     captions: _CaptionFinder,
     min_side: int,
     found: _Found,
 ) -> Sample | None:
     """One image and its probe result -> a Sample, or None with the reason recorded in `found`."""
+    size = probe.size
     repeats, subset, class_words = _subset_of(root, image)
     try:
         caption, note = captions.caption_for(image)  # first, so its caption counts as claimed
@@ -298,7 +301,7 @@ def _check_image(
         kept = min(width, height) / max(width, height)
         found.warn(image, f"{width}x{height} is elongated ({max(width, height) / min(width, height):.1f}:1); "
                           f"a square crop keeps {kept:.0%} of it")
-    return Sample(image, caption, repeats, subset)
+    return Sample(image, caption, repeats, subset, size=(width, height), digest=probe.digest)
 
 
 def _warn_long_captions(samples: list[Sample], found: _Found) -> None:
