@@ -76,8 +76,8 @@ CAPTION = "a photo of a red bicycle leaning against a brick wall, soft evening l
 CONFIGS = Path(__file__).resolve().parent.parent / "sd_lora/assets/configs"
 SD15_CONFIGS = CONFIGS / "stable-diffusion-v1-5"
 SDXL_CONFIGS = CONFIGS / "stable-diffusion-xl-base-1.0"
-CACHING_NOTE = ("The trainer does not cache latents or text embeddings yet (a later issue): it "
-                "runs the 'full' step. 'cached' shows what caching would leave per step.")
+CACHING_NOTE = ("'full' is the step without caches; 'cached' the step with data.cache_latents and "
+                "data.cache_text_encoder_outputs (text encoders frozen).")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ PredictionType = Literal["auto", "epsilon", "v_prediction"]
 LrSchedule = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 LossKind = Literal["l2", "huber", "smooth_l1"]
 RegularizationTarget = Literal["noise", "base"]
+CacheMode = Literal["none", "memory", "disk"]
 ExportFormat = Literal["kohya", "diffusers"]
 ExportDtype = Literal["fp16", "bf16", "fp32"]
 
@@ -45,18 +46,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "datasets/toy/stripes"
+    path: str = "datasets/toy/stripes"  # the folder of images and captions (searched recursively; kohya `N_name` subfolders repeat)
     resolution: int = 0  # pixels; 0 means the base's native resolution
-    center_crop: bool = True
-    random_flip: bool = False
-    caption_extensions: tuple[str, ...] = (".txt", ".caption")
+    center_crop: bool = True  # crop the square (or bucket) from the centre; false: at a random offset, drawn per item and epoch
+    random_flip: bool = False  # mirror a random half of the items each epoch
+    caption_extensions: tuple[str, ...] = (".txt", ".caption")  # caption file extensions tried beside each image, in order
     # The share of the style's items trained with an empty caption (sd-scripts'
     # caption_dropout_rate): the adapter also learns the style unprompted. 0: never.
     caption_dropout: float = 0.0
     # sd-scripts' shuffle_caption / keep_tokens: the comma-separated tags in a new order for
     # each item and epoch, the first keep_tokens tags (the trigger word) left in front.
     shuffle_tags: bool = False
-    keep_tokens: int = 0
+    keep_tokens: int = 0  # with shuffle_tags: how many leading tags stay in place
     # Aspect-ratio bucketing (sd-scripts' enable_bucket): each image trains at the bucket size
     # nearest its own shape (sides multiples of bucket_reso_steps, area at most resolution^2)
     # instead of a square crop; batches come from one bucket. The plan is printed at the start
@@ -66,6 +67,16 @@ class DataConfig:
     min_bucket_reso: int = 0  # the shortest side a bucket may have; 0: half the resolution
     max_bucket_reso: int = 0  # the longest; 0: twice the resolution
     bucket_no_upscale: bool = False  # smaller images keep their size (rounded down to the step)
+    # Encode each image with the VAE once (sd-scripts' cache_latents, cache_latents_to_disk):
+    # "memory", or "disk" (in data.cache_dir, reused by later runs on the same files and VAE).
+    # The posterior is cached, so training still samples a new latent every step. Entries are
+    # keyed by file content, size, crop, flip and VAE (see data.latent_cache). Needs centre crops.
+    cache_latents: CacheMode = "none"
+    cache_dir: str = ""  # "": <train.output_dir>/latent-cache
+    # Encode each distinct caption once while the text encoders are frozen (sd-scripts'
+    # cache_text_encoder_outputs; needs lora.train_text_encoder = false). Caption dropout and tag
+    # shuffling still work: a caption is encoded when first seen, then reused.
+    cache_text_encoder_outputs: bool = False
     # Regularization images (DreamBooth's prior preservation, sd-scripts' reg_data_dir): a folder
     # of images NOT in the style, captioned without the trigger word, trained alongside (repeated
     # or cut to as many items per epoch as the style images) so that the adapter learns to change
@@ -91,30 +102,30 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    unet_r: int = 8
-    unet_alpha: float = 8.0
+    unet_r: int = 8  # rank of the UNet LoRA
+    unet_alpha: float = 8.0  # alpha of the UNet LoRA (the delta is alpha / r * B @ A)
     unet_targets: tuple[str, ...] = ("attn",)  # groups: attn, proj, ff
-    train_text_encoder: bool = True
-    text_encoder_r: int = 4
-    text_encoder_alpha: float = 4.0
+    train_text_encoder: bool = True  # also train LoRA on the text encoder(s)
+    text_encoder_r: int = 4  # rank of the text-encoder LoRA
+    text_encoder_alpha: float = 4.0  # alpha of the text-encoder LoRA
     text_encoder_targets: tuple[str, ...] = ("attn",)  # groups: attn, mlp
     # SDXL only: also train its second text encoder (OpenCLIP ViT-bigG), with the same rank,
     # alpha and targets as the first, when train_text_encoder is on.
     train_text_encoder_2: bool = True
-    dropout: float = 0.0
+    dropout: float = 0.0  # LoRA dropout (PEFT's lora_dropout) on every adapted layer's input, in [0, 1)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    output_dir: str = "runs/demo"
-    name: str = "demo"
-    max_steps: int = 200
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
+    output_dir: str = "runs/demo"  # the run folder: checkpoints, samples, logs, the adapter
+    name: str = "demo"  # the adapter's file name (without .safetensors) and ss_output_name
+    max_steps: int = 200  # optimizer steps to train
+    batch_size: int = 4  # images per micro-batch (per process)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     learning_rate: float = 1e-4  # UNet LoRA
-    text_encoder_learning_rate: float = 5e-5
+    text_encoder_learning_rate: float = 5e-5  # text encoder LoRA
     text_encoder_2_learning_rate: float = 0.0  # SDXL's second encoder; 0: text_encoder_learning_rate
-    lr_scheduler: LrSchedule = "constant"
+    lr_scheduler: LrSchedule = "constant"  # the learning-rate schedule (each with lr_warmup_steps)
     lr_warmup_steps: int = 0  # a linear ramp from 0, for every schedule (constant included)
     lr_scheduler_num_cycles: int = 1  # cosine_with_restarts: how many times the cosine restarts
     lr_scheduler_power: float = 1.0  # polynomial: the decay's power (1: linear)
@@ -122,12 +133,12 @@ class TrainConfig:
     # to outliers: "huber" 2c(sqrt(e^2 + c^2) - c), "smooth_l1" 2(sqrt(e^2 + c^2) - c), c =
     # huber_c. Both are ~e^2 for |e| << c; past c they grow like |e|.
     loss: LossKind = "l2"
-    huber_c: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    huber_c: float = 0.1  # the Huber losses' c
+    adam_beta1: float = 0.9  # AdamW's beta1
+    adam_beta2: float = 0.999  # AdamW's beta2
+    adam_weight_decay: float = 1e-2  # AdamW's decoupled weight decay
+    adam_epsilon: float = 1e-8  # AdamW's epsilon
+    max_grad_norm: float = 1.0  # clip the LoRA gradients to this norm; 0: no clipping
     # A step whose loss or gradients hold NaN/inf is skipped (nothing is updated); this many in
     # a row stop the run with the likely cause, the last checkpoint intact. 0: never stop.
     max_nonfinite_steps: int = 10
@@ -139,12 +150,12 @@ class TrainConfig:
     # choice): without them the nearly-clean timesteps dominate the loss (see
     # sd_lora.objective.min_snr_weights). 0: unweighted.
     min_snr_gamma: float = 0.0
-    mixed_precision: MixedPrecision = "no"
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    mixed_precision: MixedPrecision = "no"  # bf16 / fp16 autocast (fp16 needs CUDA), the frozen base in that dtype; LoRA weights stay fp32
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    seed: int = 0  # LoRA initialisation, data order, flips, crops and noise all follow it
     checkpoint_every: int = 100  # optimizer steps; 0 disables intermediate checkpoints
     checkpoints_keep: int = 2  # the newest N are kept; 0 keeps all
-    dataloader_workers: int = 0
+    dataloader_workers: int = 0  # image-loading worker processes; 0 loads in the training process
 
 
 @dataclass(frozen=True)
@@ -152,23 +163,23 @@ class SampleConfig:
     prompts: tuple[str, ...] = ()  # empty: the first three distinct captions of the dataset
     seeds: tuple[int, ...] = ()  # empty: 0, 1, 2, ...
     every: int = 100  # optimizer steps; 0: only at the end
-    steps: int = 20
-    guidance_scale: float = 7.0
-    negative_prompt: str = ""
+    steps: int = 20  # sampling steps of each sample image
+    guidance_scale: float = 7.0  # classifier-free guidance of the sample images
+    negative_prompt: str = ""  # negative prompt of the sample images
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    formats: tuple[ExportFormat, ...] = ("kohya",)
-    dtype: ExportDtype = "fp16"
-    comment: str = ""
+    formats: tuple[ExportFormat, ...] = ("kohya",)  # `kohya` (A1111, ComfyUI, InvokeAI, sd-scripts) and/or `diffusers` (PEFT)
+    dtype: ExportDtype = "fp16"  # tensor dtype of the exported adapter (alphas are always fp32)
+    comment: str = ""  # ss_training_comment
 
 
 @dataclass(frozen=True)
 class ReportConfig:
     """The quality report written after training (report.json, report.png)."""
 
-    enabled: bool = True
+    enabled: bool = True  # write report.json and report.png after training
     # Images in the style that training did not see (a folder with captions, like data.path).
     # "": `heldout/<data folder name>` beside the data folder if it exists (datasets/toy/ is laid
     # out so), else a few training images, and the report says so.
@@ -350,6 +361,16 @@ def validate(config: JobConfig) -> None:
             "data.regularization_target is set but data.regularization is empty; "
             "give a folder of regularization images or drop the setting"
         )
+    if config.data.cache_latents != "none" and not config.data.center_crop:
+        raise ConfigError(
+            f"data.cache_latents = {config.data.cache_latents!r} needs data.center_crop = true: a "
+            "random crop changes every epoch, so its latents cannot be cached"
+        )
+    if config.data.cache_text_encoder_outputs and config.lora.train_text_encoder:
+        raise ConfigError(
+            "data.cache_text_encoder_outputs needs lora.train_text_encoder = false: a text "
+            "encoder that trains gives other outputs every step"
+        )
     if config.data.bucket_reso_steps < 8 or config.data.bucket_reso_steps % 8:
         raise ConfigError(
             f"data.bucket_reso_steps = {config.data.bucket_reso_steps} must be a positive "
@@ -405,6 +426,8 @@ def _toml_value(value: Any) -> str:
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.checkpoint_every", "train.checkpoints_keep",
     "train.dataloader_workers", "train.max_nonfinite_steps", "train.output_dir", "train.name",
+    # Caches hold what would be computed anyway (the same up to float rounding).
+    "data.cache_latents", "data.cache_dir", "data.cache_text_encoder_outputs",
 }
 RESUMABLE_SECTIONS = {"sample", "export", "report"}
 _PATH_FIELDS = {"model.base", "data.path", "data.regularization", "report.heldout",

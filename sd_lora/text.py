@@ -108,3 +108,52 @@ def default_time_ids(batch: int, height: int, width: int) -> torch.Tensor:
     """(B, 6) size conditioning of an uncropped image generated at (height, width): what the
     SDXL pipeline uses by default."""
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(batch, 1)
+
+
+class EmbeddingCache:
+    """Frozen text encoders' outputs per caption: each distinct caption is encoded once, when
+    first seen (so caption dropout and tag shuffling keep working; a shuffled caption is a new
+    caption), then reused. Oldest entries go past `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 2 * 2**30) -> None:
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def conditioning(self, tokenizers, text_encoders, captions: list[str], time_ids,
+                     device) -> Conditioning:
+        found = {c: self.entries[c] for c in dict.fromkeys(captions) if c in self.entries}
+        missing = [c for c in dict.fromkeys(captions) if c not in found]
+        self.misses += len(missing)
+        self.hits += len(captions) - len(missing)
+        if missing:
+            ids = tokenize_all(tokenizers, missing).to(device)
+            filler = default_time_ids(len(missing), 64, 64) if len(text_encoders) > 1 else None
+            fresh = encode_all(text_encoders, ids, filler)
+            for j, caption in enumerate(missing):
+                pooled = None if fresh.pooled is None else fresh.pooled[j]
+                found[caption] = (fresh.hidden_states[j], pooled)
+                self._add(caption, *found[caption])
+        rows = [found[c] for c in captions]
+        hidden = torch.stack([h for h, _ in rows])
+        pooled = None if rows[0][1] is None else torch.stack([p for _, p in rows])
+        if pooled is None:
+            return Conditioning(hidden)
+        return Conditioning(hidden, pooled, time_ids.to(hidden.device, hidden.dtype))
+
+    def _add(self, caption: str, hidden: torch.Tensor, pooled: torch.Tensor | None) -> None:
+        size = _nbytes(hidden) + _nbytes(pooled)
+        while self.entries and self.bytes + size > self.max_bytes:
+            _, (old_h, old_p) = self._pop_oldest()
+            self.bytes -= _nbytes(old_h) + _nbytes(old_p)
+        self.entries[caption] = (hidden.clone(), None if pooled is None else pooled.clone())
+        self.bytes += size
+
+    def _pop_oldest(self):
+        oldest = next(iter(self.entries))
+        return oldest, self.entries.pop(oldest)
+
+
+def _nbytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()

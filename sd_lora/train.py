@@ -44,6 +44,7 @@ from sd_lora.config import (
 from sd_lora.data import DatasetScan, ImageCaptionDataset, Sample, load_image
 from sd_lora.data.buckets import BucketBatchSampler, BucketSpec, bucket_info
 from sd_lora.data.buckets import describe as describe_buckets
+from sd_lora.data.latent_cache import CachedLatentDataset, LatentCache, vae_identity
 from sd_lora.data.order import EpochSampler
 from sd_lora.data.plan import check_job, regularization_layout
 from sd_lora.errors import UserError
@@ -69,7 +70,7 @@ from sd_lora.run_outputs import (
     write_summary,
 )
 from sd_lora.stop_signals import ImmediateStop, StopSignals
-from sd_lora.text import encode_all, text_encoders_of, tokenize_all, tokenizers_of
+from sd_lora.text import EmbeddingCache, encode_all, text_encoders_of, tokenize_all, tokenizers_of
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -107,8 +108,11 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
         enable_gradient_checkpointing(trained)
     optimizer = make_optimizer(trained, config.train)
     lr_scheduler = make_lr_scheduler(optimizer, config.train, accelerator.num_processes)
-    dataset, loader = make_dataloader(style + regularization, resolution, config.data,
-                                      config.train)
+    dataset = make_dataset(style + regularization, resolution, config.data, config.train)
+    if config.data.cache_latents != "none":  # each process its own (disk writes are atomic)
+        dataset = cache_latents(dataset, pipe.vae, config.data, output_dir, accelerator.device,
+                                show_progress)
+    loader = make_loader(dataset, config.data, config.train)
     buckets = dataset_buckets(dataset, config.data)
     if buckets is not None:
         accelerator.print("Aspect-ratio buckets:\n" + describe_buckets(buckets))
@@ -131,6 +135,8 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     prompts = sample_prompts(config.sample, [s.caption for s in scan.samples])
     loop = TrainingLoop(config, accelerator, pipe, models, trained, optimizer, lr_scheduler,
                         schedule, noise_generator, log, output_dir, resolution, prompts)
+    loop.latent_cache = getattr(dataset, "cache", None)
+    loop.text_cache = EmbeddingCache() if config.data.cache_text_encoder_outputs else None
     progress = loop.run(loader, dataset, progress, show_progress)
     seconds = time.time() - started
     files: dict[str, Path] = {}
@@ -311,26 +317,52 @@ def bucket_spec(data: DataConfig, resolution: int) -> BucketSpec | None:
 
 
 def make_dataloader(samples: list[Sample], resolution: int, data: DataConfig, cfg: TrainConfig):
-    buckets = bucket_spec(data, resolution)
-    dataset = ImageCaptionDataset(
+    dataset = make_dataset(samples, resolution, data, cfg)
+    return dataset, make_loader(dataset, data, cfg)
+
+
+def make_dataset(samples: list[Sample], resolution: int, data: DataConfig,
+                 cfg: TrainConfig) -> ImageCaptionDataset:
+    return ImageCaptionDataset(
         samples, resolution, center_crop=data.center_crop,
         random_flip=data.random_flip, seed=cfg.seed,
-        shuffle_tags=data.shuffle_tags, keep_tokens=data.keep_tokens, buckets=buckets,
+        shuffle_tags=data.shuffle_tags, keep_tokens=data.keep_tokens,
+        buckets=bucket_spec(data, resolution),
     )
+
+
+def cache_latents(dataset: ImageCaptionDataset, vae, data: DataConfig, output_dir: Path,
+                  device, show_progress: bool) -> CachedLatentDataset:
+    """data.cache_latents: every image variant encoded once (or read from the disk cache)."""
+    folder = None
+    if data.cache_latents == "disk":
+        folder = Path(data.cache_dir) if data.cache_dir else output_dir / "latent-cache"
+    cached = CachedLatentDataset(dataset, LatentCache(folder), vae_identity(vae))
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor):
+        posterior = vae.encode(pixels.to(device, torch.float32)).latent_dist
+        return posterior.mean, posterior.std
+
+    encoded = cached.fill(encode, show_progress=show_progress)
+    print(f"latent cache ({data.cache_latents}{f', {folder}' if folder else ''}): "
+          f"{len(cached.variants())} image variants, {encoded} encoded now")
+    return cached
+
+
+def make_loader(dataset, data: DataConfig, cfg: TrainConfig):
     # Its own generator: each new iterator draws a worker seed, which would otherwise shift
     # the global RNG (LoRA dropout) and make a resumed run diverge.
     generator = torch.Generator().manual_seed(cfg.seed)
-    if buckets is not None:
+    if data.enable_bucket:
         batches = BucketBatchSampler(dataset.sizes, cfg.batch_size, seed=cfg.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, generator=generator,
-                                             num_workers=cfg.dataloader_workers)
-        return dataset, loader
-    loader = torch.utils.data.DataLoader(
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, generator=generator,
+                                           num_workers=cfg.dataloader_workers)
+    return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=EpochSampler(len(dataset), seed=cfg.seed),
         num_workers=cfg.dataloader_workers, drop_last=len(dataset) >= cfg.batch_size,
         generator=generator,
     )
-    return dataset, loader
 
 
 def dataset_buckets(dataset: ImageCaptionDataset, data: DataConfig) -> dict | None:
@@ -366,6 +398,8 @@ class TrainingLoop:
                                     train.learning_rate if train else 0.0)
         self.window_bad_loss = None  # the first NaN/inf loss of the current accumulation
         self.problem = ""
+        self.latent_cache = None  # data.latent_cache.LatentCache when data.cache_latents is on
+        self.text_cache = None  # text.EmbeddingCache when data.cache_text_encoder_outputs is on
 
     def run(self, loader, dataset, progress: Progress, show_progress: bool) -> Progress:
         cfg = self.config.train
@@ -423,19 +457,25 @@ class TrainingLoop:
         accelerator = self.accelerator
         unet = self.models["unet"]
         with accelerator.accumulate(*self.models.values()):
-            latents = self.encode_images(batch["pixel_values"])
+            latents = self.latents_of(batch)
             noise = sample_noise(latents, self.noise_generator)
             noise = add_noise_offset(noise, self.config.train.noise_offset, self.noise_generator)
             timesteps = sample_timesteps(latents.shape[0], self.schedule.config.num_train_timesteps,
                                          self.noise_generator)
             input_ids = tokenize_all(tokenizers_of(self.pipe), batch["caption"]).to(accelerator.device)
-            with torch.set_grad_enabled(len(self.models) > 1):  # a text encoder trains
-                embeddings = self.encode(input_ids, batch.get("time_ids"))
+            if self.text_cache is not None:  # the encoders are frozen (the config checks)
+                embeddings = self.text_cache.conditioning(
+                    tokenizers_of(self.pipe), text_encoders_of(self.pipe), list(batch["caption"]),
+                    batch.get("time_ids"), accelerator.device)
+            else:
+                with torch.set_grad_enabled(len(self.models) > 1):  # a text encoder trains
+                    embeddings = self.encode(input_ids, batch.get("time_ids"))
             weights = batch["loss_weight"].to(accelerator.device, torch.float32)
             if self.config.train.min_snr_gamma:
                 weights = weights * min_snr_weights(self.schedule, timesteps,
                                                     self.config.train.min_snr_gamma)
-            wanted = self.preserved_targets(batch, latents, noise, timesteps, input_ids)
+            wanted = self.preserved_targets(batch, latents, noise, timesteps, input_ids,
+                                            embeddings)
             loss = denoising_loss(unet, self.schedule, latents, embeddings, noise, timesteps,
                                   weights, wanted, self.config.train.loss, self.config.train.huber_c)
             accelerator.backward(loss)
@@ -459,16 +499,17 @@ class TrainingLoop:
             self.optimizer.zero_grad(set_to_none=True)
         return loss_value, applied
 
-    def preserved_targets(self, batch, latents, noise, timesteps, input_ids):
+    def preserved_targets(self, batch, latents, noise, timesteps, input_ids, embeddings=None):
         """Targets with the base's own predictions for the batch's `preserve` items
         (data.regularization_target = "base"); None when there are none, so the loss uses the
-        noise as usual."""
+        noise as usual. With frozen text encoders `embeddings` are the base's already."""
         preserve = batch["preserve"]
         if not bool(preserve.any()):
             return None
         unet = self.models["unet"]
         with torch.no_grad(), lora_weight(self.trained.values(), 0.0):
-            base_embeddings = self.encode(input_ids, batch.get("time_ids"))
+            frozen = len(self.models) == 1 and embeddings is not None
+            base_embeddings = embeddings if frozen else self.encode(input_ids, batch.get("time_ids"))
             return preserved_target(unet, self.schedule, latents, base_embeddings, noise,
                                     timesteps, preserve)
 
@@ -481,14 +522,28 @@ class TrainingLoop:
         return encode_all(encoders, input_ids, time_ids)
 
     @torch.no_grad()
+    def latents_of(self, batch: dict) -> torch.Tensor:
+        """The batch's scaled latents, sampled from the VAE posterior: encoded now from
+        `pixel_values`, or (data.cache_latents) the cached posteriors of `cache_key`."""
+        if "cache_key" not in batch:
+            return self.encode_images(batch["pixel_values"])
+        device = self.accelerator.device
+        entries = [self.latent_cache.entries[key] for key in batch["cache_key"]]
+        mean = torch.stack([m for m, _ in entries]).to(device)
+        std = torch.stack([s for _, s in entries]).to(device)
+        return self._sample_latents(mean, std)
+
+    @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) scaled latents, sampled from the VAE."""
-        vae = self.pipe.vae
         pixels = pixel_values.to(self.accelerator.device, torch.float32)
-        posterior = vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * sample_noise(posterior.mean, self.noise_generator)
+        posterior = self.pipe.vae.encode(pixels).latent_dist
+        return self._sample_latents(posterior.mean, posterior.std)
+
+    def _sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        latents = mean + std * sample_noise(mean, self.noise_generator)
         unet_dtype = next(self.pipe.unet.parameters()).dtype
-        return (latents * vae.config.scaling_factor).to(unet_dtype)
+        return (latents * self.pipe.vae.config.scaling_factor).to(unet_dtype)
 
     def after_step(self, progress: Progress) -> None:
         cfg, sample = self.config.train, self.config.sample

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 
 from sd_lora.config import ConfigError, JobConfig, load_config, parse_override, to_toml
@@ -103,3 +106,19 @@ def test_resume_refuses_changes_to_what_a_step_computes_and_allows_the_rest(tmp_
     assert any(r.startswith("data.path:") for r in refused)
     del saved["train.seed"]  # a field the checkpoint's version did not have yet
     assert len(changes_refused_on_resume(saved, changed)) == 3
+
+
+def test_the_readme_documents_every_option_as_config_py_does():
+    """The README's option table is made from config.py (python -m sd_lora.options_doc
+    README.md): every field, its type, default and comment; none without a description."""
+    from pathlib import Path
+
+    from sd_lora.options_doc import table, with_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert with_table(readme) == readme, "run: python -m sd_lora.options_doc README.md"
+    rows = [line for line in table().splitlines() if line.startswith("| `")]
+    sections = typing.get_type_hints(JobConfig)
+    assert len(rows) == sum(len(dataclasses.fields(sections[f.name]))
+                            for f in dataclasses.fields(JobConfig) if f.name != "version")
+    assert not [r for r in rows if r.endswith("|  |")], "a field without a comment in config.py"

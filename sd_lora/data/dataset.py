@@ -77,17 +77,29 @@ class ImageCaptionDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self.items)} items")
         for offset in range(len(self.items)):
             i = (index + offset) % len(self.items)
-            loaded = self._load(i)
+            loaded = self.load(i)
             if loaded is not None:
                 pixels, time_ids = loaded
-                item = self.items[i]
-                return {"pixel_values": pixels, "caption": self._caption(i), "index": i,
-                        "loss_weight": item.loss_weight, "preserve": item.preserve,
-                        "time_ids": time_ids}
+                return {"pixel_values": pixels, **self.describe(i, time_ids)}
         raise RuntimeError(
             f"none of the {len(self.items)} dataset items can be read any more "
             f"(first: {self.items[0].image}); did the dataset folder change after the scan?"
         )
+
+    def describe(self, i: int, time_ids: torch.Tensor) -> dict:
+        """Item i's fields besides its pixels."""
+        item = self.items[i]
+        return {"caption": self._caption(i), "index": i, "loss_weight": item.loss_weight,
+                "preserve": item.preserve, "time_ids": time_ids}
+
+    def flipped(self, i: int) -> bool:
+        """Whether item i is mirrored this epoch (the first draw of its random stream)."""
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        return self.random_flip and rng.random() < 0.5
+
+    def time_ids(self, geometry, i: int) -> torch.Tensor:
+        width, height = self.sizes[i]
+        return torch.tensor([*geometry, height, width], dtype=torch.float32)
 
     def _caption(self, i: int) -> str:
         """The item's caption, or "" with its caption_dropout chance (its own random stream, so
@@ -102,9 +114,12 @@ class ImageCaptionDataset(Dataset):
         return shuffled_tags(item.caption, self.keep_tokens,
                              random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
 
-    def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def load(self, i: int, flip: bool | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Item i's pixels and time_ids this epoch (`flip` forces the mirroring); None when the
+        file cannot be read any more."""
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")  # str seeds hash with SHA-512: stable
-        flip = self.random_flip and rng.random() < 0.5
+        drawn = self.random_flip and rng.random() < 0.5
+        flip = drawn if flip is None else flip
         path = self.items[i].image
         try:
             pixels, geometry = load_image_and_geometry(path, self.sizes[i], self.center_crop, rng)
@@ -118,9 +133,7 @@ class ImageCaptionDataset(Dataset):
                     e,
                 )
             return None
-        width, height = self.sizes[i]
-        time_ids = torch.tensor([*geometry, height, width], dtype=torch.float32)
-        return (pixels.flip(-1) if flip else pixels), time_ids
+        return (pixels.flip(-1) if flip else pixels), self.time_ids(geometry, i)
 
 
 def shuffled_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:

@@ -170,9 +170,7 @@ def _resize_and_crop(
     (centred when rng is None); returns the crop and its top and left offsets in the scaled
     image."""
     width, height = im.size
-    scale = max(width_out / width, height_out / height)
-    new_w = max(width_out, round(width * scale))
-    new_h = max(height_out, round(height * scale))
+    scale, new_w, new_h = _cover(width, height, width_out, height_out)
     left = _offset(new_w - width_out, rng)
     top = _offset(new_h - height_out, rng)
     # Resample only the crop window: box is in source pixels, the output is the target size.
@@ -180,6 +178,20 @@ def _resize_and_crop(
     bottom = min(height, (top + height_out) / scale)
     box = (left / scale, top / scale, right, bottom)
     return im.resize((width_out, height_out), Image.Resampling.LANCZOS, box=box), top, left
+
+
+def _cover(width: int, height: int, width_out: int, height_out: int) -> tuple[float, int, int]:
+    """(scale, scaled width, scaled height) of an image resized to cover the target."""
+    scale = max(width_out / width, height_out / height)
+    return scale, max(width_out, round(width * scale)), max(height_out, round(height * scale))
+
+
+def centre_crop_geometry(size: tuple[int, int], target: tuple[int, int]) -> CropGeometry:
+    """The geometry `load_image_and_geometry` gives a centre crop of an upright image of
+    `size` (width, height) to `target` (width, height), without decoding it."""
+    width, height = size
+    _, new_w, new_h = _cover(width, height, *target)
+    return CropGeometry(height, width, (new_h - target[1]) // 2, (new_w - target[0]) // 2)
 
 
 def _offset(slack: int, rng: random.Random | torch.Generator | None) -> int:
