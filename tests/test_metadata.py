@@ -208,14 +208,14 @@ def test_inspection_describes_a_file_it_cannot_resolve(tmp_path):
     path = tmp_path / "odd.safetensors"
     safetensors.torch.save_file(
         {
-            "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(8, 64),
-            "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(64, 8),
+            "lora_unet_input_blocks_9_1_proj_in.lora_down.weight": torch.zeros(8, 64),
+            "lora_unet_input_blocks_9_1_proj_in.lora_up.weight": torch.zeros(64, 8),
         },
         str(path),
         metadata={"ss_base_model_version": "sd_v1"},
     )
     info = inspect_adapter(path)
-    assert "input_blocks_4_1_proj_in" in info["problems"][0]
+    assert "input_blocks_9_1_proj_in" in info["problems"][0]  # SD 1.x input_blocks 9 has no attention
     assert info["components"]["unet"] == {
         "modules": 1,
         "layer_kinds": {"proj_in": 1},
