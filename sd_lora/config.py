@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from sd_lora.errors import UserError
+from sd_lora.optimizers import DEFAULT_RANGE, LEARNING_RATE_RANGE, parse_optimizer_args
 
 CONFIG_VERSION = 1
 # report.style: the toy world's styles (sd_lora.world.styles.TOY_STYLES), kept here as names so
@@ -28,6 +29,7 @@ LrSchedule = Literal["constant", "linear", "cosine", "cosine_with_restarts", "po
 LossKind = Literal["l2", "huber", "smooth_l1"]
 RegularizationTarget = Literal["noise", "base"]
 CacheMode = Literal["none", "memory", "disk"]
+OptimizerName = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
 ExportFormat = Literal["kohya", "diffusers"]
 ExportDtype = Literal["fp16", "bf16", "fp32"]
 
@@ -134,6 +136,12 @@ class TrainConfig:
     # huber_c. Both are ~e^2 for |e| << c; past c they grow like |e|.
     loss: LossKind = "l2"
     huber_c: float = 0.1  # the Huber losses' c
+    # adamw (torch), adamw8bit (bitsandbytes, CUDA only), prodigy (prodigyopt: it sets its own
+    # step size, so learning rates are multipliers, 1.0 as advised), adafactor (transformers,
+    # fixed learning rate). See sd_lora.optimizers.
+    optimizer: OptimizerName = "adamw"
+    # More keyword arguments for the optimizer, sd-scripts' optimizer_args: ["d_coef=2"]
+    optimizer_args: tuple[str, ...] = ()
     adam_beta1: float = 0.9  # AdamW's beta1
     adam_beta2: float = 0.999  # AdamW's beta2
     adam_weight_decay: float = 1e-2  # AdamW's decoupled weight decay
@@ -333,14 +341,21 @@ def validate(config: JobConfig) -> None:
             raise ConfigError(f"{dotted} = {value!r} must be positive")
         if value < 0:
             raise ConfigError(f"{dotted} = {value!r} must not be negative")
+    low, high = LEARNING_RATE_RANGE.get(config.train.optimizer, DEFAULT_RANGE)
     for dotted in ("train.learning_rate", "train.text_encoder_learning_rate"):
         value = getattr(config.train, dotted.split(".")[1])
-        if not 0 < value < 1:
-            raise ConfigError(f"{dotted} = {value!r} must be between 0 and 1 (e.g. 1e-4)")
-    if not 0 <= config.train.text_encoder_2_learning_rate < 1:
+        if not low < value < high:
+            hint = "1.0 for prodigy" if config.train.optimizer == "prodigy" else "e.g. 1e-4"
+            raise ConfigError(f"{dotted} = {value!r} must be between {low:g} and {high:g} "
+                              f"for train.optimizer = {config.train.optimizer!r} ({hint})")
+    try:
+        parse_optimizer_args(config.train.optimizer_args)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    if not 0 <= config.train.text_encoder_2_learning_rate < high:
         raise ConfigError(
             f"train.text_encoder_2_learning_rate = {config.train.text_encoder_2_learning_rate!r} "
-            "must be in [0, 1) (0: the same as train.text_encoder_learning_rate)"
+            f"must be in [0, {high:g}) (0: the same as train.text_encoder_learning_rate)"
         )
     if not 0 <= config.lora.dropout < 1:
         raise ConfigError(f"lora.dropout = {config.lora.dropout!r} must be in [0, 1)")

@@ -28,6 +28,16 @@ LEARNING_RATE_RANGE = {"prodigy": (0.0, 10.0)}
 DEFAULT_RANGE = (0.0, 1.0)
 
 
+# ss_optimizer, as sd-scripts writes it: the class's full name, then any optimizer_args.
+CLASS_NAMES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+               "prodigy": "prodigyopt.prodigy.Prodigy", "adafactor": "transformers.optimization.Adafactor"}
+
+
+def optimizer_label(cfg) -> str:
+    args = ",".join(str(a) for a in cfg.optimizer_args)
+    return CLASS_NAMES[cfg.optimizer] + (f"({args})" if args else "")
+
+
 class OptimizerError(UserError):
     """An optimizer that cannot be built as configured; the message names the field."""
 

@@ -16,6 +16,7 @@ from sd_lora.adapter_io import save_adapter
 from sd_lora.config import JobConfig, SampleConfig
 from sd_lora.formats.metadata import TrainingInfo
 from sd_lora.inject import read_adapter_state
+from sd_lora.optimizers import optimizer_label
 from sd_lora.report import detect_trigger
 from sd_lora.sampling import RenderSettings, image_grid, render, save_png
 
@@ -153,6 +154,7 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
             "ss_loss_type": train.loss, **({"ss_huber_c": train.huber_c} if train.loss != "l2" else {}),
             "ss_batch_size_per_device": train.batch_size,
             "ss_gradient_accumulation_steps": train.gradient_accumulation_steps,
+            "ss_optimizer": optimizer_label(train),
             **bucketing,
         },
         trigger_phrase=detect_trigger([s.caption for s in scan.samples]),

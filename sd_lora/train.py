@@ -61,6 +61,7 @@ from sd_lora.objective import (
     sample_timesteps,
     training_schedule,
 )
+from sd_lora.optimizers import build_optimizer, optimizer_class
 from sd_lora.report import write_quality_report
 from sd_lora.run_outputs import (
     RunLog,
@@ -95,6 +96,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     if resume and list_checkpoints(output_dir):
         check_resumable(list_checkpoints(output_dir)[-1], config)
     check = check_job(config)  # the base found and every image read before any model loads
+    optimizer_class(config.train.optimizer)  # a missing optimizer package, before any model loads
     print(check.text())
     scan = check.data
     regularization = regularization_samples(config.data, scan, check.regularization)
@@ -260,15 +262,11 @@ def enable_gradient_checkpointing(trained: dict[str, torch.nn.Module]) -> None:
 
 
 def make_optimizer(trained: dict[str, torch.nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """train.optimizer over one parameter group per trained model, each with its learning rate."""
     lrs = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_learning_rate,
            "text_encoder_2": cfg.text_encoder_2_learning_rate or cfg.text_encoder_learning_rate}
     groups = [{"params": lora_parameters(m), "lr": lrs[name]} for name, m in trained.items()]
-    return torch.optim.AdamW(
-        groups,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
+    return build_optimizer(groups, cfg)
 
 
 def make_lr_scheduler(optimizer, cfg: TrainConfig, num_processes: int):
