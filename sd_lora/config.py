@@ -79,6 +79,11 @@ class DataConfig:
     # cache_text_encoder_outputs; needs lora.train_text_encoder = false). Caption dropout and tag
     # shuffling still work: a caption is encoded when first seen, then reused.
     cache_text_encoder_outputs: bool = False
+    # Held-out images for a validation loss (see train.validation_every): a folder of
+    # captioned images, or the share of data.path's images set aside (chosen by a hash of the
+    # seed and each file's content, so every run splits alike). Held-out images never train.
+    validation_path: str = ""
+    validation_split: float = 0.0
     # Regularization images (DreamBooth's prior preservation, sd-scripts' reg_data_dir): a folder
     # of images NOT in the style, captioned without the trigger word, trained alongside (repeated
     # or cut to as many items per epoch as the style images) so that the adapter learns to change
@@ -158,6 +163,13 @@ class TrainConfig:
     # choice): without them the nearly-clean timesteps dominate the loss (see
     # sd_lora.objective.min_snr_weights). 0: unweighted.
     min_snr_gamma: float = 0.0
+    # With held-out images (data.validation_path or data.validation_split): their denoising loss
+    # at fixed timesteps and noise every validation_every steps and at the end, in
+    # validation.csv and TensorBoard; the adapter at the best value is written as
+    # <name>-best.safetensors. early_stopping_patience: stop after that many validations
+    # without a new best (0: never).
+    validation_every: int = 50
+    early_stopping_patience: int = 0
     mixed_precision: MixedPrecision = "no"  # bf16 / fp16 autocast (fp16 needs CUDA), the frozen base in that dtype; LoRA weights stay fp32
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     seed: int = 0  # LoRA initialisation, data order, flips, crops and noise all follow it
@@ -328,7 +340,7 @@ _NON_NEGATIVE = {
     "train.max_nonfinite_steps", "train.lr_scheduler_power", "data.keep_tokens",
     "train.max_grad_norm", "train.adam_weight_decay", "train.noise_offset",
     "train.min_snr_gamma", "data.regularization_weight", "data.min_bucket_reso",
-    "data.max_bucket_reso",
+    "data.max_bucket_reso", "train.validation_every", "train.early_stopping_patience",
 }
 
 
@@ -376,6 +388,12 @@ def validate(config: JobConfig) -> None:
             "data.regularization_target is set but data.regularization is empty; "
             "give a folder of regularization images or drop the setting"
         )
+    if not 0 <= config.data.validation_split < 1:
+        raise ConfigError(f"data.validation_split = {config.data.validation_split!r} must be in "
+                          "[0, 1) (a share of the images, e.g. 0.1)")
+    if config.data.validation_split and config.data.validation_path:
+        raise ConfigError("data.validation_split and data.validation_path are both set; "
+                          "hold out images one way")
     if config.data.cache_latents != "none" and not config.data.center_crop:
         raise ConfigError(
             f"data.cache_latents = {config.data.cache_latents!r} needs data.center_crop = true: a "
@@ -441,12 +459,13 @@ def _toml_value(value: Any) -> str:
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.checkpoint_every", "train.checkpoints_keep",
     "train.dataloader_workers", "train.max_nonfinite_steps", "train.output_dir", "train.name",
+    "train.validation_every", "train.early_stopping_patience",
     # Caches hold what would be computed anyway (the same up to float rounding).
     "data.cache_latents", "data.cache_dir", "data.cache_text_encoder_outputs",
 }
 RESUMABLE_SECTIONS = {"sample", "export", "report"}
 _PATH_FIELDS = {"model.base", "data.path", "data.regularization", "report.heldout",
-                "report.off_style"}
+                "report.off_style", "data.validation_path"}
 
 
 def flat_config(config: JobConfig) -> dict[str, Any]:

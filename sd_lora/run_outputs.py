@@ -164,7 +164,8 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
 
 
 def write_summary(output_dir: Path, before: float, after: float, steps: int, seconds: float,
-                  files: dict[str, Path], skipped_steps: int = 0) -> Path:
+                  files: dict[str, Path], skipped_steps: int = 0,
+                  validation: dict | None = None) -> Path:
     summary = {
         "eval_loss_before": before,
         "eval_loss_after": after,
@@ -175,6 +176,8 @@ def write_summary(output_dir: Path, before: float, after: float, steps: int, sec
         "seconds_per_step": round(seconds / steps, 4) if steps else None,
         "adapters": {fmt: str(p) for fmt, p in files.items()},
     }
+    if validation is not None:  # best_loss, best_step, best adapter files, stopped_early
+        summary["validation"] = validation
     path = output_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path

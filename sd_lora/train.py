@@ -47,6 +47,7 @@ from sd_lora.data.buckets import describe as describe_buckets
 from sd_lora.data.latent_cache import CachedLatentDataset, LatentCache, vae_identity
 from sd_lora.data.order import EpochSampler
 from sd_lora.data.plan import check_job, regularization_layout
+from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
 from sd_lora.evaluate import eval_loss, make_eval_batch
 from sd_lora.inject import add_lora, lora_parameters, lora_weight
@@ -65,6 +66,7 @@ from sd_lora.optimizers import build_optimizer, optimizer_class
 from sd_lora.report import write_quality_report
 from sd_lora.run_outputs import (
     RunLog,
+    adapter_path,
     export_adapters,
     render_sample_grid,
     sample_prompts,
@@ -72,8 +74,10 @@ from sd_lora.run_outputs import (
 )
 from sd_lora.stop_signals import ImmediateStop, StopSignals
 from sd_lora.text import EmbeddingCache, encode_all, text_encoders_of, tokenize_all, tokenizers_of
+from sd_lora.validation import Validator, split_samples
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VALIDATION_MAX_IMAGES = 32  # x 5 timesteps per validation
 
 
 class RunFolderError(UserError):
@@ -100,7 +104,11 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     print(check.text())
     scan = check.data
     regularization = regularization_samples(config.data, scan, check.regularization)
-    style = style_samples(config.data, scan)
+    style, held_out = split_samples(style_samples(config.data, scan), config.data.validation_split,
+                                    config.train.seed)
+    if config.data.validation_path:
+        held_out = scan_dataset(Path(config.data.validation_path),
+                                caption_extensions=config.data.caption_extensions).samples
     accelerator = make_accelerator(config.train, output_dir)
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
     pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
@@ -139,6 +147,9 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
                         schedule, noise_generator, log, output_dir, resolution, prompts)
     loop.latent_cache = getattr(dataset, "cache", None)
     loop.text_cache = EmbeddingCache() if config.data.cache_text_encoder_outputs else None
+    if held_out:
+        loop.validator = make_validator(loop, held_out, scan, buckets, started,
+                                        resumed=progress.global_step > 0)
     progress = loop.run(loader, dataset, progress, show_progress)
     seconds = time.time() - started
     files: dict[str, Path] = {}
@@ -154,7 +165,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
         except WRITE_ERRORS as e:  # the final checkpoint holds the trained adapter
             raise write_failed(output_dir / f"{config.train.name}.safetensors", e, output_dir) from e
         write_summary(output_dir, before, after, progress.global_step, seconds, files,
-                      loop.guard.skipped)
+                      loop.guard.skipped, loop.validation_summary())
         log.plot()
         if config.report.enabled:
             report = write_quality_report(pipe, trained.values(), schedule, config, scan,
@@ -373,6 +384,31 @@ def dataset_buckets(dataset: ImageCaptionDataset, data: DataConfig) -> dict | No
     return bucket_info([s for s, _ in first.values()], [b for _, b in first.values()])
 
 
+def make_validator(loop, held_out: list[Sample], scan: DatasetScan, buckets, started: float,
+                   resumed: bool) -> Validator:
+    """Validation on the held-out images; the best adapter exported as <name>-best."""
+    config, pipe = loop.config, loop.pipe
+    samples = held_out[:VALIDATION_MAX_IMAGES]
+    pixels = torch.stack([load_image(s.image, loop.resolution, center_crop=True) for s in samples])
+    batch = make_eval_batch(pixels, [s.caption for s in samples], pipe.vae, tokenizers_of(pipe))
+    best_config = replace(config, train=replace(config.train, name=f"{config.train.name}-best"))
+
+    def measure() -> float:
+        with _eval_mode(loop.trained.values()):
+            return eval_loss(pipe.unet, text_encoders_of(pipe), loop.schedule, batch)
+
+    def export_best(step: int) -> None:
+        if loop.accelerator.is_main_process:
+            export_adapters(loop.trained, model_family(pipe), prediction_type_of(pipe), best_config,
+                            scan, loop.resolution, loop.output_dir, started, buckets)
+
+    print(f"validation: {len(samples)} held-out images, every {config.train.validation_every} steps"
+          + (f", early stop after {config.train.early_stopping_patience} without a new best"
+             if config.train.early_stopping_patience else ""))
+    return Validator(measure, config.train.validation_every, config.train.early_stopping_patience,
+                     loop.output_dir, export_best, resumed)
+
+
 def _eval_images(scan: DatasetScan, resolution: int, count: int = 4):
     """The first `count` images of the dataset at their center crop, with their captions."""
     samples = scan.samples[:count]
@@ -398,6 +434,8 @@ class TrainingLoop:
         self.problem = ""
         self.latent_cache = None  # data.latent_cache.LatentCache when data.cache_latents is on
         self.text_cache = None  # text.EmbeddingCache when data.cache_text_encoder_outputs is on
+        self.validator: Validator | None = None  # with held-out images
+        self.stopped_early = False
 
     def run(self, loader, dataset, progress: Progress, show_progress: bool) -> Progress:
         cfg = self.config.train
@@ -432,7 +470,7 @@ class TrainingLoop:
                             bar.set_postfix(loss=f"{loss:.4f}", skipped=self.guard.skipped)
                         if stop.requested:  # between two optimizer steps: a consistent state
                             raise KeyboardInterrupt
-                        if step >= cfg.max_steps:
+                        if step >= cfg.max_steps or self.stopped_early:
                             break
                     else:
                         epoch, skip = epoch + 1, 0
@@ -546,6 +584,14 @@ class TrainingLoop:
     def after_step(self, progress: Progress) -> None:
         cfg, sample = self.config.train, self.config.sample
         step = progress.global_step
+        if self.validator is not None and self.validator.due(step, step >= cfg.max_steps):
+            loss, self.stopped_early = self.validator.validate(step)
+            self.accelerator.log({"validation/loss": loss}, step=step)
+            if self.stopped_early:
+                state = self.validator.state
+                self.accelerator.print(
+                    f"early stop at step {step}: {state.since_best} validations without a new best "
+                    f"(best {state.best_loss:.4f} at step {state.best_step})")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             self.save(progress)
         if sample.every and step % sample.every == 0 and step < cfg.max_steps:
@@ -553,6 +599,15 @@ class TrainingLoop:
                 path = self.output_dir / "samples" / f"step-{step:06d}.png"
                 with _eval_mode(self.models.values()):
                     render_sample_grid(self.pipe, sample, self.prompts, self.resolution, path)
+
+    def validation_summary(self) -> dict | None:
+        if self.validator is None:
+            return None
+        state, name = self.validator.state, f"{self.config.train.name}-best"
+        paths = {fmt: adapter_path(self.output_dir, name, fmt) for fmt in self.config.export.formats}
+        return {"best_loss": state.best_loss, "best_step": state.best_step,  # (written before a resume too)
+                "best_adapters": {fmt: str(p) for fmt, p in paths.items() if p.is_file()},
+                "stopped_early": self.stopped_early}
 
     def save(self, progress: Progress) -> None:
         self.accelerator.wait_for_everyone()
