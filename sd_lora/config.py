@@ -83,7 +83,7 @@ class DataConfig:
     # captioned images, or the share of data.path's images set aside (chosen by a hash of the
     # seed and each file's content, so every run splits alike). Held-out images never train.
     validation_path: str = ""
-    validation_split: float = 0.0
+    validation_split: float = 0.0  # the share of data.path held out (0: none); or use validation_path
     # Regularization images (DreamBooth's prior preservation, sd-scripts' reg_data_dir): a folder
     # of images NOT in the style, captioned without the trigger word, trained alongside (repeated
     # or cut to as many items per epoch as the style images) so that the adapter learns to change
@@ -169,7 +169,7 @@ class TrainConfig:
     # <name>-best.safetensors. early_stopping_patience: stop after that many validations
     # without a new best (0: never).
     validation_every: int = 50
-    early_stopping_patience: int = 0
+    early_stopping_patience: int = 0  # validations without a new best before stopping; 0: never
     mixed_precision: MixedPrecision = "no"  # bf16 / fp16 autocast (fp16 needs CUDA), the frozen base in that dtype; LoRA weights stay fp32
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     seed: int = 0  # LoRA initialisation, data order, flips, crops and noise all follow it
