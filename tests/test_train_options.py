@@ -85,7 +85,7 @@ def test_v_prediction_is_trained_and_recorded(tmp_path, monkeypatch):
 def test_regularization_images_fill_as_many_items_as_the_style_with_their_own_weight():
     from sd_lora.config import load_config
     from sd_lora.data.plan import check_job
-    from sd_lora.train import make_dataloader, regularization_samples
+    from sd_lora.train_data import make_dataloader, regularization_samples
     from tests.test_world import TOY_DATA
 
     job = load_config(None, [f'data.path="{TOY_DATA / "outline"}"',
