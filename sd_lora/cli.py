@@ -13,6 +13,7 @@ from sd_lora.errors import UserError
 
 TRAIN_FLAGS = {  # command-line flag -> dotted config field
     "data": "data.path",
+    "dataset_config": "data.dataset_config",
     "base": "model.base",
     "output": "train.output_dir",
     "name": "train.name",
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override a config field, e.g. --set train.learning_rate=2e-4")
     train.add_argument("--data", help="image folder (data.path)")
+    train.add_argument("--dataset-config", help="an sd-scripts dataset TOML instead of --data "
+                       "(data.dataset_config)")
     train.add_argument("--base", help="toy | tiny | diffusers folder | hub id | model.safetensors")
     train.add_argument("--output", help="run folder (train.output_dir)")
     train.add_argument("--name", help="adapter name (train.name)")
@@ -90,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="check a dataset (and a job config) before training: every problem at once")
     check.add_argument("data", nargs="?", help="image folder (default: the config's data.path)")
     check.add_argument("--config", type=Path, help="a TOML job config to validate with it")
+    check.add_argument("--dataset-config", help="an sd-scripts dataset TOML to check")
     check.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     check.add_argument("--resolution", type=int, help="training resolution (warns below it)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
@@ -160,14 +164,16 @@ def run_check(args: argparse.Namespace) -> int:
     import json
 
     from sd_lora.config import load_config
-    from sd_lora.data.plan import check_job
+    from sd_lora.data.plan import check_job, with_dataset_config
 
     overrides = list(args.set)
     if args.data is not None:
         overrides.insert(0, f'data.path="{_escape(args.data)}"')
+    if args.dataset_config is not None:
+        overrides.insert(0, f'data.dataset_config="{_escape(args.dataset_config)}"')
     if args.resolution is not None:
         overrides.insert(0, f"data.resolution={args.resolution}")
-    result = check_job(load_config(args.config, overrides))
+    result = check_job(with_dataset_config(load_config(args.config, overrides)))
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.text())
     return 1 if result.skipped else 0
 

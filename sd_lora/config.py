@@ -48,7 +48,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "datasets/toy/stripes"  # the folder of images and captions (searched recursively; kohya `N_name` subfolders repeat)
+    path: str = "datasets/toy/stripes"
+    # An sd-scripts dataset config ([[datasets]] / [[datasets.subsets]]) to train from instead
+    # of data.path and data.regularization: its subsets, repeats, is_reg folders and caption
+    # options, and its resolution, batch size and bucket settings (see data.sd_scripts_toml).
+    dataset_config: str = ""  # the folder of images and captions (searched recursively; kohya `N_name` subfolders repeat)
     resolution: int = 0  # pixels; 0 means the base's native resolution
     center_crop: bool = True  # crop the square (or bucket) from the centre; false: at a random offset, drawn per item and epoch
     random_flip: bool = False  # mirror a random half of the items each epoch
@@ -388,6 +392,9 @@ def validate(config: JobConfig) -> None:
             "data.regularization_target is set but data.regularization is empty; "
             "give a folder of regularization images or drop the setting"
         )
+    if config.data.dataset_config and config.data.regularization:
+        raise ConfigError("data.dataset_config and data.regularization are both set; put the "
+                          "regularization folder in the dataset config as a subset with is_reg = true")
     if not 0 <= config.data.validation_split < 1:
         raise ConfigError(f"data.validation_split = {config.data.validation_split!r} must be in "
                           "[0, 1) (a share of the images, e.g. 0.1)")
@@ -465,7 +472,7 @@ RESUMABLE_CHANGES = {
 }
 RESUMABLE_SECTIONS = {"sample", "export", "report"}
 _PATH_FIELDS = {"model.base", "data.path", "data.regularization", "report.heldout",
-                "report.off_style", "data.validation_path"}
+                "report.off_style", "data.validation_path", "data.dataset_config"}
 
 
 def flat_config(config: JobConfig) -> dict[str, Any]:

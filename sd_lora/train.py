@@ -36,7 +36,7 @@ from sd_lora.config import (
 )
 from sd_lora.data import DatasetScan, Sample, load_image
 from sd_lora.data.buckets import describe as describe_buckets
-from sd_lora.data.plan import check_job
+from sd_lora.data.plan import check_job, with_dataset_config
 from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
 from sd_lora.evaluate import eval_loss, make_eval_batch
@@ -87,6 +87,7 @@ class TrainResult:
 
 
 def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    config = with_dataset_config(config)  # an sd-scripts dataset TOML's settings, if one is given
     output_dir = prepare_run_folder(config.train, resume)
     if resume and list_checkpoints(output_dir):
         check_resumable(list_checkpoints(output_dir)[-1], config)

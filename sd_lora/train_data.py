@@ -21,7 +21,8 @@ from sd_lora.errors import UserError
 
 def style_samples(cfg: DataConfig, scan: DatasetScan) -> list[Sample]:
     """The dataset's samples, with the caption dropout asked for (data.caption_dropout)."""
-    return [replace(s, caption_dropout=cfg.caption_dropout) for s in scan.samples]
+    # A subset's own rate (an sd-scripts dataset config's caption_dropout_rate) wins.
+    return [replace(s, caption_dropout=s.caption_dropout or cfg.caption_dropout) for s in scan.samples]
 
 
 def regularization_samples(cfg: DataConfig, scan: DatasetScan,

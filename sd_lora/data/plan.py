@@ -8,11 +8,12 @@ dataset of thousands of images, and its report is the one `sd-lora train` prints
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sd_lora.config import JobConfig
 from sd_lora.data.scan import DatasetScan, scan_dataset
+from sd_lora.data.sd_scripts_toml import DatasetToml, apply_settings, read_dataset_toml
 from sd_lora.models import base_kind
 
 BASE_KINDS = {
@@ -113,15 +114,48 @@ def regularization_layout(style_items: int, reg_images: int) -> tuple[int, int]:
     return repeats, min(reg_images, style_items)
 
 
+def with_dataset_config(config: JobConfig) -> JobConfig:
+    """`config` with an sd-scripts dataset config's settings applied (data.dataset_config)."""
+    if not config.data.dataset_config:
+        return config
+    return apply_settings(config, read_dataset_toml(config.data.dataset_config))
+
+
 def check_job(config: JobConfig) -> JobCheck:
-    """Find the base and scan the data and regularization folders; raises the first error that
-    makes the job impossible (no such base, no usable image), naming it."""
+    """Find the base and scan the data and regularization folders (or the subsets of
+    data.dataset_config); raises the first error that makes the job impossible (no such base,
+    no usable image), naming it. `config` is the one `with_dataset_config` gave."""
     base = BASE_KINDS[base_kind(config.model.base)]
     min_side = config.data.resolution or 0
     exts = config.data.caption_extensions
+    if config.data.dataset_config:
+        data, reg = scan_subsets(read_dataset_toml(config.data.dataset_config), exts, min_side)
+        return JobCheck(config, base, data, reg)
     data = scan_dataset(Path(config.data.path), caption_extensions=exts, min_side=min_side)
     reg = None
     if config.data.regularization:
         reg = scan_dataset(Path(config.data.regularization), caption_extensions=exts,
                            min_side=min_side)
     return JobCheck(config, base, data, reg)
+
+
+def scan_subsets(toml: DatasetToml, exts, min_side: int) -> tuple[DatasetScan, DatasetScan | None]:
+    """(training images, regularization images or None) of a dataset config's subsets: each
+    folder scanned, its images given the subset's repeats, class tokens (for images without a
+    caption), caption prefix/suffix and dropout rate."""
+    scans: dict[bool, list[DatasetScan]] = {False: [], True: []}
+    for subset in toml.subsets:
+        scan = scan_dataset(subset.image_dir, caption_extensions=exts, min_side=min_side)
+        samples = [replace(s, repeats=subset.num_repeats, subset=subset.image_dir.name,
+                           caption=subset.caption_prefix + (s.caption or subset.class_tokens)
+                           + subset.caption_suffix,
+                           caption_dropout=subset.caption_dropout_rate) for s in scan.samples]
+        scans[subset.is_reg].append(replace(scan, samples=samples))
+
+    def merged(parts: list[DatasetScan]) -> DatasetScan | None:
+        if not parts:
+            return None
+        return DatasetScan(parts[0].root, [s for p in parts for s in p.samples],
+                           [k for p in parts for k in p.skipped], [w for p in parts for w in p.warnings])
+
+    return merged(scans[False]), merged(scans[True])
