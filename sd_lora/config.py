@@ -48,11 +48,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "datasets/toy/stripes"
+    path: str = "datasets/toy/stripes"  # the folder of images and captions (searched recursively; kohya `N_name` subfolders repeat)
     # An sd-scripts dataset config ([[datasets]] / [[datasets.subsets]]) to train from instead
     # of data.path and data.regularization: its subsets, repeats, is_reg folders and caption
     # options, and its resolution, batch size and bucket settings (see data.sd_scripts_toml).
-    dataset_config: str = ""  # the folder of images and captions (searched recursively; kohya `N_name` subfolders repeat)
+    dataset_config: str = ""
     resolution: int = 0  # pixels; 0 means the base's native resolution
     center_crop: bool = True  # crop the square (or bucket) from the centre; false: at a random offset, drawn per item and epoch
     random_flip: bool = False  # mirror a random half of the items each epoch
