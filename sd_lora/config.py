@@ -123,6 +123,11 @@ class LoraConfig:
     # SDXL only: also train its second text encoder (OpenCLIP ViT-bigG), with the same rank,
     # alpha and targets as the first, when train_text_encoder is on.
     train_text_encoder_2: bool = True
+    # Rank and alpha by module, PEFT's rank_pattern / alpha_pattern: "regex=value" entries, the
+    # regex matched against the end of each adapted module's name (e.g. "up_blocks.1.*=16",
+    # "attn2.to_k=2"); the first matching entry wins. Each must match some adapted module.
+    rank_pattern: tuple[str, ...] = ()
+    alpha_pattern: tuple[str, ...] = ()  # "regex=alpha" entries, as rank_pattern
     dropout: float = 0.0  # LoRA dropout (PEFT's lora_dropout) on every adapted layer's input, in [0, 1)
 
 
@@ -151,6 +156,9 @@ class TrainConfig:
     optimizer: OptimizerName = "adamw"
     # More keyword arguments for the optimizer, sd-scripts' optimizer_args: ["d_coef=2"]
     optimizer_args: tuple[str, ...] = ()
+    # LoRA+ (sd-scripts' loraplus_lr_ratio): the up projections (lora_B) learn this many times
+    # faster than the down projections (16 is the paper's choice); 0: off.
+    loraplus_lr_ratio: float = 0.0
     adam_beta1: float = 0.9  # AdamW's beta1
     adam_beta2: float = 0.999  # AdamW's beta2
     adam_weight_decay: float = 1e-2  # AdamW's decoupled weight decay
@@ -345,6 +353,7 @@ _NON_NEGATIVE = {
     "train.max_grad_norm", "train.adam_weight_decay", "train.noise_offset",
     "train.min_snr_gamma", "data.regularization_weight", "data.min_bucket_reso",
     "data.max_bucket_reso", "train.validation_every", "train.early_stopping_patience",
+    "train.loraplus_lr_ratio",
 }
 
 
@@ -373,6 +382,13 @@ def validate(config: JobConfig) -> None:
             f"train.text_encoder_2_learning_rate = {config.train.text_encoder_2_learning_rate!r} "
             f"must be in [0, {high:g}) (0: the same as train.text_encoder_learning_rate)"
         )
+    from sd_lora.inject import parse_patterns  # lazily: inject imports PEFT
+
+    for dotted, kind in (("lora.rank_pattern", int), ("lora.alpha_pattern", float)):
+        try:
+            parse_patterns(getattr(config.lora, dotted.split(".")[1]), dotted, kind)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if not 0 <= config.lora.dropout < 1:
         raise ConfigError(f"lora.dropout = {config.lora.dropout!r} must be in [0, 1)")
     if not 0 <= config.data.caption_dropout <= 1:

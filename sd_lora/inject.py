@@ -7,6 +7,7 @@ translates between PEFT's injected layers and `AdapterState`.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import torch
@@ -68,6 +69,27 @@ def target_module_names(model: torch.nn.Module, suffixes: list[str]) -> list[str
     return names
 
 
+def parse_patterns(items, field: str, kind=int) -> dict[str, float]:
+    """["regex=value", ...] (lora.rank_pattern / alpha_pattern) -> {regex: value}."""
+    patterns = {}
+    for item in items:
+        pattern, sep, value = str(item).rpartition("=")
+        try:
+            patterns[pattern] = kind(value)
+            re.compile(pattern)
+        except (ValueError, re.error) as e:
+            raise ValueError(f"{field} entry {item!r}: expected regex=value ({e})") from None
+        if not sep or not pattern or patterns[pattern] <= 0:
+            raise ValueError(f"{field} entry {item!r}: expected regex=value with a positive value")
+    return patterns
+
+
+def pattern_matches(pattern: str, module_name: str) -> bool:
+    """PEFT's rule for rank_pattern / alpha_pattern keys: the regex matches the name's end,
+    starting at a dot."""
+    return re.match(rf"(.*\.)?({pattern})$", module_name) is not None
+
+
 def add_lora(
     model: torch.nn.Module,
     component: str,
@@ -75,14 +97,21 @@ def add_lora(
     r: int,
     alpha: float,
     dropout: float = 0.0,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> list[str]:
-    """Inject trainable LoRA layers (fp32) into a frozen model; returns the adapted module names."""
+    """Inject trainable LoRA layers (fp32) into a frozen model; returns the adapted module names.
+    `rank_pattern` / `alpha_pattern` ({regex: value}, PEFT's) override r / alpha per module."""
     names = target_module_names(model, target_suffixes(component, groups))
     if not names:
         raise ValueError(
             f"{component}: none of the target groups {list(groups)} matched a layer of this model"
         )
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
+    def relevant(patterns):  # only this model's (PEFT warns about the others)
+        return {k: v for k, v in (patterns or {}).items() if any(pattern_matches(k, n) for n in names)}
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                        rank_pattern=relevant(rank_pattern), alpha_pattern=relevant(alpha_pattern))
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, param in model.named_parameters():
         is_lora = "lora_A" in name or "lora_B" in name
@@ -94,7 +123,12 @@ def add_lora(
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    return [p for _, p in lora_named_parameters(model)]
+
+
+def lora_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The trainable LoRA parameters (lora_A, lora_B, DoRA's magnitudes) with their names."""
+    return [(n, p) for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
 
 
 def canonical_name(component: str, module_name: str) -> str:

@@ -40,7 +40,7 @@ from sd_lora.data.plan import check_job, with_dataset_config
 from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
 from sd_lora.evaluate import eval_loss, make_eval_batch
-from sd_lora.inject import add_lora, lora_parameters
+from sd_lora.inject import add_lora, lora_named_parameters, parse_patterns, pattern_matches
 from sd_lora.loop import TrainingLoop, eval_mode
 from sd_lora.models import load_pipeline, model_family, prediction_type_of
 from sd_lora.objective import (
@@ -241,17 +241,25 @@ def native_resolution(pipe) -> int:
 
 def add_adapters(pipe, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
     """Inject LoRA; returns the models that train, keyed by component."""
-    add_lora(pipe.unet, "unet", cfg.unet_targets, cfg.unet_r, cfg.unet_alpha, cfg.dropout)
+    ranks = parse_patterns(cfg.rank_pattern, "lora.rank_pattern", int)
+    alphas = parse_patterns(cfg.alpha_pattern, "lora.alpha_pattern", float)
+    adapted = add_lora(pipe.unet, "unet", cfg.unet_targets, cfg.unet_r, cfg.unet_alpha,
+                       cfg.dropout, ranks, alphas)
     trained = {"unet": pipe.unet}
-    if not cfg.train_text_encoder:
-        return trained
-    encoders = ["text_encoder"]
-    if getattr(pipe, "text_encoder_2", None) is not None and cfg.train_text_encoder_2:
-        encoders.append("text_encoder_2")
+    encoders = []
+    if cfg.train_text_encoder:
+        encoders.append("text_encoder")
+        if getattr(pipe, "text_encoder_2", None) is not None and cfg.train_text_encoder_2:
+            encoders.append("text_encoder_2")
     for name in encoders:
-        add_lora(getattr(pipe, name), name, cfg.text_encoder_targets,
-                 cfg.text_encoder_r, cfg.text_encoder_alpha, cfg.dropout)
+        adapted += add_lora(getattr(pipe, name), name, cfg.text_encoder_targets,
+                            cfg.text_encoder_r, cfg.text_encoder_alpha, cfg.dropout, ranks, alphas)
         trained[name] = getattr(pipe, name)
+    for field, patterns in (("lora.rank_pattern", ranks), ("lora.alpha_pattern", alphas)):
+        unused = [p for p in patterns if not any(pattern_matches(p, n) for n in adapted)]
+        if unused:
+            raise UserError(f"{field}: {unused[0]!r} matches none of the {len(adapted)} adapted "
+                            f"modules (e.g. {adapted[0]!r}); check the regex")
     return trained
 
 
@@ -265,10 +273,20 @@ def enable_gradient_checkpointing(trained: dict[str, torch.nn.Module]) -> None:
 
 
 def make_optimizer(trained: dict[str, torch.nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """train.optimizer over one parameter group per trained model, each with its learning rate."""
+    """train.optimizer over one parameter group per trained model, each with its learning rate;
+    with LoRA+ (train.loraplus_lr_ratio) the up projections (lora_B) in their own groups at
+    that many times the rate."""
     lrs = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_learning_rate,
            "text_encoder_2": cfg.text_encoder_2_learning_rate or cfg.text_encoder_learning_rate}
-    groups = [{"params": lora_parameters(m), "lr": lrs[name]} for name, m in trained.items()]
+    groups = []
+    for name, model in trained.items():
+        params = dict(lora_named_parameters(model))
+        if not cfg.loraplus_lr_ratio:
+            groups.append({"params": list(params.values()), "lr": lrs[name]})
+            continue
+        up = [p for n, p in params.items() if ".lora_B." in n]
+        groups.append({"params": [p for n, p in params.items() if ".lora_B." not in n], "lr": lrs[name]})
+        groups.append({"params": up, "lr": lrs[name] * cfg.loraplus_lr_ratio})
     return build_optimizer(groups, cfg)
 
 
