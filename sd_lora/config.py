@@ -128,6 +128,10 @@ class LoraConfig:
     # "attn2.to_k=2"); the first matching entry wins. Each must match some adapted module.
     rank_pattern: tuple[str, ...] = ()
     alpha_pattern: tuple[str, ...] = ()  # "regex=alpha" entries, as rank_pattern
+    # DoRA (PEFT's use_dora): each adapted layer also learns one magnitude per output row; the
+    # kohya export carries them as dora_scale (out, 1), the diffusers export as PEFT's
+    # lora_magnitude_vector. A1111 assumes per-input-column dora_scale; see the README.
+    use_dora: bool = False
     dropout: float = 0.0  # LoRA dropout (PEFT's lora_dropout) on every adapted layer's input, in [0, 1)
 
 

@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from sd_lora.lora_state import AdapterState, LoraModule
+from sd_lora.lora_state import AdapterState, DoraModule, LoraModule
 
 ADAPTER_NAME = "default"
 
@@ -99,6 +99,7 @@ def add_lora(
     dropout: float = 0.0,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    use_dora: bool = False,
 ) -> list[str]:
     """Inject trainable LoRA layers (fp32) into a frozen model; returns the adapted module names.
     `rank_pattern` / `alpha_pattern` ({regex: value}, PEFT's) override r / alpha per module."""
@@ -111,7 +112,8 @@ def add_lora(
         return {k: v for k, v in (patterns or {}).items() if any(pattern_matches(k, n) for n in names)}
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                        rank_pattern=relevant(rank_pattern), alpha_pattern=relevant(alpha_pattern))
+                        rank_pattern=relevant(rank_pattern), alpha_pattern=relevant(alpha_pattern),
+                        use_dora=use_dora)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, param in model.named_parameters():
         is_lora = "lora_A" in name or "lora_B" in name
@@ -143,11 +145,16 @@ def read_lora(model: torch.nn.Module, component: str) -> dict[str, LoraModule]:
     modules: dict[str, LoraModule] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
-            modules[canonical_name(component, name)] = LoraModule(
+            lora = LoraModule(
                 lora_A=module.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone(),
                 lora_B=module.lora_B[ADAPTER_NAME].weight.detach().float().cpu().clone(),
                 alpha=float(module.lora_alpha[ADAPTER_NAME]),
             )
+            magnitudes = getattr(module, "lora_magnitude_vector", {})
+            if ADAPTER_NAME in magnitudes:  # PEFT DoRA: one magnitude per output row
+                rows = magnitudes[ADAPTER_NAME].weight.detach().float().cpu().clone()
+                lora = DoraModule(lora, rows.reshape(rows.shape[0], *[1] * (lora.lora_A.dim() - 1)))
+            modules[canonical_name(component, name)] = lora
     return modules
 
 

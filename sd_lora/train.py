@@ -244,7 +244,7 @@ def add_adapters(pipe, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
     ranks = parse_patterns(cfg.rank_pattern, "lora.rank_pattern", int)
     alphas = parse_patterns(cfg.alpha_pattern, "lora.alpha_pattern", float)
     adapted = add_lora(pipe.unet, "unet", cfg.unet_targets, cfg.unet_r, cfg.unet_alpha,
-                       cfg.dropout, ranks, alphas)
+                       cfg.dropout, ranks, alphas, cfg.use_dora)
     trained = {"unet": pipe.unet}
     encoders = []
     if cfg.train_text_encoder:
@@ -253,7 +253,8 @@ def add_adapters(pipe, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
             encoders.append("text_encoder_2")
     for name in encoders:
         adapted += add_lora(getattr(pipe, name), name, cfg.text_encoder_targets,
-                            cfg.text_encoder_r, cfg.text_encoder_alpha, cfg.dropout, ranks, alphas)
+                            cfg.text_encoder_r, cfg.text_encoder_alpha, cfg.dropout, ranks, alphas,
+                            cfg.use_dora)
         trained[name] = getattr(pipe, name)
     for field, patterns in (("lora.rank_pattern", ranks), ("lora.alpha_pattern", alphas)):
         unused = [p for p in patterns if not any(pattern_matches(p, n) for n in adapted)]

@@ -12,7 +12,7 @@ from sd_lora.adapter_io import AdapterFileError, component_modules, load_adapter
 from sd_lora.apply import adapters_applied
 from sd_lora.formats.kohya import kohya_module_name
 from sd_lora.inspect_adapter import format_inspection, inspect_adapter
-from sd_lora.lora_state import LohaModule, LokrModule
+from sd_lora.lora_state import AdapterState, LohaModule, LokrModule
 from sd_lora.tiny import build_tiny_pipeline
 from sd_lora.transforms import resize
 
@@ -211,8 +211,15 @@ def test_dora_modules_apply_as_the_formula_says(tmp_path):
     torch.testing.assert_close(at_one.norm(dim=0, keepdim=True), t[f"{q}.dora_scale"], atol=1e-4, rtol=0)
     written = load_file(save_adapter(state, tmp_path / "again.safetensors", dtype=torch.float32))
     assert set(written) == set(t) and all(torch.equal(written[k], t[k]) for k in t)
-    with pytest.raises(AdapterFileError, match="DoRA modules, which the diffusers"):
+    # The UNet's magnitudes are per input column, which PEFT's DoRA cannot hold.
+    with pytest.raises(AdapterFileError, match="to_q: DoRA with per-input-column magnitudes"):
         save_adapter(state, tmp_path / "d.safetensors", format="diffusers")
+    rows_only = AdapterState("sd1", {"text_encoder": state.modules["text_encoder"]})
+    saved = save_adapter(rows_only, tmp_path / "rows.safetensors", format="diffusers",
+                         dtype=torch.float32)  # per output row: PEFT's own DoRA
+    back = load_adapter(saved)
+    torch.testing.assert_close(back.modules["text_encoder"][TE_FC1].dora_scale,
+                               t[f"{fc1}.dora_scale"], atol=0, rtol=0)
     from sd_lora.transforms import TransformError, merge
     with pytest.raises(TransformError, match="DoRA.*--into"):
         resize(state, rank=2)

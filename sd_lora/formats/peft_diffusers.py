@@ -26,10 +26,11 @@ from collections import Counter
 import torch
 
 from sd_lora.formats.kohya import CLIP_PREFIX, canonical_path
-from sd_lora.lora_state import COMPONENTS, AdapterState, LoraModule
+from sd_lora.lora_state import COMPONENTS, AdapterState, DoraModule, LoraModule
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-SUFFIX_PARTS = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}
+SUFFIX_PARTS = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
+                ".lora_magnitude_vector": "magnitude"}  # PEFT's DoRA: (out,) row norms
 
 
 class DiffusersKeyError(ValueError):
@@ -102,25 +103,50 @@ def to_diffusers(
     state: AdapterState, dtype: torch.dtype = torch.float16
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, safetensors metadata) in the layout `load_lora_weights` reads, alpha kept."""
-    other = sorted(state.kinds() - {"lora"})
+    other = sorted(state.kinds() - {"lora", "dora"})
     if other:
         raise DiffusersKeyError(
             f"the adapter holds {' and '.join(LYCORIS_NAMES[k] for k in other)} "
             "modules, which the diffusers/PEFT LoRA layout cannot hold; keep the kohya layout"
-            + ("" if "dora" in other else
-               ", or turn it into a plain LoRA first (sd-lora resize IN --rank R --out OUT)")
+            + ", or turn it into a plain LoRA first (sd-lora resize IN --rank R --out OUT)"
         )
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, object] = {}
     for component, modules in state.modules.items():
+        dora = _check_dora(component, modules)
         for path, module in modules.items():
             name = f"{component}.{canonical_path(component, path)}"
-            tensors[f"{name}.lora_A.weight"] = module.lora_A.to(dtype).contiguous()
-            tensors[f"{name}.lora_B.weight"] = module.lora_B.to(dtype).contiguous()
-        for key, value in component_config(component, modules).items():
+            lora = module.inner if dora else module
+            tensors[f"{name}.lora_A.weight"] = lora.lora_A.to(dtype).contiguous()
+            tensors[f"{name}.lora_B.weight"] = lora.lora_B.to(dtype).contiguous()
+            if dora:
+                tensors[f"{name}.lora_magnitude_vector"] = module.dora_scale.flatten().to(dtype)
+        inner = {p: (m.inner if dora else m) for p, m in modules.items()}
+        for key, value in component_config(component, inner).items():
             config[f"{component}.{key}"] = value
+        if dora:
+            config[f"{component}.use_dora"] = True
     metadata = {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
     return tensors, metadata
+
+
+def _check_dora(component: str, modules: dict) -> bool:
+    """Whether the component's modules are PEFT DoRA: PEFT's `use_dora` covers a whole
+    component, and its magnitudes are per output row, so a mix, or LyCORIS' per-column
+    magnitudes, or DoRA on LoHa/LoKr, cannot be written in this layout."""
+    kinds = {m.kind for m in modules.values()}
+    if "dora" not in kinds:
+        return False
+    if kinds != {"dora"}:
+        raise DiffusersKeyError(f"{component} mixes DoRA and plain modules, which PEFT's "
+                                "use_dora (one per component) cannot hold; keep the kohya layout")
+    for path, module in modules.items():
+        if module.inner.kind != "lora" or not module.on_output_axis(tuple(module.delta_shape())):
+            raise DiffusersKeyError(
+                f"{component}.{path}: DoRA with per-input-column magnitudes (LyCORIS' default) or on "
+                "a LoHa/LoKr module; PEFT's DoRA holds only per-output-row magnitudes on LoRA. "
+                "Keep the kohya layout")
+    return True
 
 
 def _pattern_value(patterns: dict, name: str):
@@ -179,14 +205,16 @@ def from_diffusers(
     for key, tensor in tensors.items():
         component, path, part = _split_key(key)
         parts.setdefault((component, canonical_path(component, path)), {})[part] = tensor
-    missing = [f"{c}.{p}" for (c, p), v in parts.items() if set(v) != set(SUFFIX_PARTS.values())]
+    missing = [f"{c}.{p}" for (c, p), v in parts.items() if not {"lora_A", "lora_B"} <= set(v)]
     if missing:
         raise DiffusersKeyError(f"modules without both lora_A and lora_B: {sorted(missing)[:5]}")
-    modules: dict[str, dict[str, LoraModule]] = {}
+    modules: dict[str, dict] = {}
     for (component, path), pair in parts.items():
         down = pair["lora_A"].float()
         alpha = _alpha_for(configs.get(component, {}), component, path, down.shape[0])
-        modules.setdefault(component, {})[path] = LoraModule(
-            lora_A=down, lora_B=pair["lora_B"].float(), alpha=alpha
-        )
+        module = LoraModule(lora_A=down, lora_B=pair["lora_B"].float(), alpha=alpha)
+        if "magnitude" in pair:  # PEFT DoRA: one magnitude per output row
+            rows = pair["magnitude"].float()
+            module = DoraModule(module, rows.reshape(rows.shape[0], *[1] * (down.dim() - 1)))
+        modules.setdefault(component, {})[path] = module
     return AdapterState(family=family, modules=modules)
