@@ -179,6 +179,11 @@ class TrainConfig:
     # choice): without them the nearly-clean timesteps dominate the loss (see
     # sd_lora.objective.min_snr_weights). 0: unweighted.
     min_snr_gamma: float = 0.0
+    # Zero terminal SNR (Lin et al. 2023; sd-scripts' zero_terminal_snr): betas rescaled so the
+    # last timestep is pure noise, with "trailing" timesteps for sampling; the run's sample
+    # images and report use it too, and the file says so (ss_zero_terminal_snr). Mostly for
+    # v-prediction bases; generate with the same scheduler settings.
+    zero_terminal_snr: bool = False
     # With held-out images (data.validation_path or data.validation_split): their denoising loss
     # at fixed timesteps and noise every validation_every steps and at the end, in
     # validation.csv and TensorBoard; the adapter at the best value is written as

@@ -20,6 +20,20 @@ def training_schedule(scheduler_config: dict, prediction_type: str) -> DDPMSched
     return DDPMScheduler.from_config(config)
 
 
+def zero_terminal_snr_scheduler(scheduler):
+    """`scheduler` with betas rescaled so that the last timestep is pure noise (zero terminal
+    SNR, Lin et al. 2023) and "trailing" timestep spacing, which sampling then needs. A
+    scheduler class without that option (PNDM) is replaced by Euler, which has it; the
+    training schedule (`training_schedule` of this one's config) rescales the same way."""
+    from diffusers import EulerDiscreteScheduler
+
+    options = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    new = type(scheduler).from_config(scheduler.config, **options)
+    if not new.config.get("rescale_betas_zero_snr"):
+        new = EulerDiscreteScheduler.from_config(scheduler.config, **options)
+    return new
+
+
 def sample_timesteps(
     batch_size: int, num_train_timesteps: int, generator: torch.Generator
 ) -> torch.Tensor:
@@ -72,7 +86,8 @@ def min_snr_weights(schedule: DDPMScheduler, timesteps: torch.Tensor, gamma: flo
     clipped = torch.clamp(snr, max=gamma)
     if schedule.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)
-    return clipped / snr
+    # min(SNR, gamma) / SNR -> 1 as SNR -> 0 (zero terminal SNR has SNR = 0 at the last step)
+    return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
 
 
 def denoising_loss(

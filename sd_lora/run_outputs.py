@@ -159,6 +159,7 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
             "ss_batch_size_per_device": train.batch_size,
             "ss_gradient_accumulation_steps": train.gradient_accumulation_steps,
             "ss_optimizer": optimizer_label(train),
+            **({"ss_zero_terminal_snr": True} if train.zero_terminal_snr else {}),
             **bucketing,
         },
         trigger_phrase=detect_trigger([s.caption for s in scan.samples]),

@@ -43,9 +43,7 @@ from sd_lora.evaluate import eval_loss, make_eval_batch
 from sd_lora.inject import add_lora, lora_named_parameters, parse_patterns, pattern_matches
 from sd_lora.loop import TrainingLoop, eval_mode
 from sd_lora.models import load_pipeline, model_family, prediction_type_of
-from sd_lora.objective import (
-    training_schedule,
-)
+from sd_lora.objective import training_schedule, zero_terminal_snr_scheduler
 from sd_lora.optimizers import build_optimizer, optimizer_class
 from sd_lora.report import write_quality_report
 from sd_lora.run_outputs import (
@@ -104,6 +102,11 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     accelerator = make_accelerator(config.train, output_dir)
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
     pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
+    if config.train.zero_terminal_snr:  # training and the sample images alike
+        pipe.scheduler = zero_terminal_snr_scheduler(pipe.scheduler)
+        if prediction_type_of(pipe) == "epsilon":
+            print("note: train.zero_terminal_snr with an epsilon-prediction base: at the last "
+                  "timestep the noise is the input itself; v_prediction is the usual pairing")
     resolution = config.data.resolution or native_resolution(pipe)
     trained = add_adapters(pipe, config.lora)
     if config.train.gradient_checkpointing:

@@ -15,7 +15,7 @@ import torch
 from sd_lora.config import ConfigError, load_config
 from sd_lora.data import ImageCaptionDataset, scan_dataset
 from sd_lora.data.dataset import shuffled_tags
-from sd_lora.objective import denoising_loss, element_loss, training_schedule
+from sd_lora.objective import denoising_loss, element_loss, min_snr_weights, training_schedule
 from sd_lora.tiny import sd1_scheduler_config
 from sd_lora.train import make_lr_scheduler, style_samples
 from tests.test_world import TOY_DATA
@@ -116,3 +116,44 @@ def test_dataset_shuffles_tags_reproducibly_and_drops_style_captions_at_the_aske
     share = [dropped._caption(i) for i in range(len(dropped))].count("") / len(dropped)
     assert 0.17 < share < 0.33, share
     assert all(s.caption_dropout == 0 for s in style_samples(load_config(None).data, scan))
+
+
+def test_zero_terminal_snr_makes_the_last_step_pure_noise_and_min_snr_stays_finite():
+    from diffusers import PNDMScheduler
+
+    from sd_lora.objective import zero_terminal_snr_scheduler
+
+    for prediction in ("epsilon", "v_prediction"):
+        plain = PNDMScheduler(**sd1_scheduler_config(prediction))  # has no rescale option
+        rescaled = zero_terminal_snr_scheduler(plain)
+        assert rescaled.config.rescale_betas_zero_snr and rescaled.config.timestep_spacing == "trailing"
+        schedule = training_schedule(rescaled.config, prediction)
+        assert float(schedule.alphas_cumprod[-1]) == 0.0  # SNR 0: x_T is the noise itself
+        assert float(training_schedule(plain.config, prediction).alphas_cumprod[-1]) > 1e-3
+        t = torch.tensor([0, 500, 999])
+        weights = min_snr_weights(schedule, t, 5.0)
+        assert torch.isfinite(weights).all()
+        assert float(weights[-1]) == (1.0 if prediction == "epsilon" else 0.0)
+
+
+@pytest.mark.slow
+def test_a_zero_terminal_snr_run_trains_samples_and_says_so(tmp_path):
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from sd_lora.train import train
+
+    data = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
+    config = load_config(None, [
+        'model.base="tiny"', f'data.path="{data}"', f'train.output_dir="{tmp_path}"',
+        "train.name=z", "train.max_steps=3", "train.batch_size=2", "train.checkpoint_every=0",
+        "sample.every=0", "sample.steps=2", "report.enabled=false", "train.min_snr_gamma=5",
+        "train.zero_terminal_snr=true", 'model.prediction_type="v_prediction"',
+    ])
+    result = train(config, show_progress=False)
+    assert math.isfinite(result.eval_loss_after)
+    with safe_open(str(result.adapter_files["kohya"]), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_zero_terminal_snr"] == "True"
+    assert (tmp_path / "samples" / "final.png").is_file()
