@@ -140,6 +140,10 @@ def run_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, train_overrides(args))
     stop_on_sigterm()
     result = train(config, resume=args.resume, show_progress=not args.no_progress)
+    from sd_lora.train import is_main_process
+
+    if not is_main_process():  # the main process reports for all
+        return 0
     change = (result.eval_loss_after - result.eval_loss_before) / result.eval_loss_before
     print(f"\ntrained {result.steps} steps in {result.seconds:.0f} s; "
           f"evaluation loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} ({change:+.1%})")

@@ -110,15 +110,24 @@ class TrainingLoop:
         self.save(final)
         return final
 
+    @property
+    def share(self) -> tuple[int, int] | None:
+        """(this process, processes) when several train: the random draws are shared (see
+        objective._rows), so the run equals one process with the same global batch."""
+        n = self.accelerator.num_processes
+        return None if n == 1 else (self.accelerator.process_index, n)
+
     def train_micro_batch(self, batch) -> float:
         accelerator = self.accelerator
         unet = self.models["unet"]
         with accelerator.accumulate(*self.models.values()):
             latents = self.latents_of(batch)
-            noise = sample_noise(latents, self.noise_generator)
-            noise = add_noise_offset(noise, self.config.train.noise_offset, self.noise_generator)
+            share = self.share
+            noise = sample_noise(latents, self.noise_generator, share)
+            noise = add_noise_offset(noise, self.config.train.noise_offset, self.noise_generator,
+                                     share)
             timesteps = sample_timesteps(latents.shape[0], self.schedule.config.num_train_timesteps,
-                                         self.noise_generator)
+                                         self.noise_generator, share)
             input_ids = tokenize_all(tokenizers_of(self.pipe), batch["caption"]).to(accelerator.device)
             if self.text_cache is not None:  # the encoders are frozen (the config checks)
                 embeddings = self.text_cache.conditioning(
@@ -198,7 +207,7 @@ class TrainingLoop:
         return self._sample_latents(posterior.mean, posterior.std)
 
     def _sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        latents = mean + std * sample_noise(mean, self.noise_generator)
+        latents = mean + std * sample_noise(mean, self.noise_generator, self.share)
         unet_dtype = next(self.pipe.unet.parameters()).dtype
         return (latents * self.pipe.vae.config.scaling_factor).to(unet_dtype)
 

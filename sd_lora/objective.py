@@ -34,28 +34,44 @@ def zero_terminal_snr_scheduler(scheduler):
     return new
 
 
+def _rows(shape: tuple[int, ...], share: tuple[int, int] | None) -> tuple[tuple[int, ...], slice]:
+    """The shape to draw and the rows to keep: with `share` = (process index, processes) every
+    process draws the whole global batch from the same generator and keeps its own rows, so N
+    processes of B images see exactly the numbers one process of N x B would."""
+    if share is None:
+        return shape, slice(None)
+    rank, count = share
+    return (shape[0] * count, *shape[1:]), slice(rank * shape[0], (rank + 1) * shape[0])
+
+
 def sample_timesteps(
-    batch_size: int, num_train_timesteps: int, generator: torch.Generator
+    batch_size: int, num_train_timesteps: int, generator: torch.Generator,
+    share: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Uniform integer timesteps in [0, T), one per sample. (B,)"""
-    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+    shape, rows = _rows((batch_size,), share)
+    return torch.randint(0, num_train_timesteps, shape, generator=generator)[rows]
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, generator: torch.Generator,
+                 share: tuple[int, int] | None = None) -> torch.Tensor:
     """Standard normal noise shaped like the latents, drawn on the CPU for reproducibility."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    shape, rows = _rows(tuple(latents.shape), share)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)[rows]
     return noise.to(device=latents.device, dtype=latents.dtype)
 
 
 def add_noise_offset(
-    noise: torch.Tensor, strength: float, generator: torch.Generator
+    noise: torch.Tensor, strength: float, generator: torch.Generator,
+    share: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`noise` plus a per-image, per-channel constant of scale `strength` (sd-scripts'
     noise_offset): lets training change an image's overall colour, which SD's schedule never
     fully noises away."""
     if not strength:
         return noise
-    shift = torch.randn(noise.shape[:2] + (1, 1), generator=generator, dtype=torch.float32)
+    shape, rows = _rows(tuple(noise.shape[:2]) + (1, 1), share)
+    shift = torch.randn(shape, generator=generator, dtype=torch.float32)[rows]
     return noise + strength * shift.to(device=noise.device, dtype=noise.dtype)
 
 

@@ -7,6 +7,7 @@ Each step is a small function taking only the part of the config it needs.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -69,6 +70,18 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 VALIDATION_MAX_IMAGES = 32  # x 5 timesteps per validation
 
 
+def is_main_process() -> bool:
+    """The first of several processes (torchrun, accelerate launch), or the only one; readable
+    before Accelerate starts (its RANK variable)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(text: str) -> None:
+    """print, from the main process only (N processes would print everything N times)."""
+    if is_main_process():
+        print(text)
+
+
 class RunFolderError(UserError):
     """The output folder holds a run that this command would overwrite."""
 
@@ -91,7 +104,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
         check_resumable(list_checkpoints(output_dir)[-1], config)
     check = check_job(config)  # the base found and every image read before any model loads
     optimizer_class(config.train.optimizer)  # a missing optimizer package, before any model loads
-    print(check.text())
+    say(check.text())
     scan = check.data
     regularization = regularization_samples(config.data, scan, check.regularization)
     style, held_out = split_samples(style_samples(config.data, scan), config.data.validation_split,
@@ -100,12 +113,16 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
         held_out = scan_dataset(Path(config.data.validation_path),
                                 caption_extensions=config.data.caption_extensions).samples
     accelerator = make_accelerator(config.train, output_dir)
+    if accelerator.num_processes > 1:
+        accelerator.print(f"training on {accelerator.num_processes} processes "
+                          f"({accelerator.distributed_type.value}); global batch "
+                          f"{accelerator.num_processes * config.train.batch_size}")
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
     pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
     if config.train.zero_terminal_snr:  # training and the sample images alike
         pipe.scheduler = zero_terminal_snr_scheduler(pipe.scheduler)
         if prediction_type_of(pipe) == "epsilon":
-            print("note: train.zero_terminal_snr with an epsilon-prediction base: at the last "
+            say("note: train.zero_terminal_snr with an epsilon-prediction base: at the last "
                   "timestep the noise is the input itself; v_prediction is the usual pairing")
     resolution = config.data.resolution or native_resolution(pipe)
     trained = add_adapters(pipe, config.lora)
@@ -179,8 +196,9 @@ def prepare_run_folder(cfg: TrainConfig, resume: bool) -> Path:
             "or choose another --output (nothing was changed)"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in remove_incomplete(output_dir):
-        print(f"removed {stale.name}: a checkpoint whose save was interrupted (never complete)")
+    if is_main_process():  # one process tidies; the others would race it
+        for stale in remove_incomplete(output_dir):
+            say(f"removed {stale.name}: a checkpoint whose save was interrupted (never complete)")
     return output_dir
 
 
@@ -326,8 +344,8 @@ def make_validator(loop, held_out: list[Sample], scan: DatasetScan, buckets, sta
             export_adapters(loop.trained, model_family(pipe), prediction_type_of(pipe), best_config,
                             scan, loop.resolution, loop.output_dir, started, buckets)
 
-    print(f"validation: {len(samples)} held-out images, every {config.train.validation_every} steps"
+    say(f"validation: {len(samples)} held-out images, every {config.train.validation_every} steps"
           + (f", early stop after {config.train.early_stopping_patience} without a new best"
              if config.train.early_stopping_patience else ""))
     return Validator(measure, config.train.validation_every, config.train.early_stopping_patience,
-                     loop.output_dir, export_best, resumed)
+                     loop.output_dir, export_best, resumed, write=loop.accelerator.is_main_process)

@@ -66,6 +66,12 @@ def make_dataset(samples: list[Sample], resolution: int, data: DataConfig,
     )
 
 
+def say(text: str) -> None:
+    from sd_lora.train import say as main_say  # lazily: train imports this module
+
+    main_say(text)
+
+
 def cache_latents(dataset: ImageCaptionDataset, vae, data: DataConfig, output_dir: Path,
                   device, show_progress: bool) -> CachedLatentDataset:
     """data.cache_latents: every image variant encoded once (or read from the disk cache)."""
@@ -80,7 +86,7 @@ def cache_latents(dataset: ImageCaptionDataset, vae, data: DataConfig, output_di
         return posterior.mean, posterior.std
 
     encoded = cached.fill(encode, show_progress=show_progress)
-    print(f"latent cache ({data.cache_latents}{f', {folder}' if folder else ''}): "
+    say(f"latent cache ({data.cache_latents}{f', {folder}' if folder else ''}): "
           f"{len(cached.variants())} image variants, {encoded} encoded now")
     return cached
 

@@ -64,12 +64,14 @@ class Validator:
     """Runs a validation every `every` steps; `export_best(step)` writes the best adapter."""
 
     def __init__(self, measure, every: int, patience: int, output_dir: Path, export_best,
-                 resumed: bool) -> None:
+                 resumed: bool, write: bool = True) -> None:
+        """`write`: this process keeps the files (the main one; every process measures, so
+        all agree when to stop)."""
         self.measure, self.every, self.patience = measure, every, patience
-        self.output_dir, self.export_best = output_dir, export_best
+        self.output_dir, self.export_best, self.write = output_dir, export_best, write
         self.state = ValidationState.read(output_dir) if resumed else ValidationState()
         self.log = output_dir / LOG_FILE
-        if not resumed or not self.log.exists():
+        if write and (not resumed or not self.log.exists()):
             self.log.write_text("step,validation_loss,best\n")
 
     def due(self, step: int, last: bool) -> bool:
@@ -84,8 +86,9 @@ class Validator:
             self.export_best(step)
         else:
             self.state.since_best += 1
-        with self.log.open("a") as handle:
-            handle.write(f"{step},{loss:.6f},{int(improved)}\n")
-        self.state.write(self.output_dir)
+        if self.write:
+            with self.log.open("a") as handle:
+                handle.write(f"{step},{loss:.6f},{int(improved)}\n")
+            self.state.write(self.output_dir)
         stop = self.patience > 0 and self.state.since_best >= self.patience
         return loss, stop
