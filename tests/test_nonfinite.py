@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sd_lora.train as train_module
+import sd_lora.loop as train_module  # the step loop: where the loss is computed
 from sd_lora.nonfinite import NonFiniteGuard, TrainingDiverged, gradients_finite
 from sd_lora.train import train
 from tests.test_train import job
