@@ -175,6 +175,16 @@ class TrainConfig:
     # SD's schedule never fully hides an image's mean colour, so without it an adapter cannot
     # learn to change overall colour or brightness (a palette style). 0.05-0.1 is common.
     noise_offset: float = 0.0
+    # sd-scripts' adaptive_noise_scale: the offset of each image and channel grows by this
+    # times the absolute mean of that latent channel (needs noise_offset).
+    adaptive_noise_scale: float = 0.0
+    # Pyramid noise (sd-scripts' multires_noise_iterations / _discount): coarser noise added
+    # on top, `discount`^i as strong at level i; 6-10 iterations and 0.3 are usual. 0: off.
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    # sd-scripts' debiased_estimation_loss: each sample's loss weighted by 1/sqrt(SNR)
+    # (epsilon) or 1/(SNR + 1) (v-prediction), SNR capped at 1000.
+    debiased_estimation: bool = False
     # Min-SNR-gamma loss weights (sd-scripts' --min_snr_gamma; 5 is the paper's and the common
     # choice): without them the nearly-clean timesteps dominate the loss (see
     # sd_lora.objective.min_snr_weights). 0: unweighted.
@@ -362,7 +372,7 @@ _NON_NEGATIVE = {
     "train.max_grad_norm", "train.adam_weight_decay", "train.noise_offset",
     "train.min_snr_gamma", "data.regularization_weight", "data.min_bucket_reso",
     "data.max_bucket_reso", "train.validation_every", "train.early_stopping_patience",
-    "train.loraplus_lr_ratio",
+    "train.loraplus_lr_ratio", "train.multires_noise_iterations", "train.multires_noise_discount",
 }
 
 
@@ -417,6 +427,9 @@ def validate(config: JobConfig) -> None:
             "data.regularization_target is set but data.regularization is empty; "
             "give a folder of regularization images or drop the setting"
         )
+    if config.train.adaptive_noise_scale and not config.train.noise_offset:
+        raise ConfigError("train.adaptive_noise_scale needs train.noise_offset (it scales the "
+                          "offset); set e.g. noise_offset = 0.05")
     if config.data.dataset_config and config.data.regularization:
         raise ConfigError("data.dataset_config and data.regularization are both set; put the "
                           "regularization folder in the dataset config as a subset with is_reg = true")

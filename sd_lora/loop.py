@@ -24,7 +24,9 @@ from sd_lora.config import flat_config
 from sd_lora.inject import lora_parameters, lora_weight
 from sd_lora.nonfinite import NonFiniteGuard, describe, gradients_finite
 from sd_lora.objective import (
+    add_multires_noise,
     add_noise_offset,
+    debiased_weights,
     denoising_loss,
     min_snr_weights,
     preserved_target,
@@ -124,8 +126,11 @@ class TrainingLoop:
             latents = self.latents_of(batch)
             share = self.share
             noise = sample_noise(latents, self.noise_generator, share)
-            noise = add_noise_offset(noise, self.config.train.noise_offset, self.noise_generator,
-                                     share)
+            cfg = self.config.train
+            noise = add_multires_noise(noise, cfg.multires_noise_iterations,
+                                       cfg.multires_noise_discount, self.noise_generator, share)
+            noise = add_noise_offset(noise, cfg.noise_offset, self.noise_generator, share,
+                                     latents, cfg.adaptive_noise_scale)
             timesteps = sample_timesteps(latents.shape[0], self.schedule.config.num_train_timesteps,
                                          self.noise_generator, share)
             input_ids = tokenize_all(tokenizers_of(self.pipe), batch["caption"]).to(accelerator.device)
@@ -137,9 +142,10 @@ class TrainingLoop:
                 with torch.set_grad_enabled(len(self.models) > 1):  # a text encoder trains
                     embeddings = self.encode(input_ids, batch.get("time_ids"))
             weights = batch["loss_weight"].to(accelerator.device, torch.float32)
-            if self.config.train.min_snr_gamma:
-                weights = weights * min_snr_weights(self.schedule, timesteps,
-                                                    self.config.train.min_snr_gamma)
+            if cfg.min_snr_gamma:
+                weights = weights * min_snr_weights(self.schedule, timesteps, cfg.min_snr_gamma)
+            if cfg.debiased_estimation:
+                weights = weights * debiased_weights(self.schedule, timesteps).to(weights.device)
             wanted = self.preserved_targets(batch, latents, noise, timesteps, input_ids,
                                             embeddings)
             loss = denoising_loss(unet, self.schedule, latents, embeddings, noise, timesteps,

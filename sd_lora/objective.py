@@ -63,16 +63,55 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator,
 
 def add_noise_offset(
     noise: torch.Tensor, strength: float, generator: torch.Generator,
-    share: tuple[int, int] | None = None,
+    share: tuple[int, int] | None = None, latents: torch.Tensor | None = None,
+    adaptive: float = 0.0,
 ) -> torch.Tensor:
     """`noise` plus a per-image, per-channel constant of scale `strength` (sd-scripts'
     noise_offset): lets training change an image's overall colour, which SD's schedule never
-    fully noises away."""
+    fully noises away. With `adaptive` (sd-scripts' adaptive_noise_scale) the scale grows with
+    each latent channel's mean: strength + adaptive * |mean(latents)|, at least 0."""
     if not strength:
         return noise
     shape, rows = _rows(tuple(noise.shape[:2]) + (1, 1), share)
     shift = torch.randn(shape, generator=generator, dtype=torch.float32)[rows]
-    return noise + strength * shift.to(device=noise.device, dtype=noise.dtype)
+    scale = torch.tensor(strength, dtype=torch.float32)
+    if adaptive and latents is not None:
+        scale = (strength + adaptive * latents.float().mean(dim=(2, 3), keepdim=True).abs().cpu())
+        scale = scale.clamp(min=0.0)  # (B, C, 1, 1)
+    return noise + (scale * shift).to(device=noise.device, dtype=noise.dtype)
+
+
+def add_multires_noise(noise: torch.Tensor, iterations: int, discount: float,
+                       generator: torch.Generator, share: tuple[int, int] | None = None) -> torch.Tensor:
+    """Pyramid (multi-resolution) noise, sd-scripts' multires_noise_iterations/_discount: noise
+    at sizes 1/r^i of the latent (r drawn in [2, 4) each level; `discount`^i as strong)
+    upsampled and added, then the sum rescaled to unit variance: low frequencies get noised too. The scale
+    factors come from `generator` as well, so a run is reproducible and resumable."""
+    if iterations <= 0:
+        return noise
+    b, c, h, w = noise.shape
+    total = noise.float()
+    for i in range(iterations):  # i = 0 adds a second full-size noise, as sd-scripts does
+        r = float(torch.rand((), generator=generator)) * 2 + 2
+        hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
+        shape, rows = _rows((b, c, hn, wn), share)
+        coarse = torch.randn(shape, generator=generator, dtype=torch.float32)[rows]
+        up = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        total = total + up.to(total.device) * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return (total / total.std()).to(noise.dtype)
+
+
+def debiased_weights(schedule: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """sd-scripts' debiased_estimation_loss weights: 1 / sqrt(SNR) for epsilon prediction,
+    1 / (SNR + 1) for v-prediction, SNR capped at 1000 (it is infinite near t = 0) and, for
+    zero terminal SNR, floored at 1e-3 (1 / sqrt(0) would be infinite). (B,)"""
+    alphas = schedule.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = (alphas / (1 - alphas)).clamp(min=1e-3, max=1000.0)
+    if schedule.config.prediction_type == "v_prediction":
+        return 1 / (snr + 1)
+    return 1 / snr.sqrt()
 
 
 def target(

@@ -160,6 +160,12 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
             "ss_gradient_accumulation_steps": train.gradient_accumulation_steps,
             "ss_optimizer": optimizer_label(train),
             **({"ss_zero_terminal_snr": True} if train.zero_terminal_snr else {}),
+            **({"ss_adaptive_noise_scale": train.adaptive_noise_scale}
+               if train.adaptive_noise_scale else {}),
+            **({"ss_multires_noise_iterations": train.multires_noise_iterations,
+                "ss_multires_noise_discount": train.multires_noise_discount}
+               if train.multires_noise_iterations else {}),
+            **({"ss_debiased_estimation": True} if train.debiased_estimation else {}),
             **bucketing,
         },
         trigger_phrase=detect_trigger([s.caption for s in scan.samples]),
