@@ -181,7 +181,7 @@ class TrainConfig:
     # Pyramid noise (sd-scripts' multires_noise_iterations / _discount): coarser noise added
     # on top, `discount`^i as strong at level i; 6-10 iterations and 0.3 are usual. 0: off.
     multires_noise_iterations: int = 0
-    multires_noise_discount: float = 0.3
+    multires_noise_discount: float = 0.3  # how much weaker each coarser level is
     # sd-scripts' debiased_estimation_loss: each sample's loss weighted by 1/sqrt(SNR)
     # (epsilon) or 1/(SNR + 1) (v-prediction), SNR capped at 1000.
     debiased_estimation: bool = False
