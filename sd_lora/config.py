@@ -115,7 +115,11 @@ class DataConfig:
 class LoraConfig:
     unet_r: int = 8  # rank of the UNet LoRA
     unet_alpha: float = 8.0  # alpha of the UNet LoRA (the delta is alpha / r * B @ A)
-    unet_targets: tuple[str, ...] = ("attn",)  # groups: attn, proj, ff
+    unet_targets: tuple[str, ...] = ("attn",)  # groups: attn, proj, ff, conv (LoCon: the ResNet blocks)
+    # The rank and alpha of the 3x3 convolutions of the `conv` group (sd-scripts' conv_dim,
+    # conv_alpha); their 1x1 shortcuts and time projections take unet_r / unet_alpha.
+    conv_r: int = 4
+    conv_alpha: float = 1.0  # alpha of those 3x3 convolutions
     train_text_encoder: bool = True  # also train LoRA on the text encoder(s)
     text_encoder_r: int = 4  # rank of the text-encoder LoRA
     text_encoder_alpha: float = 4.0  # alpha of the text-encoder LoRA
@@ -363,7 +367,8 @@ def _check_scalar(hint: type, value: Any, dotted: str) -> Any:
 
 _POSITIVE = {
     "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps",
-    "train.lr_scheduler_num_cycles", "train.huber_c", "lora.unet_r", "lora.text_encoder_r", "sample.steps", "report.max_images",
+    "train.lr_scheduler_num_cycles", "train.huber_c", "lora.unet_r", "lora.text_encoder_r", "lora.conv_r", "sample.steps",
+    "report.max_images",
 }
 _NON_NEGATIVE = {
     "data.resolution", "train.lr_warmup_steps", "train.checkpoint_every",

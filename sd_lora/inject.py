@@ -23,7 +23,12 @@ UNET_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),  # self- and cross-attention projections
     "proj": ("proj_in", "proj_out"),  # the transformer blocks' in/out projections
     "ff": ("ff.net.0.proj", "ff.net.2"),  # the transformer blocks' feed-forward
+    # LoCon: the ResNet blocks (3x3 convs, their 1x1 shortcut and time projection) and the
+    # down/upsampling convs, the layers sd-scripts adapts with conv_dim.
+    "conv": ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv",
+             "upsamplers.0.conv"),
 }
+CONV_GROUPS = ("conv",)  # groups whose k x k convolutions get LoRA (the rest: 1x1 and Linear)
 TEXT_ENCODER_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
     "mlp": ("fc1", "fc2"),
@@ -53,18 +58,26 @@ def target_suffixes(component: str, groups: tuple[str, ...]) -> list[str]:
     return suffixes
 
 
-def _adaptable(module: torch.nn.Module) -> bool:
-    """Linear layers, and 1x1 convolutions (SD 1.x's proj_in/proj_out are Conv2d 1x1)."""
+def _adaptable(module: torch.nn.Module, any_conv: bool = False) -> bool:
+    """Linear layers, and 1x1 convolutions (SD 1.x's proj_in/proj_out are Conv2d 1x1); with
+    `any_conv`, convolutions of any kernel (LoCon)."""
     if isinstance(module, torch.nn.Linear):
         return True
-    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+    if not isinstance(module, torch.nn.Conv2d):
+        return False
+    return any_conv or tuple(module.kernel_size) == (1, 1)
 
 
-def target_module_names(model: torch.nn.Module, suffixes: list[str]) -> list[str]:
+def is_kxk_conv(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def target_module_names(model: torch.nn.Module, suffixes: list[str],
+                        any_conv: bool = False) -> list[str]:
     """Full names of the adaptable layers whose names end with one of the suffixes."""
     names = []
     for name, module in model.named_modules():
-        if _adaptable(module) and any(name == s or name.endswith("." + s) for s in suffixes):
+        if _adaptable(module, any_conv) and any(name == s or name.endswith("." + s) for s in suffixes):
             names.append(name)
     return names
 
@@ -100,10 +113,14 @@ def add_lora(
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
     use_dora: bool = False,
+    conv_r: int | None = None,
+    conv_alpha: float | None = None,
 ) -> list[str]:
     """Inject trainable LoRA layers (fp32) into a frozen model; returns the adapted module names.
-    `rank_pattern` / `alpha_pattern` ({regex: value}, PEFT's) override r / alpha per module."""
-    names = target_module_names(model, target_suffixes(component, groups))
+    `rank_pattern` / `alpha_pattern` ({regex: value}, PEFT's) override r / alpha per module;
+    k x k convolutions (the `conv` group) get `conv_r` / `conv_alpha` when given."""
+    names = target_module_names(model, target_suffixes(component, groups),
+                                any_conv=any(g in CONV_GROUPS for g in groups))
     if not names:
         raise ValueError(
             f"{component}: none of the target groups {list(groups)} matched a layer of this model"
@@ -111,9 +128,15 @@ def add_lora(
     def relevant(patterns):  # only this model's (PEFT warns about the others)
         return {k: v for k, v in (patterns or {}).items() if any(pattern_matches(k, n) for n in names)}
 
+    ranks, alphas = relevant(rank_pattern), relevant(alpha_pattern)
+    for name in names:  # the user's patterns win where they match
+        if is_kxk_conv(model.get_submodule(name)):
+            if conv_r and not any(pattern_matches(p, name) for p in ranks):
+                ranks[re.escape(name)] = conv_r
+            if conv_alpha and not any(pattern_matches(p, name) for p in alphas):
+                alphas[re.escape(name)] = conv_alpha
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                        rank_pattern=relevant(rank_pattern), alpha_pattern=relevant(alpha_pattern),
-                        use_dora=use_dora)
+                        rank_pattern=ranks, alpha_pattern=alphas, use_dora=use_dora)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, param in model.named_parameters():
         is_lora = "lora_A" in name or "lora_B" in name

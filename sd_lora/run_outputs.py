@@ -128,6 +128,8 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
     network_args = {"unet_targets": ",".join(lora.unet_targets)}
     if lora.train_text_encoder:
         network_args["text_encoder_targets"] = ",".join(lora.text_encoder_targets)
+    if "conv" in lora.unet_targets:  # sd-scripts' LoCon arguments
+        network_args.update(conv_dim=str(lora.conv_r), conv_alpha=str(lora.conv_alpha))
     if lora.use_dora:
         network_args["dora_wd"] = "True"  # LyCORIS' name for DoRA
     if train.loraplus_lr_ratio:

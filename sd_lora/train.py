@@ -265,7 +265,7 @@ def add_adapters(pipe, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
     ranks = parse_patterns(cfg.rank_pattern, "lora.rank_pattern", int)
     alphas = parse_patterns(cfg.alpha_pattern, "lora.alpha_pattern", float)
     adapted = add_lora(pipe.unet, "unet", cfg.unet_targets, cfg.unet_r, cfg.unet_alpha,
-                       cfg.dropout, ranks, alphas, cfg.use_dora)
+                       cfg.dropout, ranks, alphas, cfg.use_dora, cfg.conv_r, cfg.conv_alpha)
     trained = {"unet": pipe.unet}
     encoders = []
     if cfg.train_text_encoder:

@@ -40,7 +40,12 @@ def test_unknown_target_names_the_supported_ones():
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_every_group_survives_export_and_loads_everywhere(tiny_pipe, tmp_path, fmt):
-    add_lora(tiny_pipe.unet, "unet", ("attn", "proj", "ff"), r=4, alpha=8)
+    """Every target group, LoCon's ResNet convolutions included (3x3 at rank 2, alpha 1)."""
+    names = add_lora(tiny_pipe.unet, "unet", ("attn", "proj", "ff", "conv"), r=4, alpha=8,
+                     conv_r=2, conv_alpha=1.0)
+    assert "down_blocks.0.resnets.0.conv1" in names and "up_blocks.0.upsamplers.0.conv" in names
+    conv1 = tiny_pipe.unet.get_submodule("down_blocks.0.resnets.0.conv1")
+    assert conv1.lora_A["default"].weight.shape[:2] == (2, 32) and conv1.scaling["default"] == 0.5
     add_lora(tiny_pipe.text_encoder, "text_encoder", ("attn", "mlp"), r=4, alpha=2)
     fill_lora_B((tiny_pipe.unet, tiny_pipe.text_encoder))
     state = read_adapter_state({"unet": tiny_pipe.unet, "text_encoder": tiny_pipe.text_encoder}, "sd1")

@@ -126,3 +126,23 @@ def test_a_dora_run_exports_files_that_reproduce_the_trained_model(tmp_path):
         key = next(k for k in f.keys() if k.endswith("attn1_to_q.dora_scale"))
         assert f.get_slice(key).get_shape() == [32, 1]  # (out, 1): per output row
         assert '"dora_wd": "True"' in f.metadata()["ss_network_args"]
+
+
+@pytest.mark.slow
+def test_a_locon_run_exports_conv_modules_in_kohya_layout(tmp_path):
+    config = load_config(None, [
+        'model.base="tiny"', f'data.path="{SAMPLE_DATA}"', f'train.output_dir="{tmp_path}"',
+        "train.name=c", "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=0",
+        "sample.every=0", "sample.steps=2", "report.enabled=false",
+        'lora.unet_targets=["attn", "conv"]', "lora.conv_r=3", "lora.conv_alpha=1.5",
+    ])
+    result = train(config, show_progress=False)
+    with safe_open(str(result.adapter_files["kohya"]), "pt") as f:
+        down = f.get_slice("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight").get_shape()
+        up = f.get_slice("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight").get_shape()
+        alpha = float(f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.alpha"))
+        shortcut = f.get_slice("lora_unet_down_blocks_0_resnets_0_time_emb_proj.lora_down.weight").get_shape()
+        metadata = f.metadata()
+    assert (down, up, alpha) == ([3, 32, 3, 3], [32, 3, 1, 1], 1.5)  # kohya's LoCon layout
+    assert shortcut[0] == 8  # the Linear time projection takes unet_r
+    assert '"conv_dim": "3"' in metadata["ss_network_args"]
