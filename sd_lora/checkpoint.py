@@ -24,6 +24,7 @@ from sd_lora.atomic import atomic_folder
 from sd_lora.errors import UserError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})$")
+EXTRA_FILE = "extra.safetensors"  # state beside the LoRA and optimizer (the EMA)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ def save_checkpoint(
     progress: Progress,
     noise_generator: torch.Generator,
     config: dict | None = None,  # the run's flat_config, checked when the run is resumed
+    extra: dict[str, torch.Tensor] | None = None,  # more state (the EMA), read by load_extra
 ) -> Path:
     """Write `folder` atomically; returns it."""
     params = named_trainable(models)
@@ -66,7 +68,15 @@ def save_checkpoint(
         _write_checkpoint_files(
             tmp, params, moments, optimizer, lr_scheduler, progress, noise_generator, config
         )
+        if extra:
+            save_file(extra, tmp / EXTRA_FILE)
     return folder
+
+
+def load_extra(folder: Path) -> dict[str, torch.Tensor]:
+    """The `extra` tensors a checkpoint was saved with ({} when none)."""
+    path = folder / EXTRA_FILE
+    return load_file(path) if path.is_file() else {}
 
 
 def _write_checkpoint_files(

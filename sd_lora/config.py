@@ -205,6 +205,10 @@ class TrainConfig:
     # without a new best (0: never).
     validation_every: int = 50
     early_stopping_patience: int = 0  # validations without a new best before stopping; 0: never
+    # An exponential moving average of the adapter's weights (e.g. 0.999; 0: off): exported as
+    # <name>.safetensors (and used by the final evaluation and report), the raw last weights
+    # as <name>-raw.safetensors. See sd_lora.ema.
+    ema_decay: float = 0.0
     mixed_precision: MixedPrecision = "no"  # bf16 / fp16 autocast (fp16 needs CUDA), the frozen base in that dtype; LoRA weights stay fp32
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     seed: int = 0  # LoRA initialisation, data order, flips, crops and noise all follow it
@@ -432,6 +436,9 @@ def validate(config: JobConfig) -> None:
             "data.regularization_target is set but data.regularization is empty; "
             "give a folder of regularization images or drop the setting"
         )
+    if not 0 <= config.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay = {config.train.ema_decay!r} must be in [0, 1) "
+                          "(e.g. 0.999; 0: no EMA)")
     if config.train.adaptive_noise_scale and not config.train.noise_offset:
         raise ConfigError("train.adaptive_noise_scale needs train.noise_offset (it scales the "
                           "offset); set e.g. noise_offset = 0.05")

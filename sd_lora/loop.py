@@ -58,6 +58,7 @@ class TrainingLoop:
         self.latent_cache = None  # data.latent_cache.LatentCache when data.cache_latents is on
         self.text_cache = None  # text.EmbeddingCache when data.cache_text_encoder_outputs is on
         self.validator: Validator | None = None  # with held-out images
+        self.ema = None  # ema.AdapterEMA when train.ema_decay is set
         self.stopped_early = False
 
     def run(self, loader, dataset, progress: Progress, show_progress: bool) -> Progress:
@@ -168,6 +169,8 @@ class TrainingLoop:
                         accelerator.clip_grad_norm_(params, self.config.train.max_grad_norm)
                     self.optimizer.step()
                     self.lr_scheduler.step()
+                    if self.ema is not None:
+                        self.ema.update()
             self.optimizer.zero_grad(set_to_none=True)
         return loss_value, applied
 
@@ -251,7 +254,8 @@ class TrainingLoop:
             folder = checkpoint_path(self.output_dir, progress.global_step)
             try:
                 save_checkpoint(folder, self.trained, self.optimizer, self.lr_scheduler, progress,
-                                self.noise_generator, flat_config(self.config))
+                                self.noise_generator, flat_config(self.config),
+                                extra=self.ema.tensors() if self.ema is not None else None)
             except WRITE_ERRORS as e:  # the older checkpoints are untouched: prune runs after
                 raise write_failed(folder, e, self.output_dir) from e
             prune_checkpoints(self.output_dir, self.config.train.checkpoints_keep)

@@ -24,6 +24,8 @@ from sd_lora.checkpoint import (
     checkpoint_config,
     list_checkpoints,
     load_checkpoint,
+    load_extra,
+    named_trainable,
     remove_incomplete,
     write_failed,
 )
@@ -39,6 +41,7 @@ from sd_lora.data import DatasetScan, Sample, load_image
 from sd_lora.data.buckets import describe as describe_buckets
 from sd_lora.data.plan import check_job, with_dataset_config
 from sd_lora.data.scan import scan_dataset
+from sd_lora.ema import AdapterEMA
 from sd_lora.errors import UserError
 from sd_lora.evaluate import eval_loss, make_eval_batch
 from sd_lora.inject import add_lora, lora_named_parameters, parse_patterns, pattern_matches
@@ -144,9 +147,12 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     schedule = training_schedule(pipe.scheduler.config, prediction_type_of(pipe))
     noise_generator = torch.Generator().manual_seed(config.train.seed)
     progress = Progress(global_step=0, epoch=0, batches_done_in_epoch=0)
+    ema = AdapterEMA(named_trainable(trained), config.train.ema_decay) if config.train.ema_decay else None
     if resume and list_checkpoints(output_dir):
         last = list_checkpoints(output_dir)[-1]
         progress = load_checkpoint(last, trained, optimizer, lr_scheduler, noise_generator)
+        if ema is not None:
+            ema.load(load_extra(last))
         accelerator.print(f"resumed from {last} at step {progress.global_step}")
     eval_batch = make_eval_batch(*eval_images(scan, resolution), pipe.vae, tokenizers_of(pipe))
     with eval_mode(trained.values()):
@@ -158,6 +164,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     loop = TrainingLoop(config, accelerator, pipe, models, trained, optimizer, lr_scheduler,
                         schedule, noise_generator, log, output_dir, resolution, prompts)
     loop.latent_cache = getattr(dataset, "cache", None)
+    loop.ema = ema
     loop.text_cache = EmbeddingCache() if config.data.cache_text_encoder_outputs else None
     if held_out:
         loop.validator = make_validator(loop, held_out, scan, buckets, started,
@@ -168,6 +175,12 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     report = None
     for model in trained.values():
         model.eval()  # training is over: no LoRA dropout in the last evaluation and samples
+    if ema is not None:  # the raw weights as <name>-raw; everything after uses the average
+        if accelerator.is_main_process:
+            raw = replace(config, train=replace(config.train, name=f"{config.train.name}-raw"))
+            export_adapters(trained, model_family(pipe), prediction_type_of(pipe), raw, scan,
+                            resolution, output_dir, started, buckets)
+        ema.apply()
     after = eval_loss(pipe.unet, text_encoders_of(pipe), schedule, eval_batch)
     if accelerator.is_main_process:
         render_sample_grid(pipe, config.sample, prompts, resolution, output_dir / "samples" / "final.png")
