@@ -14,6 +14,7 @@ from pathlib import Path
 from sd_lora.config import JobConfig
 from sd_lora.data.scan import DatasetScan, scan_dataset
 from sd_lora.data.sd_scripts_toml import DatasetToml, apply_settings, read_dataset_toml
+from sd_lora.memory import plan_line
 from sd_lora.models import base_kind
 
 BASE_KINDS = {
@@ -94,7 +95,8 @@ class JobCheck:
             f"  {plan['skipped_files']} files skipped, {plan['warnings']} warnings"
             + (" (listed above)" if plan["skipped_files"] or plan["warnings"] else ""),
         ]
-        return "\n".join(lines)
+        memory = plan_line(self.config)  # the base's size from its configs or header alone
+        return "\n".join(lines + ([memory] if memory else []))
 
     def as_dict(self) -> dict:
         def entries(scan: DatasetScan | None, which: str) -> list[dict]:
