@@ -83,6 +83,11 @@ class DataConfig:
     # cache_text_encoder_outputs; needs lora.train_text_encoder = false). Caption dropout and tag
     # shuffling still work: a caption is encoded when first seen, then reused.
     cache_text_encoder_outputs: bool = False
+    # Masked loss (sd-scripts' masked_loss): each pixel's loss weighted by a mask, from each
+    # image's alpha channel, or from the same-name image in data.mask_path (white trains,
+    # black is ignored; an image without a mask trains whole).
+    masked_loss: bool = False
+    mask_path: str = ""  # a folder of masks; "": the images' alpha channels
     # Held-out images for a validation loss (see train.validation_every): a folder of
     # captioned images, or the share of data.path's images set aside (chosen by a hash of the
     # seed and each file's content, so every run splits alike). Held-out images never train.
@@ -439,6 +444,9 @@ def validate(config: JobConfig) -> None:
     if not 0 <= config.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay = {config.train.ema_decay!r} must be in [0, 1) "
                           "(e.g. 0.999; 0: no EMA)")
+    if config.data.mask_path and not config.data.masked_loss:
+        raise ConfigError("data.mask_path is set but data.masked_loss is false; set "
+                          "data.masked_loss = true to use the masks")
     if config.train.adaptive_noise_scale and not config.train.noise_offset:
         raise ConfigError("train.adaptive_noise_scale needs train.noise_offset (it scales the "
                           "offset); set e.g. noise_offset = 0.05")
@@ -522,7 +530,7 @@ RESUMABLE_CHANGES = {
 }
 RESUMABLE_SECTIONS = {"sample", "export", "report"}
 _PATH_FIELDS = {"model.base", "data.path", "data.regularization", "report.heldout",
-                "report.off_style", "data.validation_path", "data.dataset_config"}
+                "report.off_style", "data.validation_path", "data.dataset_config", "data.mask_path"}
 
 
 def flat_config(config: JobConfig) -> dict[str, Any]:

@@ -150,7 +150,7 @@ class TrainingLoop:
             wanted = self.preserved_targets(batch, latents, noise, timesteps, input_ids,
                                             embeddings)
             loss = denoising_loss(unet, self.schedule, latents, embeddings, noise, timesteps,
-                                  weights, wanted, self.config.train.loss, self.config.train.huber_c)
+                                  weights, wanted, cfg.loss, cfg.huber_c, batch.get("mask"))
             accelerator.backward(loss)
             loss_value = float(accelerator.gather(loss.detach()).mean())  # NaN if any process's is
             if not math.isfinite(loss_value) and self.window_bad_loss is None:

@@ -156,15 +156,21 @@ def denoising_loss(
     wanted: torch.Tensor | None = None,  # (B, 4, h, w) instead of `target`, e.g. preserved_target
     kind: str = "l2",  # see element_loss
     huber_c: float = 0.1,
+    mask: torch.Tensor | None = None,  # (B, 1, H, W) in [0, 1], any size: data.masked_loss
 ) -> torch.Tensor:
     """The element loss (squared error by default) between the UNet's prediction and the
     target, in fp32, averaged; with `weights`, the mean over samples of weight x that sample's
-    mean loss."""
+    mean loss. With `mask` (resized to the latents by area) each element's loss is scaled by
+    it before the mean, as sd-scripts' masked_loss does: masked-out pixels add nothing and the
+    mean still counts them, so a half-masked image weighs half."""
     noisy = schedule.add_noise(latents, noise, timesteps.to(latents.device))
     prediction = unet_forward(unet, noisy, timesteps.to(latents.device), text_embeddings)
     if wanted is None:
         wanted = target(schedule, latents.float(), noise.float(), timesteps.to(latents.device))
     per_element = element_loss(prediction.float(), wanted.float(), kind, huber_c)
+    if mask is not None:
+        per_element = per_element * F.interpolate(mask.float().to(per_element.device),
+                                                  size=per_element.shape[-2:], mode="area")
     if weights is None:
         return per_element.mean()
     return (per_element.mean(dim=tuple(range(1, per_element.ndim))) * weights.float()).mean()

@@ -168,6 +168,7 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
                 "ss_multires_noise_discount": train.multires_noise_discount}
                if train.multires_noise_iterations else {}),
             **({"ss_debiased_estimation": True} if train.debiased_estimation else {}),
+            **({"ss_masked_loss": True} if config.data.masked_loss else {}),
             **bucketing,
         },
         trigger_phrase=detect_trigger([s.caption for s in scan.samples]),

@@ -63,6 +63,7 @@ def make_dataset(samples: list[Sample], resolution: int, data: DataConfig,
         random_flip=data.random_flip, seed=cfg.seed,
         shuffle_tags=data.shuffle_tags, keep_tokens=data.keep_tokens,
         buckets=bucket_spec(data, resolution),
+        masks=(data.mask_path or "alpha") if data.masked_loss else None,
     )
 
 

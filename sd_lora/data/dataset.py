@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from sd_lora.data.buckets import BucketSpec, plan_buckets
-from sd_lora.data.images import DECODE_ERRORS, load_image_and_geometry
+from sd_lora.data.images import DECODE_ERRORS, load_image_and_geometry, load_mask
 from sd_lora.data.scan import Sample
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class ImageCaptionDataset(Dataset):
         shuffle_tags: bool = False,
         keep_tokens: int = 0,
         buckets: BucketSpec | None = None,
+        masks: str | None = None,  # "alpha", or a folder of same-name mask images
     ) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
@@ -62,6 +64,7 @@ class ImageCaptionDataset(Dataset):
         self.random_flip = random_flip
         self.seed = seed
         self.shuffle_tags, self.keep_tokens = shuffle_tags, keep_tokens
+        self.masks = masks
         self.epoch = 0
         self._reported: set[str] = set()  # paths already logged as unreadable (per process)
 
@@ -79,8 +82,11 @@ class ImageCaptionDataset(Dataset):
             i = (index + offset) % len(self.items)
             loaded = self.load(i)
             if loaded is not None:
-                pixels, time_ids = loaded
-                return {"pixel_values": pixels, **self.describe(i, time_ids)}
+                pixels, time_ids, mask = loaded
+                item = {"pixel_values": pixels, **self.describe(i, time_ids)}
+                if mask is not None:
+                    item["mask"] = mask
+                return item
         raise RuntimeError(
             f"none of the {len(self.items)} dataset items can be read any more "
             f"(first: {self.items[0].image}); did the dataset folder change after the scan?"
@@ -114,9 +120,9 @@ class ImageCaptionDataset(Dataset):
         return shuffled_tags(item.caption, self.keep_tokens,
                              random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
 
-    def load(self, i: int, flip: bool | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Item i's pixels and time_ids this epoch (`flip` forces the mirroring); None when the
-        file cannot be read any more."""
+    def load(self, i: int, flip: bool | None = None):
+        """Item i's (pixels, time_ids, mask or None) this epoch (`flip` forces the mirroring);
+        None when the file cannot be read any more."""
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")  # str seeds hash with SHA-512: stable
         drawn = self.random_flip and rng.random() < 0.5
         flip = drawn if flip is None else flip
@@ -133,7 +139,21 @@ class ImageCaptionDataset(Dataset):
                     e,
                 )
             return None
-        return (pixels.flip(-1) if flip else pixels), self.time_ids(geometry, i)
+        mask = self.mask_for(i, geometry, flip)
+        return (pixels.flip(-1) if flip else pixels), self.time_ids(geometry, i), mask
+
+    def mask_for(self, i: int, geometry, flip: bool) -> torch.Tensor | None:
+        """Item i's loss mask (1, H, W), cropped and flipped as its pixels; None without masks."""
+        if self.masks is None:
+            return None
+        path = self.items[i].image
+        if self.masks != "alpha":
+            found = [p for p in Path(self.masks).glob(path.stem + ".*") if p.is_file()]
+            if not found:
+                return torch.ones(1, self.sizes[i][1], self.sizes[i][0])  # no mask: all of it
+            path = found[0]
+        mask = load_mask(path, self.sizes[i], geometry, from_alpha=self.masks == "alpha")
+        return mask.flip(-1) if flip else mask
 
 
 def shuffled_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:

@@ -202,3 +202,29 @@ def _offset(slack: int, rng: random.Random | torch.Generator | None) -> int:
     if isinstance(rng, torch.Generator):
         return int(torch.randint(0, slack + 1, (1,), generator=rng).item())
     return rng.randint(0, slack)
+
+
+def load_mask(path: str | Path, size: tuple[int, int], geometry: CropGeometry,
+              from_alpha: bool) -> torch.Tensor:
+    """(1, H, W) float32 in [0, 1]: the training mask of an image cropped as `geometry` says to
+    `size` (width, height): the image's own alpha channel (`from_alpha`; none: all ones) or a
+    separate mask image's brightness (white trains, black is ignored)."""
+    width_out, height_out = size
+    with _open(path) as im:
+        upright = ImageOps.exif_transpose(im)
+        if from_alpha:
+            has_alpha = upright.mode in ("RGBA", "LA", "PA") or (
+                upright.mode == "P" and "transparency" in upright.info)
+            if not has_alpha:
+                return torch.ones(1, height_out, width_out)
+            gray = upright.convert("RGBA").getchannel("A")
+        else:
+            gray = upright.convert("L")
+    if gray.size != (geometry.original_width, geometry.original_height):
+        gray = gray.resize((geometry.original_width, geometry.original_height), Image.Resampling.BILINEAR)
+    scale, _, _ = _cover(geometry.original_width, geometry.original_height, width_out, height_out)
+    left, top = geometry.crop_left, geometry.crop_top
+    box = (left / scale, top / scale, min(gray.width, (left + width_out) / scale),
+           min(gray.height, (top + height_out) / scale))
+    cropped = gray.resize((width_out, height_out), Image.Resampling.BILINEAR, box=box)
+    return torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0)[None]

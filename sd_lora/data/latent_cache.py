@@ -119,10 +119,15 @@ class CachedLatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self)):  # an unreadable image: the next item, as the dataset does
             i = (index + offset) % len(self)
-            key = self.key(i, self.dataset.flipped(i))
+            flip = self.dataset.flipped(i)
+            key = self.key(i, flip)
             if key in self.cache.entries:
-                time_ids = self.dataset.time_ids(self._geometry(i), i)
-                return {"cache_key": key, **self.dataset.describe(i, time_ids)}
+                geometry = self._geometry(i)
+                item = {"cache_key": key, **self.dataset.describe(i, self.dataset.time_ids(geometry, i))}
+                mask = self.dataset.mask_for(i, geometry, flip)
+                if mask is not None:
+                    item["mask"] = mask
+                return item
         raise RuntimeError(f"no latent of the {len(self)} items is cached; call fill() first")
 
     def variants(self) -> dict[str, tuple[int, bool]]:
