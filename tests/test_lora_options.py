@@ -146,3 +146,26 @@ def test_a_locon_run_exports_conv_modules_in_kohya_layout(tmp_path):
     assert (down, up, alpha) == ([3, 32, 3, 3], [32, 3, 1, 1], 1.5)  # kohya's LoCon layout
     assert shortcut[0] == 8  # the Linear time projection takes unet_r
     assert '"conv_dim": "3"' in metadata["ss_network_args"]
+
+
+def test_lora_dropout_acts_in_training_only():
+    import torch
+
+    from tests.lora_helpers import fill_lora_B
+
+    def two_passes(dropout: float, training: bool):
+        pipe = build_tiny_pipeline()
+        config = load_config(None, [f"lora.dropout={dropout}"])
+        trained = add_adapters(pipe, config.lora)
+        fill_lora_B(trained.values(), seed=1, scale=0.5)
+        pipe.unet.train(training)
+        latents, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+        with torch.no_grad():
+            return [pipe.unet(latents, 10, context).sample for _ in range(2)]
+
+    a, b = two_passes(0.5, training=True)
+    assert float((a - b).abs().max()) > 1e-4  # a new dropout mask each pass
+    a, b = two_passes(0.5, training=False)
+    assert torch.equal(a, b)
+    a, b = two_passes(0.0, training=True)
+    assert torch.equal(a, b)
