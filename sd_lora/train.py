@@ -109,31 +109,17 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     optimizer_class(config.train.optimizer)  # a missing optimizer package, before any model loads
     say(check.text())
     scan = check.data
-    regularization = regularization_samples(config.data, scan, check.regularization)
-    style, held_out = split_samples(style_samples(config.data, scan), config.data.validation_split,
-                                    config.train.seed)
-    if config.data.validation_path:
-        held_out = scan_dataset(Path(config.data.validation_path),
-                                caption_extensions=config.data.caption_extensions).samples
+    training_samples, held_out = select_samples(config, check)
     accelerator = make_accelerator(config.train, output_dir)
-    if accelerator.num_processes > 1:
-        accelerator.print(f"training on {accelerator.num_processes} processes "
-                          f"({accelerator.distributed_type.value}); global batch "
-                          f"{accelerator.num_processes * config.train.batch_size}")
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
-    pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
-    if config.train.zero_terminal_snr:  # training and the sample images alike
-        pipe.scheduler = zero_terminal_snr_scheduler(pipe.scheduler)
-        if prediction_type_of(pipe) == "epsilon":
-            say("note: train.zero_terminal_snr with an epsilon-prediction base: at the last "
-                  "timestep the noise is the input itself; v_prediction is the usual pairing")
+    pipe = load_training_base(config, accelerator)
     resolution = config.data.resolution or native_resolution(pipe)
     trained = add_adapters(pipe, config.lora)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(trained)
     optimizer = make_optimizer(trained, config.train)
     lr_scheduler = make_lr_scheduler(optimizer, config.train, accelerator.num_processes)
-    dataset = make_dataset(style + regularization, resolution, config.data, config.train)
+    dataset = make_dataset(training_samples, resolution, config.data, config.train)
     if config.data.cache_latents != "none":  # each process its own (disk writes are atomic)
         dataset = cache_latents(dataset, pipe.vae, config.data, output_dir, accelerator.device,
                                 show_progress)
@@ -170,33 +156,72 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
         loop.validator = make_validator(loop, held_out, scan, buckets, started,
                                         resumed=progress.global_step > 0)
     progress = loop.run(loader, dataset, progress, show_progress)
-    seconds = time.time() - started
+    return finish_run(loop, progress, time.time() - started, scan, buckets, eval_batch, before,
+                      started)
+
+
+def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: DatasetScan,
+               buckets: dict | None, eval_batch, before: float, started: float) -> TrainResult:
+    """After the last step: the final evaluation, sample grid, exports, summary, loss plot and
+    quality report (the main process writes them)."""
+    config, accelerator, pipe, trained = loop.config, loop.accelerator, loop.pipe, loop.trained
+    output_dir, resolution = loop.output_dir, loop.resolution
     files: dict[str, Path] = {}
     report = None
     for model in trained.values():
         model.eval()  # training is over: no LoRA dropout in the last evaluation and samples
-    if ema is not None:  # the raw weights as <name>-raw; everything after uses the average
+
+    def export(job: JobConfig) -> dict[str, Path]:
+        return export_adapters(trained, model_family(pipe), prediction_type_of(pipe), job, scan,
+                               resolution, output_dir, started, buckets)
+
+    if loop.ema is not None:  # the raw weights as <name>-raw; everything after uses the average
         if accelerator.is_main_process:
-            raw = replace(config, train=replace(config.train, name=f"{config.train.name}-raw"))
-            export_adapters(trained, model_family(pipe), prediction_type_of(pipe), raw, scan,
-                            resolution, output_dir, started, buckets)
-        ema.apply()
-    after = eval_loss(pipe.unet, text_encoders_of(pipe), schedule, eval_batch)
+            export(replace(config, train=replace(config.train, name=f"{config.train.name}-raw")))
+        loop.ema.apply()
+    after = eval_loss(pipe.unet, text_encoders_of(pipe), loop.schedule, eval_batch)
     if accelerator.is_main_process:
-        render_sample_grid(pipe, config.sample, prompts, resolution, output_dir / "samples" / "final.png")
+        render_sample_grid(pipe, config.sample, loop.prompts, resolution,
+                           output_dir / "samples" / "final.png")
         try:
-            files = export_adapters(trained, model_family(pipe), prediction_type_of(pipe), config,
-                                    scan, resolution, output_dir, started, buckets)
+            files = export(config)
         except WRITE_ERRORS as e:  # the final checkpoint holds the trained adapter
             raise write_failed(output_dir / f"{config.train.name}.safetensors", e, output_dir) from e
         write_summary(output_dir, before, after, progress.global_step, seconds, files,
                       loop.guard.skipped, loop.validation_summary())
-        log.plot()
+        loop.log.plot()
         if config.report.enabled:
-            report = write_quality_report(pipe, trained.values(), schedule, config, scan,
+            report = write_quality_report(pipe, trained.values(), loop.schedule, config, scan,
                                           resolution, output_dir)
     accelerator.end_training()
     return TrainResult(output_dir, files, before, after, progress.global_step, seconds, report)
+
+
+def select_samples(config: JobConfig, check) -> tuple[list[Sample], list[Sample]]:
+    """(the samples that train: the style's and the regularization images; the held-out ones
+    for validation)."""
+    regularization = regularization_samples(config.data, check.data, check.regularization)
+    style, held_out = split_samples(style_samples(config.data, check.data),
+                                    config.data.validation_split, config.train.seed)
+    if config.data.validation_path:
+        held_out = scan_dataset(Path(config.data.validation_path),
+                                caption_extensions=config.data.caption_extensions).samples
+    return style + regularization, held_out
+
+
+def load_training_base(config: JobConfig, accelerator: Accelerator):
+    """The frozen base on the accelerator's device, with zero terminal SNR when asked."""
+    if accelerator.num_processes > 1:
+        accelerator.print(f"training on {accelerator.num_processes} processes "
+                          f"({accelerator.distributed_type.value}); global batch "
+                          f"{accelerator.num_processes * config.train.batch_size}")
+    pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
+    if config.train.zero_terminal_snr:  # training and the sample images alike
+        pipe.scheduler = zero_terminal_snr_scheduler(pipe.scheduler)
+        if prediction_type_of(pipe) == "epsilon":
+            say("note: train.zero_terminal_snr with an epsilon-prediction base: at the last "
+                "timestep the noise is the input itself; v_prediction is the usual pairing")
+    return pipe
 
 
 def prepare_run_folder(cfg: TrainConfig, resume: bool) -> Path:

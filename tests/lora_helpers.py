@@ -13,3 +13,23 @@ def fill_lora_B(models, seed: int = 0, scale: float = 0.1) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.data = torch.randn(param.shape, generator=generator) * scale
+
+
+def train_keeping_loop(config):
+    """`train(config)`, and the TrainingLoop that ran (its pipe still holds the trained LoRA
+    layers, its optimizer the parameter groups)."""
+    from sd_lora.train import TrainingLoop, train
+
+    kept = {}
+    original = TrainingLoop.run
+
+    def run(self, *args, **kwargs):
+        kept["loop"] = self
+        return original(self, *args, **kwargs)
+
+    TrainingLoop.run = run
+    try:
+        result = train(config, show_progress=False)
+    finally:
+        TrainingLoop.run = original
+    return result, kept["loop"]

@@ -32,7 +32,7 @@ def test_target_groups_select_the_expected_layers(tiny_pipe, component, groups, 
 
 
 def test_unknown_target_names_the_supported_ones():
-    with pytest.raises(ValueError, match=r"unknown LoRA target 'attention'; supported: \['attn', 'ff', 'proj'\]"):
+    with pytest.raises(ValueError, match=r"unknown LoRA target 'attention'; supported: \['attn', 'conv', 'ff', 'proj'\]"):
         target_suffixes("unet", ("attention",))
     with pytest.raises(ValueError, match="choose at least one target group"):
         target_suffixes("text_encoder", ())

@@ -11,6 +11,7 @@ from sd_lora.config import ConfigError, load_config
 from sd_lora.errors import UserError
 from sd_lora.tiny import build_tiny_pipeline
 from sd_lora.train import add_adapters, make_optimizer, train
+from tests.lora_helpers import train_keeping_loop
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 
@@ -78,7 +79,6 @@ def test_a_dora_run_exports_files_that_reproduce_the_trained_model(tmp_path):
 
     from sd_lora.adapter_io import load_adapter, pipeline_module_paths
     from sd_lora.apply import apply_adapters
-    from sd_lora.train import TrainingLoop
 
     config = load_config(None, [
         'model.base="tiny"', f'data.path="{SAMPLE_DATA}"', f'train.output_dir="{tmp_path}"',
@@ -87,19 +87,7 @@ def test_a_dora_run_exports_files_that_reproduce_the_trained_model(tmp_path):
         'export.formats=["kohya", "diffusers"]', "lora.use_dora=true", "train.learning_rate=2e-2",
         "train.text_encoder_learning_rate=2e-2",
     ])
-    captured = {}
-    original = TrainingLoop.run
-
-    def run(self, *args, **kwargs):
-        progress = original(self, *args, **kwargs)
-        captured["pipe"] = self.pipe
-        return progress
-
-    TrainingLoop.run = run
-    try:
-        result = train(config, show_progress=False)
-    finally:
-        TrainingLoop.run = original
+    result, loop = train_keeping_loop(config)
 
     def outputs(pipe):
         g = torch.Generator().manual_seed(0)
@@ -109,7 +97,7 @@ def test_a_dora_run_exports_files_that_reproduce_the_trained_model(tmp_path):
             text = pipe.text_encoder(ids)[0]
             return text, pipe.unet(latents, torch.tensor([300]), text).sample
 
-    want = outputs(captured["pipe"])
+    want = outputs(loop.pipe)
     theirs = build_tiny_pipeline()
     theirs.load_lora_weights(str(result.adapter_files["diffusers"]))
     ours = build_tiny_pipeline()

@@ -37,8 +37,8 @@ from sd_lora.lora_state import AdapterState, LoraModule
 from sd_lora.models import load_pipeline, model_family
 from sd_lora.single_file import bundled_folder
 from sd_lora.text import default_time_ids, encode_all, text_encoders_of, tokenize_all, tokenizers_of
-from sd_lora.train import TrainingLoop, train
-from tests.lora_helpers import fill_lora_B
+from sd_lora.train import train
+from tests.lora_helpers import fill_lora_B, train_keeping_loop
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -258,22 +258,9 @@ def test_tiny_sdxl_trains_both_encoders_and_its_export_loads_in_diffusers(tmp_pa
         'export.dtype="fp32"', "train.learning_rate=1e-2", "train.text_encoder_learning_rate=1e-2",
         "train.text_encoder_2_learning_rate=2e-2", "report.enabled=false",
     ])
-    captured = {}
-    original = TrainingLoop.run
-
-    def run(self, *args, **kwargs):
-        captured["lrs"] = [g["lr"] for g in self.optimizer.param_groups]
-        progress = original(self, *args, **kwargs)
-        captured["pipe"] = self.pipe
-        return progress
-
-    TrainingLoop.run = run
-    try:
-        result = train(config, show_progress=False)
-    finally:
-        TrainingLoop.run = original
-    assert captured["lrs"] == [1e-2, 1e-2, 2e-2]  # unet, text_encoder, text_encoder_2
-    want = sdxl_outputs(captured["pipe"])
+    result, loop = train_keeping_loop(config)
+    assert [g["lr"] for g in loop.optimizer.param_groups] == [1e-2, 1e-2, 2e-2]  # unet, text_encoder, text_encoder_2
+    want = sdxl_outputs(loop.pipe)
     assert max_diff(want, sdxl_outputs(load_pipeline("tiny-sdxl"))) > 1e-3  # it learned something
     with safe_open(str(result.adapter_files["kohya"]), "pt") as f:
         metadata = f.metadata()

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from sd_lora.config import load_config
 from sd_lora.train import TrainingLoop, train
+from tests.lora_helpers import train_keeping_loop
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 
@@ -89,20 +90,8 @@ def test_exported_file_reproduces_the_trained_model_in_diffusers(tmp_path):
 
     config = job(tmp_path, "train.max_steps=4", "train.learning_rate=1e-2",
                  "train.text_encoder_learning_rate=1e-2")
-    captured = {}
-    original = TrainingLoop.run
-
-    def run(self, *args, **kwargs):
-        progress = original(self, *args, **kwargs)
-        captured["pipe"] = self.pipe
-        return progress
-
-    TrainingLoop.run = run
-    try:
-        result = train(config, show_progress=False)
-    finally:
-        TrainingLoop.run = original
-    trained = captured["pipe"]
+    result, loop = train_keeping_loop(config)
+    trained = loop.pipe
     torch.manual_seed(0)
     latents = torch.randn(1, 4, 8, 8)
     ids = trained.tokenizer(["zkstripes, a red circle"], padding="max_length", max_length=77,
