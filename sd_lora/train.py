@@ -123,7 +123,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     if config.data.cache_latents != "none":  # each process its own (disk writes are atomic)
         dataset = cache_latents(dataset, pipe.vae, config.data, output_dir, accelerator.device,
                                 show_progress)
-    loader = make_loader(dataset, config.data, config.train)
+    loader = make_loader(dataset, config.data, config.train, accelerator.num_processes)
     buckets = dataset_buckets(dataset, config.data)
     if buckets is not None:
         accelerator.print("Aspect-ratio buckets:\n" + describe_buckets(buckets))

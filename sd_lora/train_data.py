@@ -92,12 +92,14 @@ def cache_latents(dataset: ImageCaptionDataset, vae, data: DataConfig, output_di
     return cached
 
 
-def make_loader(dataset, data: DataConfig, cfg: TrainConfig):
+def make_loader(dataset, data: DataConfig, cfg: TrainConfig, processes: int = 1):
+    """The data loader; with buckets its batches are laid out for `processes` processes."""
     # Its own generator: each new iterator draws a worker seed, which would otherwise shift
     # the global RNG (LoRA dropout) and make a resumed run diverge.
     generator = torch.Generator().manual_seed(cfg.seed)
     if data.enable_bucket:
-        batches = BucketBatchSampler(dataset.sizes, cfg.batch_size, seed=cfg.seed)
+        batches = BucketBatchSampler(dataset.sizes, cfg.batch_size, seed=cfg.seed,
+                                     processes=processes)
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, generator=generator,
                                            num_workers=cfg.dataloader_workers)
     return torch.utils.data.DataLoader(

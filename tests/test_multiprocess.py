@@ -1,5 +1,6 @@
 """Several processes: 2 CPU processes (torch.distributed with gloo) of batch 2 end at the adapter
-that 1 process of batch 4 reaches, and only the main process writes the run folder.
+that 1 process of batch 4 reaches, with and without aspect-ratio buckets, and only the main
+process writes the run folder.
 
 How the processes start: `torchrun --nproc_per_node 2` with ACCELERATE_USE_CPU=1. (Accelerate
 1.15's own `accelerate launch --num_processes 2 --cpu` starts a single process: its CPU path
@@ -20,13 +21,13 @@ from safetensors.torch import load_file
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 
 
-def run(out: Path, processes: int, batch: int) -> str:
-    args = ["train", "--data", str(SAMPLE_DATA), "--base", "tiny", "--output", str(out),
+def run(out: Path, processes: int, batch: int, *extra: str, data: Path = SAMPLE_DATA) -> str:
+    args = ["train", "--data", str(data), "--base", "tiny", "--output", str(out),
             "--name", "t", "--max-steps", "4", "--no-progress", "--set", "sample.every=0",
             "--set", "sample.steps=2", "--set", "report.enabled=false",
             "--set", "train.checkpoint_every=2", "--set", 'export.dtype="fp32"',
             "--set", "train.learning_rate=1e-3", "--set", f"train.batch_size={batch}",
-            "--set", "data.random_flip=true"]
+            "--set", "data.random_flip=true", *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={processes}", "-m", "sd_lora"] if processes > 1 else \
         [sys.executable, "-m", "sd_lora"]
@@ -62,3 +63,39 @@ def test_two_processes_end_at_the_single_process_adapter(tmp_path):
     assert names == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert [p.name for p in sorted((tmp_path / "two").glob("checkpoint-*"))] == [
         "checkpoint-000002", "checkpoint-000004"]
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    ups = [k for k in a if k.endswith("lora_up.weight")]
+    diff = sum(float(((a[k] - b[k]) ** 2).sum()) for k in ups) ** 0.5
+    return diff / sum(float((b[k] ** 2).sum()) for k in ups) ** 0.5
+
+
+def test_bucket_batches_are_laid_out_per_process():
+    from sd_lora.data.buckets import BucketBatchSampler
+
+    sizes = [(64, 48)] * 8 + [(48, 64)] * 4 + [(56, 56)] * 5
+    one = list(BucketBatchSampler(sizes, batch_size=4, seed=2))
+    two = list(BucketBatchSampler(sizes, batch_size=2, seed=2, processes=2))
+    # Process i takes every second batch: together they are the single process's batches,
+    # each global batch from one bucket; the 5th square image cannot feed both processes.
+    pairs = [two[i] + two[i + 1] for i in range(0, len(two), 2)]
+    assert pairs == [b for b in one if len(b) >= 2]
+    assert all(len({sizes[j] for j in batch}) == 1 for batch in two)
+
+
+@pytest.mark.slow
+def test_two_bucketed_processes_end_at_the_single_process_adapter(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, size in enumerate([(96, 64)] * 8 + [(64, 96)] * 4 + [(64, 64)] * 4):  # multiples of 4
+        Image.new("RGB", size, (15 * i, 100, 200 - 10 * i)).save(data / f"{i:02d}.png")
+        (data / f"{i:02d}.txt").write_text(f"shape {i % 3}")
+    buckets = ("--set", "data.enable_bucket=true", "--set", "data.bucket_reso_steps=8")
+    run(tmp_path / "two", 2, 2, *buckets, data=data)
+    run(tmp_path / "one", 1, 4, *buckets, data=data)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=2e-6)
+    a, b = load_file(tmp_path / "two" / "t.safetensors"), load_file(tmp_path / "one" / "t.safetensors")
+    assert relative_difference(a, b) < 1e-3

@@ -107,12 +107,18 @@ def bucket_info_json(info: dict) -> str:
 
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices, each from one bucket. Per epoch: each bucket's items in a
-    fresh order, cut into batches (a bucket's last batch may be smaller: every image trains
-    every epoch, as in sd-scripts), and the batches shuffled together."""
+    fresh order, cut into global batches of batch_size x processes (a bucket's last one may be
+    smaller: every image trains every epoch, as in sd-scripts), shuffled together, and each
+    global batch split into `processes` consecutive per-process batches. Accelerate hands
+    process i every processes-th batch, so each global batch is one bucket on all processes,
+    and N processes see the batches one process of N x batch_size would. A bucket's last
+    images that cannot give every process one are left for that epoch (with several
+    processes only; the order, hence which they are, changes every epoch)."""
 
-    def __init__(self, item_buckets: Sequence[Size], batch_size: int, seed: int) -> None:
+    def __init__(self, item_buckets: Sequence[Size], batch_size: int, seed: int,
+                 processes: int = 1) -> None:
         self.item_buckets = list(item_buckets)
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.processes = batch_size, seed, processes
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -123,12 +129,24 @@ class BucketBatchSampler(Sampler[list[int]]):
         groups: dict[Size, list[int]] = {}
         for index, size in enumerate(self.item_buckets):
             groups.setdefault(size, []).append(index)
+        size = self.batch_size * self.processes
         batches = []
-        for size in sorted(groups):
-            items = groups[size]
+        for bucket in sorted(groups):
+            items = groups[bucket]
             order = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
-            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+            batches += [order[i:i + size] for i in range(0, len(order), size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return [part for batch in batches for part in self._split(batch)]
+
+    def _split(self, batch: list[int]) -> list[list[int]]:
+        """One global batch as `processes` per-process batches (empty when it is too small)."""
+        if self.processes == 1:
+            return [batch]
+        if len(batch) < self.processes:
+            return []
+        share = -(-len(batch) // self.processes)  # ceil: the first processes take the extra
+        parts = [batch[i * share:(i + 1) * share] for i in range(self.processes)]
+        return parts if all(parts) else []
 
     def __iter__(self):
         return iter(self._batches())
