@@ -140,7 +140,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, train_overrides(args))
     stop_on_sigterm()
     result = train(config, resume=args.resume, show_progress=not args.no_progress)
-    from sd_lora.train import is_main_process
+    from sd_lora.processes import is_main_process
 
     if not is_main_process():  # the main process reports for all
         return 0

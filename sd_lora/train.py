@@ -7,7 +7,6 @@ Each step is a small function taking only the part of the config it needs.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,6 +48,7 @@ from sd_lora.loop import TrainingLoop, eval_mode
 from sd_lora.models import load_pipeline, model_family, prediction_type_of
 from sd_lora.objective import training_schedule, zero_terminal_snr_scheduler
 from sd_lora.optimizers import build_optimizer, optimizer_class
+from sd_lora.processes import is_main_process, say
 from sd_lora.report import write_quality_report
 from sd_lora.run_outputs import (
     RunLog,
@@ -71,18 +71,6 @@ from sd_lora.validation import Validator, split_samples
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VALIDATION_MAX_IMAGES = 32  # x 5 timesteps per validation
-
-
-def is_main_process() -> bool:
-    """The first of several processes (torchrun, accelerate launch), or the only one; readable
-    before Accelerate starts (its RANK variable)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def say(text: str) -> None:
-    """print, from the main process only (N processes would print everything N times)."""
-    if is_main_process():
-        print(text)
 
 
 class RunFolderError(UserError):

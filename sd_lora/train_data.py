@@ -17,6 +17,7 @@ from sd_lora.data.latent_cache import CachedLatentDataset, LatentCache, vae_iden
 from sd_lora.data.order import EpochSampler
 from sd_lora.data.plan import regularization_layout
 from sd_lora.errors import UserError
+from sd_lora.processes import say
 
 
 def style_samples(cfg: DataConfig, scan: DatasetScan) -> list[Sample]:
@@ -65,12 +66,6 @@ def make_dataset(samples: list[Sample], resolution: int, data: DataConfig,
         buckets=bucket_spec(data, resolution),
         masks=(data.mask_path or "alpha") if data.masked_loss else None,
     )
-
-
-def say(text: str) -> None:
-    from sd_lora.train import say as main_say  # lazily: train imports this module
-
-    main_say(text)
 
 
 def cache_latents(dataset: ImageCaptionDataset, vae, data: DataConfig, output_dir: Path,
