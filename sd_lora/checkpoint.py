@@ -122,6 +122,9 @@ def load_checkpoint(
     rng = load_file(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     noise_generator.set_state(rng["noise"])
+    cuda = [rng[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in rng]
+    if cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = meta["python_random"]
     random.setstate((version, tuple(internal), gauss))
     return Progress(**meta["progress"])
@@ -203,7 +206,10 @@ def _optimizer_params(optimizer) -> list[torch.nn.Parameter]:
 
 
 def _rng_tensors(noise_generator: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"torch": torch.get_rng_state(), "noise": noise_generator.get_state()}
+    rng = {"torch": torch.get_rng_state(), "noise": noise_generator.get_state()}
+    if torch.cuda.is_available():  # device draws (the adapter dropouts) repeat on a resume too
+        rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
 
 
 def _python_rng_json() -> list:

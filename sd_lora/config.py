@@ -142,6 +142,10 @@ class LoraConfig:
     # lora_magnitude_vector. A1111 assumes per-input-column dora_scale; see the README.
     use_dora: bool = False
     dropout: float = 0.0  # LoRA dropout (PEFT's lora_dropout) on every adapted layer's input, in [0, 1)
+    # sd-scripts' dropouts on the adapter's own path, training only (sd_lora/lora_dropouts.py):
+    network_dropout: float = 0.0  # element-wise on the rank-r hidden state (sd-scripts' --network_dropout)
+    rank_dropout: float = 0.0  # whole rank dimensions per sample, delta rescaled (network_args rank_dropout)
+    module_dropout: float = 0.0  # a module's whole delta left out per step (network_args module_dropout)
 
 
 @dataclass(frozen=True)
@@ -422,8 +426,16 @@ def validate(config: JobConfig) -> None:
             parse_patterns(getattr(config.lora, dotted.split(".")[1]), dotted, kind)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if not 0 <= config.lora.dropout < 1:
-        raise ConfigError(f"lora.dropout = {config.lora.dropout!r} must be in [0, 1)")
+    for name in ("dropout", "network_dropout", "rank_dropout", "module_dropout"):
+        if not 0 <= getattr(config.lora, name) < 1:
+            raise ConfigError(f"lora.{name} = {getattr(config.lora, name)!r} must be in [0, 1)")
+    if config.lora.use_dora and (config.lora.rank_dropout or config.lora.module_dropout
+                                 or config.lora.network_dropout):
+        raise ConfigError(
+            "lora.network_dropout, rank_dropout and module_dropout act on a plain LoRA's delta; "
+            "with lora.use_dora the magnitudes rescale the whole weight, so they are not "
+            "defined there: drop them or lora.use_dora (lora.dropout, on the input, works)"
+        )
     if not 0 <= config.data.caption_dropout <= 1:
         raise ConfigError(f"data.caption_dropout = {config.data.caption_dropout!r} must be in [0, 1]")
     if not 0 <= config.data.regularization_caption_dropout <= 1:

@@ -4,10 +4,14 @@ The averaging is diffusers' `EMAModel`: the n-th update uses decay min(ema_decay
 (the first copies the weights), so early weights fade fast. Its state is saved in every checkpoint, by parameter
 name, so a resumed run continues the same average. At the end the averaged weights are what
 the run evaluates, reports and exports as <name>.safetensors; the last raw weights are
-exported beside them as <name>-raw.safetensors.
+exported beside them as <name>-raw.safetensors. Validation measures the average too (it is
+what would be exported at that step), and `<name>-best` is the average at the best step.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -39,6 +43,19 @@ class AdapterEMA:
                              "was train.ema_decay changed?")
         self.model.shadow_params = [tensors[f"ema::{n}"].float().clone() for n in self.names]
         self.model.optimization_step = int(tensors[STEP_KEY])
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The averaged weights in the model for a while (a validation), then the raw ones back."""
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in self.params]
+            self.apply()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.params, raw):
+                    p.copy_(r)
 
     def apply(self) -> None:
         """Put the averaged weights in the model (training is over)."""

@@ -7,6 +7,7 @@ reads the config file.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -224,7 +225,10 @@ class TrainingLoop:
         cfg, sample = self.config.train, self.config.sample
         step = progress.global_step
         if self.validator is not None and self.validator.due(step, step >= cfg.max_steps):
-            loss, self.stopped_early = self.validator.validate(step)
+            # With EMA the average is what an export at this step would hold: measure (and
+            # keep as <name>-best) that, not the raw weights.
+            with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+                loss, self.stopped_early = self.validator.validate(step)
             self.accelerator.log({"validation/loss": loss}, step=step)
             if self.stopped_early:
                 state = self.validator.state

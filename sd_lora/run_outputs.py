@@ -132,6 +132,9 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
         network_args.update(conv_dim=str(lora.conv_r), conv_alpha=str(lora.conv_alpha))
     if lora.use_dora:
         network_args["dora_wd"] = "True"  # LyCORIS' name for DoRA
+    for name in ("rank_dropout", "module_dropout"):  # sd-scripts' network_args
+        if getattr(lora, name):
+            network_args[name] = str(getattr(lora, name))
     if train.loraplus_lr_ratio:
         network_args["loraplus_lr_ratio"] = str(train.loraplus_lr_ratio)  # sd-scripts' name
     return TrainingInfo(
@@ -157,6 +160,7 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
             "ss_lr_scheduler": train.lr_scheduler, "ss_lr_warmup_steps": train.lr_warmup_steps,
             "ss_caption_dropout_rate": config.data.caption_dropout,
             "ss_shuffle_caption": config.data.shuffle_tags, "ss_keep_tokens": config.data.keep_tokens,
+            **({"ss_network_dropout": lora.network_dropout} if lora.network_dropout else {}),
             "ss_loss_type": train.loss, **({"ss_huber_c": train.huber_c} if train.loss != "l2" else {}),
             "ss_batch_size_per_device": train.batch_size,
             "ss_gradient_accumulation_steps": train.gradient_accumulation_steps,

@@ -7,6 +7,7 @@ Each step is a small function taking only the part of the config it needs.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ from sd_lora.errors import UserError
 from sd_lora.evaluate import eval_loss, make_eval_batch
 from sd_lora.inject import add_lora, lora_named_parameters, parse_patterns, pattern_matches
 from sd_lora.loop import TrainingLoop, eval_mode
+from sd_lora.lora_dropouts import AdapterDropouts, add_dropouts
 from sd_lora.models import load_pipeline, model_family, prediction_type_of
 from sd_lora.objective import training_schedule, zero_terminal_snr_scheduler
 from sd_lora.optimizers import build_optimizer, optimizer_class
@@ -269,7 +271,22 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
         log_with="tensorboard",
         project_dir=str(output_dir),
     )
+    check_process_count(accelerator.num_processes)
     return accelerator
+
+
+def check_process_count(processes: int) -> None:
+    """Started as one of several processes (torchrun, `accelerate launch --multi_gpu`) but set up
+    as a lone one: Accelerate does that when it finds no GPU and ACCELERATE_USE_CPU is unset,
+    and every process would then train the whole run and write the same files."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and processes == 1:
+        raise UserError(
+            f"this is process {os.environ.get('RANK', '?')} of {launched} (WORLD_SIZE), but "
+            "Accelerate set up a single process (no GPU found), so each would train alone and "
+            "write the same run folder. On CPUs set ACCELERATE_USE_CPU=1 (gloo); on GPUs check "
+            "that each process sees one"
+        )
 
 
 def load_frozen_base(cfg: ModelConfig, mixed_precision: str, device: torch.device):
@@ -303,6 +320,7 @@ def add_adapters(pipe, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
                             cfg.text_encoder_r, cfg.text_encoder_alpha, cfg.dropout, ranks, alphas,
                             cfg.use_dora)
         trained[name] = getattr(pipe, name)
+    add_dropouts(trained, AdapterDropouts(cfg.network_dropout, cfg.rank_dropout, cfg.module_dropout))
     for field, patterns in (("lora.rank_pattern", ranks), ("lora.alpha_pattern", alphas)):
         unused = [p for p in patterns if not any(pattern_matches(p, n) for n in adapted)]
         if unused:

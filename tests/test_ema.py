@@ -63,3 +63,28 @@ def test_ema_exports_the_average_beside_the_unchanged_raw_weights(tmp_path, monk
     resumed = train(job(tmp_path / "resumed", "train.ema_decay=0.9"), resume=True,
                     show_progress=False)
     assert max_diff(load_file(resumed.adapter_files["kohya"]), averaged) <= 1e-6
+
+
+def test_swapping_the_average_in_restores_the_raw_weights():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = AdapterEMA({"w": p}, decay=0.5)
+    for _ in range(3):
+        with torch.no_grad():
+            p.add_(1.0)
+        ema.update()
+    raw = p.detach().clone()
+    with ema.swapped_in():
+        torch.testing.assert_close(p.detach(), ema.tensors()["ema::w"])
+        assert not torch.equal(p.detach(), raw)
+    assert torch.equal(p.detach(), raw)
+
+
+@pytest.mark.slow
+def test_validation_measures_and_keeps_the_average(tmp_path):
+    """With EMA the export is the average, so the best adapter must be one too: validated only
+    at the last step, `-best` is exactly the exported average, not the raw weights."""
+    run = train(job(tmp_path, "train.ema_decay=0.9", "data.validation_split=0.25",
+                    "train.validation_every=0"), show_progress=False)
+    best = load_file(tmp_path / "e-best.safetensors")
+    assert max_diff(best, load_file(run.adapter_files["kohya"])) == 0.0
+    assert max_diff(best, load_file(tmp_path / "e-raw.safetensors")) > 1e-4
