@@ -149,6 +149,7 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
         text_encoder_lr=train.text_encoder_learning_rate if lora.train_text_encoder else None,
         seed=train.seed,
         num_train_images=scan.num_train_items,
+        num_reg_images=scan.regularization_items or None,
         tag_frequency=scan.tag_frequency(),
         comment=config.export.comment or None,
         mixed_precision=train.mixed_precision,

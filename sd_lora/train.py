@@ -98,7 +98,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     check = check_job(config)  # the base found and every image read before any model loads
     optimizer_class(config.train.optimizer)  # a missing optimizer package, before any model loads
     say(check.text())
-    scan = check.data
+    scan = replace(check.data, regularization_items=check.items_per_epoch() - check.data.num_train_items)
     training_samples, held_out = select_samples(config, check)
     accelerator = make_accelerator(config.train, output_dir)
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG

@@ -104,12 +104,14 @@ def test_recipe_keys_are_written_only_when_the_run_used_them():
 
     plain = build_metadata(small_state(), INFO)
     for key in ("ss_min_snr_gamma", "ss_noise_offset", "ss_prior_loss_weight",
-                "modelspec.trigger_phrase"):
+                "ss_num_reg_images", "modelspec.trigger_phrase"):
         assert key not in plain
     used = build_metadata(small_state(), replace(
-        INFO, min_snr_gamma=5.0, noise_offset=0.1, prior_loss_weight=10.0, trigger_phrase="sks"))
+        INFO, min_snr_gamma=5.0, noise_offset=0.1, prior_loss_weight=10.0, trigger_phrase="sks",
+        num_reg_images=32))
     assert (used["ss_min_snr_gamma"], used["ss_noise_offset"], used["ss_prior_loss_weight"],
-            used["modelspec.trigger_phrase"]) == ("5.0", "0.1", "10.0", "sks")
+            used["ss_num_reg_images"], used["modelspec.trigger_phrase"]) == (
+        "5.0", "0.1", "10.0", "32", "sks")
 
 
 @pytest.mark.parametrize(

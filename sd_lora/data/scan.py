@@ -74,6 +74,9 @@ class DatasetScan:
     samples: list[Sample]
     skipped: list[SkippedFile] = field(default_factory=list)
     warnings: list[SkippedFile] = field(default_factory=list)
+    # Regularization items per epoch trained beside these (sd-scripts' ss_num_reg_images); set
+    # by `sd_lora.train` from the job check, 0 in a plain scan.
+    regularization_items: int = 0
 
     @property
     def num_images(self) -> int:

@@ -59,6 +59,7 @@ class TrainingInfo:
     text_encoder_lr: float | None = None
     seed: int | None = None
     num_train_images: int | None = None
+    num_reg_images: int | None = None  # regularization items per epoch (None: no regularization)
     # {dataset folder: {tag: count}}, as sd-scripts writes it and A1111 shows it
     tag_frequency: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     comment: str | None = None
@@ -151,6 +152,7 @@ def _training_keys(info: TrainingInfo, family: str) -> dict[str, object]:
         "ss_text_encoder_lr": info.text_encoder_lr,
         "ss_seed": info.seed,
         "ss_num_train_images": info.num_train_images,
+        "ss_num_reg_images": info.num_reg_images,
         "ss_mixed_precision": info.mixed_precision,
         "ss_training_comment": info.comment,
         "ss_training_started_at": info.started_at,
