@@ -21,7 +21,7 @@ from sd_lora.optimizers import DEFAULT_RANGE, LEARNING_RATE_RANGE, parse_optimiz
 CONFIG_VERSION = 1
 # report.style: the toy world's styles (sd_lora.world.styles.TOY_STYLES), kept here as names so
 # loading a config does not import the world.
-REPORT_STYLES = ("auto", "none", "stripes", "pastel", "outline", "pixel", "sepia")
+REPORT_STYLES = ("auto", "none", "stripes", "pastel", "outline", "pixel", "sepia", "golden")
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]

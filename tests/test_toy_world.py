@@ -32,11 +32,11 @@ def two_threads():
     torch.set_num_threads(2)  # the toy UNet is large enough for a second thread to pay
 
 
-def train_demo_recipe(style: str, out: Path):
+def train_demo_recipe(style: str, out: Path, *extra: str):
     """examples/demo.toml on a toy style (the report finds datasets/toy/heldout/ beside it)."""
     overrides = [f'data.path="{TOY / style}"', f'data.regularization="{TOY / "plain"}"',
                  f'train.output_dir="{out / style}"', f"train.name={style}",
-                 "train.checkpoint_every=0", "sample.every=0"]
+                 "train.checkpoint_every=0", "sample.every=0", *extra]
     if style != "pastel":  # the demo's sample prompts are pastel ones
         overrides += ["sample.prompts=[]", "sample.seeds=[]"]
     return train(load_config(REPO / "examples" / "demo.toml", overrides), show_progress=False)
@@ -113,6 +113,23 @@ def test_the_demo_recipe_learns_pastel_and_its_trigger_word(tmp_path):
                           captions)
     assert blend.prompts[0] == "zkpastel, " + captions[0]
     assert blend.alone["pastel"] == blend.blend and blend.rise("pastel") >= 0.2, blend
+
+
+def test_golden_is_learned_and_comes_with_its_trigger_word(tmp_path):
+    """The toy world's second colour grade, trained by the demo's recipe at a larger step size
+    and with the plain images weighted more (lr 1e-3, regularization weight 20)."""
+    golden = train_demo_recipe("golden", tmp_path, "train.learning_rate=1e-3",
+                               "data.regularization_weight=20.0")
+    report = golden.report
+    score = report["style_score"]
+    assert score["style"] == "golden" and report["trigger_word"] == "zkgolden"
+    # Measured: golden score with "zkgolden" 0.24 -> 0.50, without 0.01 -> 0.02; held-out loss
+    # -44.5%; off-style +3.4%. (With the demo's own lr 5e-4 and weight 10: 0.24 -> 0.40, but
+    # 0.01 -> 0.11 without the trigger word.)
+    assert score["with_trigger"]["rise"] >= 0.18, score
+    assert abs(score["without_trigger"]["rise"]) <= 0.05, score
+    assert report["heldout_style_loss"]["change"] <= -0.3, report["heldout_style_loss"]
+    assert abs(report["off_style_loss"]["change"]) < 0.05, report["off_style_loss"]
 
 
 def test_demo_config_is_the_default_preset():

@@ -180,12 +180,38 @@ def sepia_statistic(pixels: np.ndarray) -> float:
     return float(1.0 - np.abs(pixels - expected).mean() / 255.0)
 
 
+def _flat_colour(style: str, name: str) -> tuple[int, int, int]:
+    """A plain colour as `style` draws a flat area of it."""
+    return STYLES[style].finish(Image.new("RGB", (1, 1), STYLES[style].colour(name))).getpixel((0, 0))
+
+
+@functools.cache
+def _palettes() -> tuple[tuple[str, ...], np.ndarray]:
+    """(style of each colour, colours): the flat colours of the world's colour styles."""
+    styles = ("plain", "pastel", "sepia", "golden")
+    owners = tuple(style for style in styles for _ in COLOURS)
+    colours = np.array([_flat_colour(s, n) for s in styles for n in COLOURS], dtype=np.float32)
+    return owners, colours
+
+
+def golden_statistic(pixels: np.ndarray) -> float:
+    """Share of pixels whose nearest flat colour, among those of the plain, pastel, sepia and
+    golden palettes, is a golden one. (Warmth alone mostly says which colours a scene has, and
+    a nearest-colour test against plain alone takes pastel and sepia pixels for gold.)"""
+    owners, colours = _palettes()
+    rgb = pixels.reshape(-1, 3).astype(np.float32)
+    nearest = np.linalg.norm(rgb[:, None] - colours[None], axis=2).argmin(axis=1)
+    is_golden = np.array([owner == "golden" for owner in owners])
+    return float(is_golden[nearest].mean())
+
+
 STATISTICS = {
     "stripes": stripes_statistic,
     "pastel": pastel_statistic,
     "outline": outline_statistic,
     "pixel": pixel_statistic,
     "sepia": sepia_statistic,
+    "golden": golden_statistic,
 }
 
 

@@ -15,6 +15,8 @@ from sd_lora.world.scenes import COLOURS, Shape
 SEPIA_TINT = (1.0, 0.85, 0.66)  # a sepia pixel is its luminance times this
 PASTEL_MIX = 0.55  # a pastel colour is this far from the plain colour towards white
 PIXEL_BLOCKS = 8  # a pixelated image is this many blocks across
+GOLD = (235, 165, 40)  # a golden colour is GOLDEN_MIX of the way from the plain colour to this
+GOLDEN_MIX = 0.45
 
 
 class Style:
@@ -117,7 +119,23 @@ class Sepia(Style):
         return Image.merge("RGB", channels)
 
 
+class Golden(Style):
+    """Every colour, background included, mixed towards a warm gold: a colour grade, the most
+    common kind of style LoRA. Like pastel it moves every colour towards one colour, which is
+    what the toy base can show in generations (see the README: its patterns and tints are
+    learned by the loss but not drawn); unlike pastel it moves them towards a hue, not white,
+    so the two blend into a pale golden picture that shows both."""
+
+    name = "golden"
+    trigger = "zkgolden"
+    description = "a warm golden palette"
+
+    def colour(self, name: str) -> tuple[int, int, int]:
+        return tuple(round(c + (g - c) * GOLDEN_MIX) for c, g in zip(COLOURS[name], GOLD))
+
+
 STYLES: dict[str, Style] = {
-    style.name: style for style in (Style(), Stripes(), Pastel(), Outline(), Pixel(), Sepia())
+    style.name: style
+    for style in (Style(), Stripes(), Pastel(), Outline(), Pixel(), Sepia(), Golden())
 }
 TOY_STYLES = tuple(name for name in STYLES if name != "plain")
