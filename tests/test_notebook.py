@@ -66,5 +66,5 @@ def test_quickstart_notebook_runs(tmp_path):
     assert nb.cells[-1].outputs[0]["text"].strip() == sys.prefix, "kernel ran another Python"
     assert (work / "runs" / "notebook" / "pastel" / "pastel.safetensors").is_file()
     assert (work / "runs" / "notebook" / "pastel" / "report.png").is_file()
-    assert (work / "runs" / "notebook" / "outline" / "outline.safetensors").is_file()
+    assert (work / "runs" / "notebook" / "golden" / "golden.safetensors").is_file()
     assert not (REPO / "notebooks" / "runs").exists()
