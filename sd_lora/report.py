@@ -388,8 +388,11 @@ def plot_report(report: dict, rows: list[list[Image.Image]], config: JobConfig, 
             [s["with_trigger"]["adapter"], s["without_trigger"]["adapter"]],
             f"{s['style']} score of generations",
         )
+    # Above the figure (the tight bounding box grows to hold it): inside, its lines overlapped
+    # the grid's title when the grid has few rows.
     fig.suptitle(
-        f"{config.train.name}: " + "\n".join(verdict_lines(report)), fontsize=8, x=0.02, ha="left"
+        f"{config.train.name}: " + "\n".join(verdict_lines(report)), fontsize=8, x=0.02,
+        y=1.0, ha="left", va="bottom",
     )
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

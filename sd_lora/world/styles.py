@@ -123,8 +123,8 @@ class Golden(Style):
     """Every colour, background included, mixed towards a warm gold: a colour grade, the most
     common kind of style LoRA. Like pastel it moves every colour towards one colour, which is
     what the toy base can show in generations (see the README: its patterns and tints are
-    learned by the loss but not drawn); unlike pastel it moves them towards a hue, not white,
-    so the two blend into a pale golden picture that shows both."""
+    learned by the loss but not drawn); unlike pastel it moves them towards a hue, not white.
+    (A pastel + golden blend is measured in the README; it does not yet show both clearly.)"""
 
     name = "golden"
     trigger = "zkgolden"
