@@ -18,7 +18,7 @@ from sd_lora.world.datasets import (
 )
 from sd_lora.world.scenes import caption, render, scene_at
 from sd_lora.world.scorer import judge, read_picture, style_score
-from sd_lora.world.styles import STYLES, TOY_STYLES
+from sd_lora.world.styles import GOLD, GOLDEN_MIX, PASTEL_MIX, STYLES, TOY_STYLES
 
 TOY_DATA = Path(__file__).resolve().parents[1] / "datasets" / "toy"
 
@@ -74,6 +74,28 @@ def test_style_score_separates_each_style_from_plain_and_from_the_others(style):
             assert mean_score(other) < 0.5, other
 
 
+def test_both_colour_grades_are_read_when_one_follows_the_other():
+    """A blend of the pastel and golden adapters can only show both if the scorers see each
+    grade through the other: pastel then golden, and golden then pastel, score on both."""
+    white, gold = np.full(3, 255.0), np.array(GOLD, float)
+
+    def pale(pixels):
+        return pixels + (white - pixels) * PASTEL_MIX
+
+    def golden(pixels):
+        return pixels + (gold - pixels) * GOLDEN_MIX
+
+    def mean_scores(grade) -> dict[str, float]:
+        images = [np.clip(grade(np.asarray(render(scene_at(i, 5), STYLES["plain"], 64), float)),
+                          0, 255).round().astype(np.uint8) for i in range(24)]
+        return {s: float(np.mean([style_score(im, s) for im in images])) for s in ("pastel", "golden")}
+
+    golden_then_pale = mean_scores(lambda x: pale(golden(x)))  # measured: 1.01, 0.48
+    pale_then_golden = mean_scores(lambda x: golden(pale(x)))  # measured: 0.49, 0.99
+    assert golden_then_pale["pastel"] > 0.8 and golden_then_pale["golden"] > 0.35, golden_then_pale
+    assert pale_then_golden["pastel"] > 0.4 and pale_then_golden["golden"] > 0.8, pale_then_golden
+
+
 def test_committed_toy_datasets_match_their_generator(tmp_path):
     written = write_toy_datasets(tmp_path)
     assert {p.relative_to(tmp_path).as_posix() for p in written} == {
@@ -97,3 +119,20 @@ def test_committed_toy_datasets_match_their_generator(tmp_path):
     assert len(set(heldout) - train_captions) >= TOY_HELDOUT_COUNT - 2
     assert [p.read_text().split(", ", 1)[1] for p in
             sorted((TOY_DATA / "heldout" / "sepia").glob("*.txt"))] == heldout
+
+
+def test_blend_command_tells_an_adapters_style_by_its_trigger_word():
+    """`python -m sd_lora.world.blend FILE` reads the style from the kohya tag metadata, and
+    says which file it cannot place rather than guessing."""
+    import json
+    from types import SimpleNamespace
+
+    from sd_lora.world.blend import style_of
+
+    def adapter(tags: dict) -> SimpleNamespace:
+        return SimpleNamespace(metadata={"ss_tag_frequency": json.dumps({"32_golden": tags})})
+
+    assert style_of(adapter({"zkgolden": 32, "a red circle": 4}), "g.safetensors") == "golden"
+    for tags in ({"a red circle": 4}, {"zkgolden": 3, "zkpastel": 3}):
+        with pytest.raises(SystemExit, match="g.safetensors: cannot tell which toy style"):
+            style_of(adapter(tags), "g.safetensors")

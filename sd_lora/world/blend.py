@@ -3,12 +3,18 @@ trigger words, for the base alone, each adapter alone and all of them merged tog
 
 The prompts are the same in every column (each carries every trigger word), so a change is the
 adapters' doing, not the prompt's.
+
+    python -m sd_lora.world.blend runs/pastel/pastel.safetensors runs/golden/golden.safetensors \
+        --strength 0.7 --grid blend.png
+
+prints the scores as JSON and draws a grid: one row per column (base, each adapter alone, the
+blend), one picture per prompt.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +32,8 @@ class BlendScores:
     base: dict[str, float]  # style -> mean score without adapters
     alone: dict[str, dict[str, float]]  # adapter's style -> style -> mean score with it alone
     blend: dict[str, float]  # style -> mean score with every adapter merged
+    # row label ("base", "pastel 0.7", ..., "pastel 0.7 + golden 0.7") -> one image per prompt
+    images: dict[str, list] = field(default_factory=dict, repr=False, compare=False)
 
     def rise(self, style: str) -> float:
         """How much the blend raises `style`'s score over the base."""
@@ -57,20 +65,93 @@ def measure_blend(
     styles = tuple(style for style, _, _ in adapters)
     prompts = blend_prompts(styles, captions)
 
-    def scores() -> dict[str, float]:
-        images = [
+    images: dict[str, list] = {}
+
+    def scores(label: str) -> dict[str, float]:
+        images[label] = [
             render(pipe, RenderSettings(prompt=p, seed=first_seed + i, steps=steps,
                                         guidance_scale=guidance_scale, width=resolution,
                                         height=resolution))
             for i, p in enumerate(prompts)
         ]
-        return {s: round(float(np.mean([style_score(im, s) for im in images])), 4) for s in styles}
+        return {s: round(float(np.mean([style_score(im, s) for im in images[label]])), 4)
+                for s in styles}
 
-    base = scores()
+    base = scores("base")
     alone = {}
     for style, state, strength in adapters:
         with adapters_applied(pipe, [(state, strength, strength)]):
-            alone[style] = scores()
+            alone[style] = scores(f"{style} {strength:g}")
     with adapters_applied(pipe, [(state, strength, strength) for _, state, strength in adapters]):
-        blend = scores()
-    return BlendScores(styles, tuple(prompts), base, alone, blend)
+        blend = scores(" + ".join(f"{style} {strength:g}" for style, _, strength in adapters))
+    return BlendScores(styles, tuple(prompts), base, alone, blend, images)
+
+
+def blend_grid(scores: BlendScores, cell: int = 128):
+    """The generations as one picture: a row per column of `scores`, labelled on its first."""
+    from PIL import Image
+
+    from sd_lora.sampling import image_grid
+
+    pictures, labels = [], []
+    for label, row in scores.images.items():
+        pictures += [im.resize((cell, cell), Image.Resampling.NEAREST) for im in row]
+        labels += [label] + [""] * (len(row) - 1)
+    return image_grid(pictures, columns=len(scores.prompts), labels=labels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from sd_lora.adapter_io import load_adapter
+    from sd_lora.atomic import atomic_path
+    from sd_lora.models import load_pipeline
+
+    parser = argparse.ArgumentParser(prog="python -m sd_lora.world.blend", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapters", nargs="+",
+                        help="toy-style adapter files, as STYLE=FILE or FILE (the style is then "
+                             "read from the trigger word in its metadata)")
+    parser.add_argument("--strength", type=float, default=0.7, help="every adapter's strength")
+    parser.add_argument("--captions", type=Path, default=Path("datasets/toy/heldout/plain"),
+                        help="folder of .txt captions (default: the toy world's held-out plain scenes)")
+    parser.add_argument("--prompts", type=int, default=8, help="how many of its captions to use")
+    parser.add_argument("--first-seed", type=int, default=100)
+    parser.add_argument("--grid", type=Path, help="write the generations here (PNG)")
+    args = parser.parse_args(argv)
+
+    adapters = []
+    for item in args.adapters:
+        style, _, path = item.rpartition("=")
+        state = load_adapter(path)
+        if style and style not in STYLES:
+            raise SystemExit(f"{item}: unknown style {style!r}; toy styles: {', '.join(STYLES)}")
+        adapters.append((style or style_of(state, path), state, args.strength))
+    captions = [p.read_text().strip() for p in sorted(args.captions.glob("*.txt"))]
+    if not captions:
+        raise SystemExit(f"{args.captions}: no .txt captions there; pass --captions FOLDER")
+    pipe = load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    scores = measure_blend(pipe, adapters, captions[: args.prompts], first_seed=args.first_seed)
+    print(json.dumps(scores.as_dict(), indent=2))
+    if args.grid:
+        with atomic_path(args.grid) as tmp:
+            blend_grid(scores).save(tmp, format="PNG")
+        print(f"grid: {args.grid}")
+    return 0
+
+
+def style_of(state: AdapterState, path) -> str:
+    """The toy style whose trigger word the adapter was trained with (its metadata's tags)."""
+    tags = (state.metadata or {}).get("ss_tag_frequency", "")
+    found = [s for s in STYLES if STYLES[s].trigger and STYLES[s].trigger in tags]
+    if len(found) != 1:
+        raise SystemExit(f"{path}: cannot tell which toy style this adapter is (trigger words "
+                         f"found in its ss_tag_frequency metadata: {found or 'none'})")
+    return found[0]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,7 +13,9 @@ Recipe (every number is a flag; the defaults are what built the shipped model):
    are what LoRAs learn later): epsilon prediction on SD's noise schedule, min-SNR-5 loss weights
    (converges faster), 10% empty captions (for classifier-free guidance), AdamW with warm-up and
    cosine decay, and an exponential moving average of the weights, which is what ships; then a
-   short fine-tune of those weights with offset noise (see Recipe.offset_noise).
+   short fine-tune of those weights with offset noise (see Recipe.offset_noise). An optional
+   third stage puts made-up words before half the captions (Recipe.unknown_words_steps; off
+   in the shipped base).
 3. Evaluation: prompt-following accuracy of the EMA model by `sd_lora.world.scorer`, written to
    recipe.json with the recipe and the time each stage took.
 
@@ -92,6 +94,14 @@ class Recipe:
     finetune_steps: int = 1500
     finetune_lr: float = 2e-4
     offset_noise: float = 0.1
+    # Optional (off in the shipped base): a fine-tune (offset noise kept) where half the captions
+    # start with 1-3 made-up words, "vrotem, qa, a red circle ...". Trained on captions that
+    # always start at the first token, the text encoder reads a caption by position, so two
+    # trigger words disturb it (the shipped base drew 5 of 8 backgrounds wrong after "zkpastel,
+    # zkgolden, "); 1500 steps of this stage fix that (measured: README, blend section), but
+    # style adapters trained on that base then barely show in generations, so it does not ship.
+    unknown_words_steps: int = 0
+    unknown_words_share: float = 0.5
     seed: int = 0
 
 
@@ -201,9 +211,9 @@ def train_vae(recipe: Recipe, out: Path) -> dict:
 
 def unet_training_set(
     vae: AutoencoderKL, count: int, tokenizer
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents already scaled, token ids) of `count` plain scenes."""
-    latents, ids = [], []
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(latents already scaled, token ids, captions) of `count` plain scenes."""
+    latents, ids, captions = [], [], []
     plain = STYLES["plain"]
     chunk = 256
     with torch.no_grad():
@@ -211,20 +221,51 @@ def unet_training_set(
             scenes = [scene_at(i, PRETRAIN_SEED) for i in range(start, min(count, start + chunk))]
             images = to_unit(images_to_tensor(render(s, plain, TOY_RESOLUTION) for s in scenes))
             latents.append(vae.encode(images).latent_dist.mode() * vae.config.scaling_factor)
-            ids.append(tokenize(tokenizer, [caption(s, plain) for s in scenes]))
-    return torch.cat(latents), torch.cat(ids)
+            captions += [caption(s, plain) for s in scenes]
+            ids.append(tokenize(tokenizer, captions[start:]))
+    return torch.cat(latents), torch.cat(ids), captions
 
 
-def train_unet(recipe: Recipe, vae: AutoencoderKL, out: Path, start: Path | None = None) -> dict:
-    """From scratch, or (`start`) the offset-noise fine-tune of those weights."""
+TRIGGER_PREFIX = "zk"  # every toy style's trigger word starts so; made-up words never do
+
+
+def made_up_words(rng: random.Random) -> str:
+    """1-3 random lowercase words and commas ("vrotem, qa, "), none a toy trigger word."""
+    words = []
+    while len(words) < rng.randint(1, 3):
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+        if not word.startswith(TRIGGER_PREFIX):
+            words.append(word)
+    return "".join(f"{word}, " for word in words)
+
+
+def with_unknown_words(captions: list[str], share: float, rng: random.Random) -> list[str]:
+    """`share` of the captions (chosen at random) after made-up words."""
+    return [made_up_words(rng) + c if rng.random() < share else c for c in captions]
+
+
+STAGES = ("pretrain", "offset_noise", "unknown_words")
+
+
+def train_unet(
+    recipe: Recipe, vae: AutoencoderKL, out: Path, start: Path | None = None,
+    stage: str = "pretrain",
+) -> dict:
+    """From scratch ("pretrain"), or a fine-tune of `start`'s weights: with offset noise
+    ("offset_noise"), then with made-up words before captions too ("unknown_words")."""
+    if stage not in STAGES or (start is None) != (stage == "pretrain"):
+        raise ValueError(f"stage {stage!r} with start={start}: expected one of {STAGES}, "
+                         "and a start file for every stage but pretrain")
     finetune = start is not None
-    steps = recipe.finetune_steps if finetune else recipe.unet_steps
+    steps = {"pretrain": recipe.unet_steps, "offset_noise": recipe.finetune_steps,
+             "unknown_words": recipe.unknown_words_steps}[stage]
     peak_lr = recipe.finetune_lr if finetune else recipe.unet_lr
     offset = recipe.offset_noise if finetune else 0.0
     torch.manual_seed(recipe.seed)
-    generator = torch.Generator().manual_seed(recipe.seed + (2 if finetune else 1))
+    generator = torch.Generator().manual_seed(recipe.seed + 1 + STAGES.index(stage))
+    words_rng = random.Random(recipe.seed)
     tokenizer = clip_tokenizer()
-    latents, ids = unet_training_set(vae, recipe.unet_images, tokenizer)
+    latents, ids, captions = unet_training_set(vae, recipe.unet_images, tokenizer)
     empty_ids = tokenize(tokenizer, [""])[0]
     unet = UNet2DConditionModel(**toy_unet_config())
     text_encoder = CLIPTextModel(toy_text_encoder_config())
@@ -235,12 +276,18 @@ def train_unet(recipe: Recipe, vae: AutoencoderKL, out: Path, start: Path | None
     optimizer = torch.optim.AdamW(models.parameters(), lr=peak_lr, weight_decay=0.0)
     schedule = training_schedule(sd1_scheduler_config(), "epsilon")
     losses = []
-    bar = tqdm(range(steps), desc="offset-noise fine-tune" if finetune else "UNet + text encoder")
+    bar = tqdm(range(steps), desc={"pretrain": "UNet + text encoder",
+                                   "offset_noise": "offset-noise fine-tune",
+                                   "unknown_words": "unknown-words fine-tune"}[stage])
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, recipe.unet_warmup, peak_lr)
         index = torch.randint(0, len(latents), (recipe.unet_batch,), generator=generator)
-        batch_ids = ids[index].clone()
+        if stage == "unknown_words":
+            batch_ids = tokenize(tokenizer, with_unknown_words(
+                [captions[i] for i in index.tolist()], recipe.unknown_words_share, words_rng))
+        else:
+            batch_ids = ids[index].clone()
         dropped = torch.rand(recipe.unet_batch, generator=generator) < recipe.caption_dropout
         batch_ids[dropped] = empty_ids
         x0 = latents[index]
@@ -301,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         "--install", action="store_true", help=f"copy the result to {toy_base_path()}"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--eval-prompts", type=int, default=90,
+                        help="prompts for the prompt-following evaluation")
     for field, value in asdict(Recipe()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
@@ -330,15 +379,25 @@ def main(argv: list[str] | None = None) -> int:
     tuned_file = work / "unet_text_encoder_offset_noise_ema.safetensors"
     if recipe.finetune_steps:
         run_stage("offset_noise_finetune", tuned_file.exists(),
-                  lambda: train_unet(recipe, vae, tuned_file, start=models_file))
+                  lambda: train_unet(recipe, vae, tuned_file, models_file, "offset_noise"))
         models_file = tuned_file
+    words_file = work / "unet_text_encoder_unknown_words_ema.safetensors"
+    if recipe.unknown_words_steps:
+        run_stage("unknown_words_finetune", words_file.exists(),
+                  lambda: train_unet(recipe, vae, words_file, models_file, "unknown_words"))
+        models_file = words_file
     pipe = assemble(vae_dir, models_file)
 
     def evaluate() -> dict:
         from sd_lora.world.scorer import prompt_following_accuracy
 
         pipe.set_progress_bar_config(disable=True)
-        return prompt_following_accuracy(pipe, count=90)
+        plain = prompt_following_accuracy(pipe, count=args.eval_prompts)
+        # Two style adapters' trigger words before every caption: a blend's prompts.
+        after_triggers = prompt_following_accuracy(
+            pipe, count=args.eval_prompts,
+            prefix=f"{STYLES['pastel'].trigger}, {STYLES['golden'].trigger}, ")
+        return {**plain, "after_two_trigger_words": after_triggers}
 
     run_stage("evaluation", "evaluation" in log, evaluate)
     save_pipeline(

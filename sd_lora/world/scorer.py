@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from sd_lora.world.scenes import COLOURS, caption, render, scene_at
-from sd_lora.world.styles import PIXEL_BLOCKS, SEPIA_TINT, STYLES, Stripes
+from sd_lora.world.styles import GOLD, PIXEL_BLOCKS, SEPIA_TINT, STYLES, Stripes
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as a shape
 MIN_SHAPE_AREA = 0.004  # of the image; smaller regions are noise
@@ -180,29 +180,51 @@ def sepia_statistic(pixels: np.ndarray) -> float:
     return float(1.0 - np.abs(pixels - expected).mean() / 255.0)
 
 
-def _flat_colour(style: str, name: str) -> tuple[int, int, int]:
-    """A plain colour as `style` draws a flat area of it."""
-    return STYLES[style].finish(Image.new("RGB", (1, 1), STYLES[style].colour(name))).getpixel((0, 0))
+GRADE_RIDGE = 100.0  # squared RGB distance charged for a full mix: ties go to the plainer reading
 
 
-@functools.cache
-def _palettes() -> tuple[tuple[str, ...], np.ndarray]:
-    """(style of each colour, colours): the flat colours of the world's colour styles."""
-    styles = ("plain", "pastel", "sepia", "golden")
-    owners = tuple(style for style in styles for _ in COLOURS)
-    colours = np.array([_flat_colour(s, n) for s in styles for n in COLOURS], dtype=np.float32)
-    return owners, colours
+def colour_grades(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(whiteness, goldness) of each pixel: the weights p, g >= 0 (p + g <= 1) of the reading
+    pixel = c + p (white - c) + g (gold - c) that is nearest to it, over the world's plain
+    colours c. Pastel is p = PASTEL_MIX, golden g = GOLDEN_MIX, and the two grades applied one
+    after the other are both in this family (golden then pastel: p 0.55, g 0.2), so each grade
+    is read whatever the other did. A pixel nearer to the sepia line (luminance times the tint)
+    than to every reading has neither."""
+    rgb = pixels.reshape(-1, 3).astype(np.float32)
+    white = np.full(3, 255.0, dtype=np.float32)
+    gold = np.array(GOLD, dtype=np.float32)
+    best_cost = np.full(len(rgb), np.inf, dtype=np.float32)
+    whiteness = np.zeros(len(rgb), dtype=np.float32)
+    goldness = np.zeros(len(rgb), dtype=np.float32)
+    for plain in PALETTE:
+        to_white, to_gold, rest = white - plain, gold - plain, rgb - plain
+        ww, gg = to_white @ to_white + GRADE_RIDGE, to_gold @ to_gold + GRADE_RIDGE
+        wg, rw, rg = to_white @ to_gold, rest @ to_white, rest @ to_gold
+        det = ww * gg - wg * wg
+        zero = np.zeros_like(rw)
+        # The ridge least-squares optimum under p, g >= 0 is the free optimum, one weight alone,
+        # or none: try all four, each clipped to the allowed range.
+        for p, g in (((gg * rw - wg * rg) / det, (ww * rg - wg * rw) / det),
+                     (rw / ww, zero), (zero, rg / gg), (zero, zero)):
+            p, g = np.clip(p, 0.0, 1.0), np.clip(g, 0.0, 1.0)
+            total = np.maximum(p + g, 1.0)
+            p, g = p / total, g / total
+            fit = plain + p[:, None] * to_white + g[:, None] * to_gold
+            cost = ((rgb - fit) ** 2).sum(axis=1) + GRADE_RIDGE * (p * p + g * g)
+            better = cost < best_cost
+            best_cost[better], whiteness[better], goldness[better] = cost[better], p[better], g[better]
+    tint = np.array(SEPIA_TINT, dtype=np.float32)
+    along = (rgb @ tint) / (tint @ tint)
+    sepia = ((rgb - along[:, None] * tint) ** 2).sum(axis=1) < best_cost
+    whiteness[sepia], goldness[sepia] = 0.0, 0.0
+    return whiteness, goldness
 
 
 def golden_statistic(pixels: np.ndarray) -> float:
-    """Share of pixels whose nearest flat colour, among those of the plain, pastel, sepia and
-    golden palettes, is a golden one. (Warmth alone mostly says which colours a scene has, and
-    a nearest-colour test against plain alone takes pastel and sepia pixels for gold.)"""
-    owners, colours = _palettes()
-    rgb = pixels.reshape(-1, 3).astype(np.float32)
-    nearest = np.linalg.norm(rgb[:, None] - colours[None], axis=2).argmin(axis=1)
-    is_golden = np.array([owner == "golden" for owner in owners])
-    return float(is_golden[nearest].mean())
+    """Mean goldness (`colour_grades`): how far the colours moved towards gold. (A pixel's
+    warmth alone mostly says which colours a scene has. An earlier statistic, the share of
+    pixels nearest a golden colour, read a golden image made pastel as not golden at all.)"""
+    return float(colour_grades(pixels)[1].mean())
 
 
 STATISTICS = {
@@ -257,9 +279,13 @@ def judge(reading: PictureReading, scene) -> dict[str, bool]:
 
 
 def prompt_following_accuracy(
-    pipe, count: int = 90, seed: int = 11, steps: int = 20, guidance_scale: float = 5.0
+    pipe, count: int = 90, seed: int = 11, steps: int = 20, guidance_scale: float = 5.0,
+    prefix: str = "",
 ) -> dict:
-    """Generate `count` single-group scenes from their captions; the share of each aspect right."""
+    """Generate `count` single-group scenes from their captions; the share of each aspect right.
+
+    `prefix` goes before every caption: words the base never saw, such as two style adapters'
+    trigger words ("zkpastel, zkgolden, "), must not change what it draws."""
     from sd_lora.sampling import RenderSettings
     from sd_lora.sampling import render as generate
 
@@ -269,7 +295,7 @@ def prompt_following_accuracy(
         image = generate(
             pipe,
             RenderSettings(
-                prompt=caption(scene, STYLES["plain"]),
+                prompt=prefix + caption(scene, STYLES["plain"]),
                 seed=i,
                 steps=steps,
                 guidance_scale=guidance_scale,
