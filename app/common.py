@@ -12,7 +12,7 @@ import math
 import gradio as gr
 
 from sd_lora.errors import UserError
-from sd_lora.workspace import AdapterInfo, Workspace, adapter_info, list_adapters
+from sd_lora.workspace import AdapterInfo, Workspace, chosen_adapter_info, list_adapters
 
 log = logging.getLogger("sd_lora.app")
 
@@ -76,7 +76,7 @@ def find_adapter(workspace: Workspace, name: str) -> AdapterInfo | None:
     path = workspace.resolve("adapters", name + ".safetensors")
     if not path.is_file():
         raise UserError(f"adapter {name!r}: no file {path.name} in {workspace.adapters}")
-    return adapter_info(workspace, path)
+    return chosen_adapter_info(workspace, path)  # its values checked too: it was chosen
 
 
 def describe_adapter(info: AdapterInfo | None) -> str:

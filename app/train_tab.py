@@ -17,7 +17,6 @@ import gradio as gr
 import pandas as pd
 
 from app.common import adapter_choices, format_seconds, friendly
-from sd_lora.config import load_config_text
 from sd_lora.data.plan import JobCheck
 from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
@@ -166,16 +165,18 @@ class TrainTab:
     @friendly
     def show_dataset(self, choice: str | None, toml_text: str | None = None):
         """The dataset's report (what `sd-lora check` says) and, from the job TOML when it
-        parses, the plan: images and items per epoch, size, steps and epochs."""
-        scan = scan_dataset(self.data_path(choice))
+        parses and the app would start it, the plan: images and items per epoch, size, steps
+        and epochs (and the base's memory, read only from a base the job may use)."""
+        data = self.data_path(choice)
+        scan = scan_dataset(data)
         shown = [(str(s.image), s.caption or "(no caption)") for s in scan.samples[:PREVIEW_IMAGES]]
         more = scan.num_images - len(shown)
         report = scan.report() + (f"\n(showing {len(shown)} of {scan.num_images} images)" if more else "")
         if toml_text:
             try:
-                config = load_config_text(toml_text, source="the job TOML")
+                config = self.jobs.job_config(toml_text, data)
                 report += "\n\n" + JobCheck(config, "as chosen above", scan, None).plan_text()
-            except UserError:  # being edited: Start training reports what is wrong with it
+            except UserError:  # being edited, or refused: Start training says what is wrong
                 pass
         return report, shown
 

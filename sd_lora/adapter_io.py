@@ -103,6 +103,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     path = Path(path)
     if pickles.is_pickle(path):
         raise AdapterFileError(str(pickles.refusal(path, "adapters")))
+    if path.is_dir():
+        raise AdapterFileError(f"{path} is a folder; name an adapter file in it (.safetensors)")
     if path.suffix.lower() != ".safetensors":
         raise AdapterFileError(f"{path}: only .safetensors adapters are read (and, when allowed, "
                                f"pickles: {', '.join(pickles.PICKLE_SUFFIXES)})")
@@ -118,6 +120,48 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             "truncated or not an adapter"
         ) from e
     return tensors, metadata
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(key, how many values) of the first tensor holding NaN or inf, in the file's order; None
+    when all are finite. Such a tensor turns every image it touches black, silently."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+            if bad:
+                return key, bad
+    return None
+
+
+def nonfinite_problem(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> str | None:
+    """The sentence that refuses a file with NaN/inf values, naming it and its first bad tensor."""
+    found = first_nonfinite(tensors)
+    if found is None:
+        return None
+    key, bad = found
+    return (f"{path}: tensor {key!r} holds {bad} NaN/inf value(s) of {tensors[key].numel()}; the "
+            "file is damaged (or was saved from a training run that diverged) and would render "
+            "black images. Re-download it, or export it again from an earlier checkpoint")
+
+
+def nonfinite_in_file(path: str | os.PathLike) -> str | None:
+    """`nonfinite_problem` for a .safetensors file, read one tensor at a time. Cached by size
+    and modification time: the app asks again on every change of its form."""
+    stat = Path(path).stat()
+    return _nonfinite_in_file(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _nonfinite_in_file(path: str, size: int, mtime_ns: int) -> str | None:
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                problem = nonfinite_problem({key: f.get_tensor(key)}, path)
+                if problem is not None:
+                    return problem
+    except Exception as e:  # safetensors raises several types for damaged files
+        return f"{path}: not a readable safetensors file ({type(e).__name__}: {e})"
+    return None
 
 
 def detect_format(keys, path: str | os.PathLike = "adapter") -> str:
@@ -160,14 +204,20 @@ def load_adapter(
     without it the standard SD 1.x/2.x module paths are used. `family` overrides what the file
     states. A `.pt`/`.ckpt` adapter is refused unless `allow_pickle` (see sd_lora.pickles).
     """
+    tensors, metadata = read_tensors(path, allow_pickle)
+    return adapter_from_tensors(tensors, metadata, module_paths, family, source=path)
+
+
+def read_tensors(path: str | os.PathLike, allow_pickle: bool = False
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`read_safetensors`, or, when allowed, a pickle's tensors through the weights-only
+    loader (a pickle carries no metadata)."""
     if allow_pickle and pickles.is_pickle(path):
         try:
-            tensors, metadata = pickles.load_tensors(path), {}
+            return pickles.load_tensors(path), {}
         except pickles.PickleRefused as e:
             raise AdapterFileError(str(e)) from None
-    else:
-        tensors, metadata = read_safetensors(path)
-    return adapter_from_tensors(tensors, metadata, module_paths, family, source=path)
+    return read_safetensors(path)
 
 
 def adapter_from_tensors(
@@ -176,14 +226,21 @@ def adapter_from_tensors(
     module_paths: dict[str, list[str]] | None = None,
     family: str | None = None,
     source: str | os.PathLike = "adapter",
+    check_finite: bool = True,
 ) -> AdapterState:
-    """`load_adapter` on tensors already read; errors name `source`."""
+    """`load_adapter` on tensors already read; errors name `source`. Refuses NaN/inf values
+    unless `check_finite` is False (`inspect`, which describes the file and reports them)."""
+    problem = nonfinite_problem(tensors, source) if check_finite else None
+    if problem is not None:
+        raise AdapterFileError(problem)
     layout = detect_format(tensors, source)
     family = family or detect_family(tensors, metadata)
     if family is None:
         raise AdapterFileError(
             f"{source}: the file does not state its base family (no ss_base_model_version or "
-            "modelspec.architecture) and its shapes do not tell; pass family='sd1'|'sd2'|'sdxl'"
+            "modelspec.architecture) and its shapes do not tell (no cross-attention to_k layer to "
+            "measure); add ss_base_model_version to its metadata (e.g. 'sd_v1'), or, from Python, "
+            "pass family='sd1'|'sd2'|'sdxl' to load_adapter"
         )
     try:
         if layout == "kohya":

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# The names of the temporaries below: ".<target name>.<tempfile's random part>.tmp".
+TEMPORARY_RE = re.compile(r"^\..+\.[a-z0-9_]+\.tmp$")
 
 
 @contextlib.contextmanager
@@ -50,6 +54,19 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def leftover_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files and folders of `atomic_path` and `atomic_folder` under `folder`, at
+    any depth: left by a writer that was killed (SIGKILL, a power cut) before its cleanup ran.
+    They are never complete and never read; nothing else is named like them. Symlinked folders
+    are not followed."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [Path(root, name) for name in files if TEMPORARY_RE.match(name)]
+        found += [Path(root, name) for name in dirs if TEMPORARY_RE.match(name)]
+        dirs[:] = [name for name in dirs if not TEMPORARY_RE.match(name)]  # removed whole
+    return sorted(found)
 
 
 def fsync_tree(folder: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sd_lora.atomic import atomic_folder
+from sd_lora.atomic import atomic_folder, leftover_temporaries
 from sd_lora.errors import UserError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})$")
@@ -157,15 +157,19 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def remove_incomplete(output_dir: Path) -> list[Path]:
-    """Delete the temporary folders of checkpoints whose writer died mid-save (a SIGKILL or a
-    power cut skips the cleanup): they are never complete and never read. Call it before a
-    run starts writing here; returns what was removed."""
+    """Delete what writes that died half-way left in the run folder (a SIGKILL or a power cut
+    skips the cleanup): the temporary folders of checkpoints and the temporary files of
+    exports, samples, reports and caches (see atomic.leftover_temporaries). They are never
+    complete and never read. Call it before a run starts writing here; returns what was
+    removed."""
     if not output_dir.is_dir():
         return []
-    stale = [p for p in output_dir.iterdir()
-             if p.is_dir() and p.name.startswith(".checkpoint-") and p.name.endswith(".tmp")]
-    for folder in stale:
-        shutil.rmtree(folder, ignore_errors=True)
+    stale = leftover_temporaries(output_dir)
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return stale
 
 

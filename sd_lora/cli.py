@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from sd_lora.cli_tools import add_allow_pickle
 from sd_lora.cli_tools import add_commands as add_tool_commands
 from sd_lora.errors import UserError
 
@@ -84,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="open .ckpt/.pt bases and adapters (tensors only, weights-only loader)")
     gen.set_defaults(run=run_generate)
 
-    insp = commands.add_parser("inspect", help="describe an adapter file")
+    insp = commands.add_parser("inspect", help="describe an adapter file (exit status 1: damaged)")
     insp.add_argument("path", type=Path)
     insp.add_argument("--json", action="store_true", help="machine-readable output")
+    add_allow_pickle(insp, "read a .pt/.ckpt adapter")
     insp.set_defaults(run=run_inspect)
 
     check = commands.add_parser(
@@ -225,6 +227,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from sd_lora.train import native_resolution
 
     choices = [parse_adapter_choice(text) for text in args.lora]
+    check_generate_args(args, choices)  # before the model loads: a typo costs nothing
     pipe = load_pipeline(args.base, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     sampler = set_sampler(pipe, args.sampler)
@@ -244,14 +247,50 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# diffusers' pipelines refuse other sizes (their check_inputs), after the model has loaded.
+SIZE_MULTIPLE = 8
+
+
+def check_generate_args(args: argparse.Namespace, choices) -> None:
+    """Every `generate` flag that would fail (or quietly write nothing) once the model has
+    loaded, refused before it loads, naming the flag and its value."""
+    import math
+
+    from sd_lora.config import MAX_SEED
+    from sd_lora.schedulers import sampler_name
+
+    for flag, value in (("--steps", args.steps), ("--count", args.count)):
+        if value < 1:
+            raise UserError(f"{flag} {value} must be at least 1")
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and (value < SIZE_MULTIPLE or value % SIZE_MULTIPLE):
+            near = max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+            raise UserError(f"{flag} {value} must be a positive multiple of {SIZE_MULTIPLE} "
+                            f"(e.g. {near}); leave it out for the base's own size")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed {args.seed} must be from 0 to {MAX_SEED}")
+    if not math.isfinite(args.guidance):
+        raise UserError(f"--guidance {args.guidance} must be a finite number (7 is usual)")
+    try:
+        sampler_name(args.sampler)
+    except ValueError as e:
+        raise UserError(f"--sampler: {e}") from None
+    if args.output.is_dir():
+        raise UserError(f"--output {args.output} is a folder; name the image file, e.g. "
+                        f"{args.output / 'out.png'}")
+    for choice in choices:
+        if not choice.path.is_file():
+            raise UserError(f"--lora {choice.path}: no such file")
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     import json
 
     from sd_lora.inspect_adapter import format_inspection, inspect_adapter
 
-    info = inspect_adapter(args.path)
+    info = inspect_adapter(args.path, allow_pickle=args.allow_pickle)
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
-    return 0
+    return 1 if info["damage"] else 0  # scripts that vet downloads can rely on the status
 
 
 def run_app(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ def add_commands(commands) -> None:
     convert.add_argument("output", type=Path)
     convert.add_argument("--to", choices=["kohya", "diffusers"], required=True)
     _dtype_flag(convert, default=None)
+    add_allow_pickle(convert, "read a .pt/.ckpt adapter (the way to turn one into .safetensors)")
     convert.set_defaults(run=run_convert)
 
     merge = commands.add_parser("merge", help="combine adapters (or bake them into a base)")
@@ -27,6 +28,7 @@ def add_commands(commands) -> None:
                        help="merge into this base and write a single-file checkpoint")
     merge.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
     _dtype_flag(merge, default="fp16")
+    add_allow_pickle(merge, "read .pt/.ckpt adapters and a .ckpt --into base")
     merge.set_defaults(run=run_merge)
 
     resize = commands.add_parser("resize", help="change an adapter's rank (fixed or dynamic)")
@@ -39,6 +41,7 @@ def add_commands(commands) -> None:
     resize.add_argument("--out", type=Path, required=True)
     resize.add_argument("--verbose", action="store_true", help="one line per module")
     _dtype_flag(resize, default="fp16")
+    add_allow_pickle(resize, "read a .pt/.ckpt adapter")
     resize.set_defaults(run=run_resize)
 
     extract = commands.add_parser("extract", help="a LoRA from the difference of two checkpoints")
@@ -50,7 +53,16 @@ def add_commands(commands) -> None:
                          help="skip layers whose difference is below this share of the largest")
     extract.add_argument("--out", type=Path, required=True)
     _dtype_flag(extract, default="fp16")
+    add_allow_pickle(extract, "read .ckpt checkpoints")
     extract.set_defaults(run=run_extract)
+
+
+def add_allow_pickle(parser, what: str) -> None:
+    """The one opt-in flag for pickled files, on every command that reads a model or adapter
+    file, so the refusal's advice ("pass --allow-pickle") holds wherever it is printed."""
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help=f"{what}: tensors only, through torch's weights-only loader; only "
+                        "for files you trust")
 
 
 def _dtype_flag(parser, default: str | None) -> None:
@@ -66,22 +78,12 @@ def _torch_dtype(name: str | None, like=None):
     return TORCH_DTYPES[name]
 
 
-def _source_dtype(path: Path):
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        first = next(iter(f.keys()), None)
-        return f.get_slice(first).get_dtype() if first else None
-
-
 def run_convert(args: argparse.Namespace) -> int:
-    import torch
+    from sd_lora.adapter_io import adapter_from_tensors, read_tensors, save_adapter
 
-    from sd_lora.adapter_io import load_adapter, save_adapter
-
-    state = load_adapter(args.input)
-    stored = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(
-        _source_dtype(args.input))
+    tensors, metadata = read_tensors(args.input, args.allow_pickle)
+    state = adapter_from_tensors(tensors, metadata, source=args.input)
+    stored = tensors[min(tensors)].dtype  # the first tensor's, as the file lists them
     out = save_adapter(state, args.output, format=args.to, dtype=_torch_dtype(args.dtype, stored))
     print(f"{args.input} -> {out} ({args.to}, {state.count()} modules)")
     return 0
@@ -99,7 +101,8 @@ def run_merge(args: argparse.Namespace) -> int:
         return _merge_into_base(args, choices)
     from sd_lora.transforms import merge, summary
 
-    weighted = [(load_adapter(c.path), c.unet_strength) for c in choices]
+    weighted = [(load_adapter(c.path, allow_pickle=args.allow_pickle), c.unet_strength)
+                for c in choices]
     merged, reports = merge(weighted, rank=args.rank)
     out = save_adapter(merged, args.out, format=args.format, dtype=_torch_dtype(args.dtype))
     how = "exact (ranks concatenated)" if args.rank is None else f"compressed to rank {args.rank}"
@@ -114,10 +117,10 @@ def _merge_into_base(args, choices) -> int:
     from sd_lora.formats.ldm_checkpoint import save_single_file
     from sd_lora.models import load_pipeline
 
-    pipe = load_pipeline(args.into)
+    pipe = load_pipeline(args.into, allow_pickle=args.allow_pickle)
     paths = pipeline_module_paths(pipe)
-    applied = apply_adapters(pipe, [(load_adapter(c.path, paths), c.unet_strength,
-                                     c.text_encoder_strength) for c in choices])
+    applied = apply_adapters(pipe, [(load_adapter(c.path, paths, allow_pickle=args.allow_pickle),
+                                     c.unet_strength, c.text_encoder_strength) for c in choices])
     out = save_single_file(pipe, args.out, _torch_dtype(args.dtype))
     matched = sum(sum(c.values()) for c in applied.coverage) if applied.coverage else 0
     print(f"merged {len(choices)} adapters into {args.into} ({matched} layers changed)")
@@ -132,7 +135,7 @@ def run_resize(args: argparse.Namespace) -> int:
     method, value = next(((m, v) for m, v in (("sv_ratio", args.sv_ratio), ("sv_fro", args.sv_fro),
                                               ("sv_cumulative", args.sv_cumulative)) if v is not None),
                          (None, None))
-    state = load_adapter(args.input)
+    state = load_adapter(args.input, allow_pickle=args.allow_pickle)
     resized, reports = resize(state, args.rank, method, value)
     out = save_adapter(resized, args.out, dtype=_torch_dtype(args.dtype))
     if args.verbose:
@@ -150,8 +153,8 @@ def run_extract(args: argparse.Namespace) -> int:
     from sd_lora.models import load_pipeline
     from sd_lora.transforms import from_differences, summary
 
-    family, differences = weight_differences(load_pipeline(args.base), load_pipeline(args.tuned),
-                                             conv=args.conv)
+    base, tuned = (load_pipeline(b, allow_pickle=args.allow_pickle) for b in (args.base, args.tuned))
+    family, differences = weight_differences(base, tuned, conv=args.conv)
     state, reports = from_differences(family, differences, args.rank, args.min_diff)
     state.metadata["ss_output_name"] = args.out.stem
     out = save_adapter(state, args.out, dtype=_torch_dtype(args.dtype))

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 from sd_lora.errors import UserError
 from sd_lora.optimizers import DEFAULT_RANGE, LEARNING_RATE_RANGE, parse_optimizer_args
@@ -34,25 +34,45 @@ ExportFormat = Literal["kohya", "diffusers"]
 ExportDtype = Literal["fp16", "bf16", "fp32"]
 
 
+@dataclass(frozen=True)
+class Marker:
+    """What a field lets a job touch, carried by its type (typing.Annotated). The app's job
+    check (sd_lora.job_guard) and --resume's path comparison find the fields by these markers,
+    so a new field that names a file or folder is covered once it is declared with one of the
+    types below; tests/test_job_guard.py fails on a new text field that is not classified."""
+
+    what: str
+
+
+READS = Marker("a file or folder the job reads")
+WRITES = Marker("a folder the job writes into")
+BASE = Marker("a base model: a built-in name, a hub id or a path")
+UNPICKLES = Marker("true lets the job open pickle files")
+ReadPath = Annotated[str, READS]
+WritePath = Annotated[str, WRITES]
+BaseName = Annotated[str, BASE]
+Unpickles = Annotated[bool, UNPICKLES]
+
+
 class ConfigError(UserError):
     """A configuration problem; the message names the dotted field."""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    base: str = "toy"  # "toy", "tiny", a diffusers folder, a hub id or a single-file .safetensors
+    base: BaseName = "toy"  # "toy", "tiny", a diffusers folder, a hub id (hf://org/name: never looked up on disk) or a single-file .safetensors
     prediction_type: PredictionType = "auto"  # "auto": what the base's scheduler says
     # Open a .ckpt/.pt base (a pickle) at all; even then only tensors are read (sd_lora.pickles).
-    allow_pickle: bool = False
+    allow_pickle: Unpickles = False
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "datasets/toy/stripes"  # the folder of images and captions (searched recursively; kohya `N_name` subfolders repeat)
+    path: ReadPath = "datasets/toy/stripes"  # the folder of images and captions (searched recursively; kohya `N_name` subfolders repeat)
     # An sd-scripts dataset config ([[datasets]] / [[datasets.subsets]]) to train from instead
     # of data.path and data.regularization: its subsets, repeats, is_reg folders and caption
     # options, and its resolution, batch size and bucket settings (see data.sd_scripts_toml).
-    dataset_config: str = ""
+    dataset_config: ReadPath = ""
     resolution: int = 0  # pixels; 0 means the base's native resolution
     center_crop: bool = True  # crop the square (or bucket) from the centre; false: at a random offset, drawn per item and epoch
     random_flip: bool = False  # mirror a random half of the items each epoch
@@ -78,7 +98,7 @@ class DataConfig:
     # The posterior is cached, so training still samples a new latent every step. Entries are
     # keyed by file content, size, crop, flip and VAE (see data.latent_cache). Needs centre crops.
     cache_latents: CacheMode = "none"
-    cache_dir: str = ""  # "": <train.output_dir>/latent-cache
+    cache_dir: WritePath = ""  # "": <train.output_dir>/latent-cache
     # Encode each distinct caption once while the text encoders are frozen (sd-scripts'
     # cache_text_encoder_outputs; needs lora.train_text_encoder = false). Caption dropout and tag
     # shuffling still work: a caption is encoded when first seen, then reused.
@@ -87,17 +107,17 @@ class DataConfig:
     # image's alpha channel, or from the same-name image in data.mask_path (white trains,
     # black is ignored; an image without a mask trains whole).
     masked_loss: bool = False
-    mask_path: str = ""  # a folder of masks; "": the images' alpha channels
+    mask_path: ReadPath = ""  # a folder of masks; "": the images' alpha channels
     # Held-out images for a validation loss (see train.validation_every): a folder of
     # captioned images, or the share of data.path's images set aside (chosen by a hash of the
     # seed and each file's content, so every run splits alike). Held-out images never train.
-    validation_path: str = ""
+    validation_path: ReadPath = ""
     validation_split: float = 0.0  # the share of data.path held out (0: none); or use validation_path
     # Regularization images (DreamBooth's prior preservation, sd-scripts' reg_data_dir): a folder
     # of images NOT in the style, captioned without the trigger word, trained alongside (repeated
     # or cut to as many items per epoch as the style images) so that the adapter learns to change
     # what the trigger word asks for and to leave other prompts alone. "": none.
-    regularization: str = ""
+    regularization: ReadPath = ""
     # The loss weight of regularization images (DreamBooth's and sd-scripts' prior_loss_weight).
     # Images the base already draws well have a small loss, so at weight 1 the style's gradient
     # outweighs theirs and the adapter still changes other prompts; a larger weight holds them.
@@ -150,7 +170,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    output_dir: str = "runs/demo"  # the run folder: checkpoints, samples, logs, the adapter
+    output_dir: WritePath = "runs/demo"  # the run folder: checkpoints, samples, logs, the adapter
     name: str = "demo"  # the adapter's file name (without .safetensors) and ss_output_name
     max_steps: int = 200  # optimizer steps to train
     batch_size: int = 4  # images per micro-batch (per process)
@@ -176,13 +196,14 @@ class TrainConfig:
     # LoRA+ (sd-scripts' loraplus_lr_ratio): the up projections (lora_B) learn this many times
     # faster than the down projections (16 is the paper's choice); 0: off.
     loraplus_lr_ratio: float = 0.0
-    adam_beta1: float = 0.9  # AdamW's beta1
-    adam_beta2: float = 0.999  # AdamW's beta2
+    adam_beta1: float = 0.9  # AdamW's beta1, in [0, 1)
+    adam_beta2: float = 0.999  # AdamW's beta2, in [0, 1)
     adam_weight_decay: float = 1e-2  # AdamW's decoupled weight decay
-    adam_epsilon: float = 1e-8  # AdamW's epsilon
+    adam_epsilon: float = 1e-8  # AdamW's epsilon, above 0 (at 0 a zero gradient gives a NaN weight)
     max_grad_norm: float = 1.0  # clip the LoRA gradients to this norm; 0: no clipping
-    # A step whose loss or gradients hold NaN/inf is skipped (nothing is updated); this many in
-    # a row stop the run with the likely cause, the last checkpoint intact. 0: never stop.
+    # A step whose loss or gradients hold NaN/inf is skipped (nothing is updated), and one whose
+    # update makes a weight NaN/inf is undone (weights and optimizer state put back); this many
+    # in a row stop the run with the likely cause, the last checkpoint intact. 0: never stop.
     max_nonfinite_steps: int = 10
     # sd-scripts' noise_offset: add `noise_offset * N(0, 1)` per image and channel to the noise.
     # SD's schedule never fully hides an image's mean colour, so without it an adapter cannot
@@ -251,11 +272,14 @@ class ReportConfig:
     # Images in the style that training did not see (a folder with captions, like data.path).
     # "": `heldout/<data folder name>` beside the data folder if it exists (datasets/toy/ is laid
     # out so), else a few training images, and the report says so.
-    heldout: str = ""
+    heldout: ReadPath = ""
     # Images NOT in the style, to measure how much the adapter leaks into other prompts.
     # "": `heldout/plain` beside the data folder if it exists, else the base model's own renders
     # of the training captions with the trigger word removed.
-    off_style: str = ""
+    off_style: ReadPath = ""
+    # Whether an empty report.heldout / report.off_style looks for those folders beside the data
+    # folder, as above; false: it does not (the app sets the folders it finds inside its own).
+    look_beside_data: bool = True
     weights: tuple[float, ...] = (0.0, 0.5, 1.0)  # adapter weights in the before/after grid
     prompts: tuple[str, ...] = ()  # grid rows; empty: the sample prompts
     max_images: int = 16  # per loss measurement
@@ -410,16 +434,20 @@ def validate(config: JobConfig) -> None:
             hint = "1.0 for prodigy" if config.train.optimizer == "prodigy" else "e.g. 1e-4"
             raise ConfigError(f"{dotted} = {value!r} must be between {low:g} and {high:g} "
                               f"for train.optimizer = {config.train.optimizer!r} ({hint})")
-    try:
-        parse_optimizer_args(config.train.optimizer_args)
-    except UserError as e:
-        raise ConfigError(str(e)) from None
+    _check_optimizer_settings(config.train)
     if not 0 <= config.train.text_encoder_2_learning_rate < high:
         raise ConfigError(
             f"train.text_encoder_2_learning_rate = {config.train.text_encoder_2_learning_rate!r} "
             f"must be in [0, {high:g}) (0: the same as train.text_encoder_learning_rate)"
         )
-    from sd_lora.inject import parse_patterns  # lazily: inject imports PEFT
+    from sd_lora.inject import TARGET_GROUPS, parse_patterns  # lazily: inject imports PEFT
+
+    for component in ("unet", "text_encoder"):  # else a traceback once the base has loaded
+        groups = getattr(config.lora, f"{component}_targets")
+        unknown = [g for g in groups if g not in TARGET_GROUPS[component]]
+        if unknown:
+            raise ConfigError(f"lora.{component}_targets = {list(groups)}: unknown group "
+                              f"{unknown[0]!r}; choose from {sorted(TARGET_GROUPS[component])}")
 
     for dotted, kind in (("lora.rank_pattern", int), ("lora.alpha_pattern", float)):
         try:
@@ -505,6 +533,44 @@ def validate(config: JobConfig) -> None:
         raise ConfigError(f"version = {config.version}; this sd-lora reads version {CONFIG_VERSION}")
     if not config.train.name or any(c in config.train.name for c in "/\\:"):
         raise ConfigError(f"train.name = {config.train.name!r} must be a plain file name")
+    _check_seeds(config)
+
+
+# numpy's seeds are 32-bit (accelerate's set_seed seeds numpy), as A1111's are.
+MAX_SEED = 2**32 - 1
+
+
+def _check_seeds(config: JobConfig) -> None:
+    """train.seed and sample.seeds, checked here so that a bad one fails before any model loads
+    (numpy would refuse it only after the base has loaded)."""
+    seeds = [("train.seed", config.train.seed)] + [("sample.seeds", s) for s in config.sample.seeds]
+    for dotted, seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"{dotted} = {seed} must be from 0 to {MAX_SEED} (2**32 - 1)")
+
+
+def _check_optimizer_settings(train: TrainConfig) -> None:
+    """Adam's epsilon and betas, from train.adam_* or train.optimizer_args: out of range they
+    make a finite gradient give a NaN update (eps = 0 divides 0 by 0 where a gradient is 0)."""
+    try:
+        args = parse_optimizer_args(train.optimizer_args)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    if not train.adam_epsilon > 0:  # (NaN too)
+        raise ConfigError(f"train.adam_epsilon = {train.adam_epsilon!r} must be positive (e.g. "
+                          "1e-8): Adam divides by sqrt(v) + epsilon, and v is 0 where a gradient is")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(train, name) < 1:
+            raise ConfigError(f"train.{name} = {getattr(train, name)!r} must be in [0, 1) "
+                              "(0.9 and 0.999 are usual)")
+    if train.optimizer == "adafactor":  # its eps is a pair, its betas another thing
+        return
+    eps, betas = args.get("eps"), args.get("betas")
+    if isinstance(eps, (int, float)) and not eps > 0:
+        raise ConfigError(f"train.optimizer_args eps={eps!r} must be positive (e.g. 1e-8)")
+    if isinstance(betas, (tuple, list)) and not all(
+            isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"train.optimizer_args betas={betas!r}: each beta must be in [0, 1)")
 
 
 def to_toml(config: JobConfig) -> str:
@@ -541,8 +607,31 @@ RESUMABLE_CHANGES = {
     "data.cache_latents", "data.cache_dir", "data.cache_text_encoder_outputs",
 }
 RESUMABLE_SECTIONS = {"sample", "export", "report"}
-_PATH_FIELDS = {"model.base", "data.path", "data.regularization", "report.heldout",
-                "report.off_style", "data.validation_path", "data.dataset_config", "data.mask_path"}
+
+
+def marked_fields(marker: Marker) -> list[str]:
+    """The dotted names of the fields whose type carries `marker` (lists of such items too)."""
+    found = []
+    sections = get_type_hints(JobConfig)
+    for section in dataclasses.fields(JobConfig):
+        cls = sections[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for name, hint in get_type_hints(cls, include_extras=True).items():
+            if marker in _markers(hint):
+                found.append(f"{section.name}.{name}")
+    return found
+
+
+def _markers(hint: Any) -> tuple:
+    if get_origin(hint) is Annotated:
+        return hint.__metadata__
+    if get_origin(hint) is tuple:
+        return tuple(m for arg in get_args(hint) if arg is not Ellipsis for m in _markers(arg))
+    return ()
+
+
+_PATH_FIELDS = set(marked_fields(READS) + marked_fields(WRITES) + marked_fields(BASE))
 
 
 def flat_config(config: JobConfig) -> dict[str, Any]:

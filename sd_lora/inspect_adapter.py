@@ -17,7 +17,8 @@ from sd_lora.adapter_io import (
     adapter_from_tensors,
     detect_family,
     detect_format,
-    read_safetensors,
+    nonfinite_problem,
+    read_tensors,
 )
 from sd_lora.formats.kohya import KohyaKeyError, parse_kohya_key
 from sd_lora.formats.metadata import HASH_KEYS, file_hashes
@@ -90,6 +91,8 @@ def _from_raw(tensors, metadata, layout: str) -> dict:
 
 
 def _hash_check(path: Path, metadata: dict) -> dict:
+    if path.suffix.lower() != ".safetensors":  # a pickle (--allow-pickle): no hashes defined
+        return {}
     recomputed = file_hashes(path.read_bytes())
     checks = {}
     for key in HASH_KEYS:
@@ -102,16 +105,30 @@ def _hash_check(path: Path, metadata: dict) -> dict:
     return checks
 
 
-def inspect_adapter(path: str | os.PathLike) -> dict:
-    """Describe an adapter file; raises `AdapterFileError` only when it cannot be read at all."""
+def _damage(path: Path, tensors: dict, hashes: dict) -> list[str]:
+    """Signs that the file's tensors are not what was written: NaN/inf values, or data that no
+    longer matches its stored hash. The legacy hash is left out: it also covers header bytes,
+    which tools rewrite when they edit the metadata (sd-scripts' own files often differ)."""
+    damage = [problem] if (problem := nonfinite_problem(tensors, path)) else []
+    data_hash = hashes.get("sshs_model_hash", {})
+    if data_hash.get("agrees") is False:
+        damage.append(f"{path}: the tensor data differs from the sshs_model_hash stored when the "
+                      "file was written: it was changed or damaged since; re-download or "
+                      "re-export it")
+    return damage
+
+
+def inspect_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> dict:
+    """Describe an adapter file; raises `AdapterFileError` only when it cannot be read at all.
+    `damage` lists what makes it unusable as it is (see `_damage`)."""
     path = Path(path)
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_tensors(path, allow_pickle)
     layout = detect_format(tensors, path)
     family = detect_family(tensors, metadata)
     problems: list[str] = []
     kinds: list[str] = []
     try:
-        state = adapter_from_tensors(tensors, metadata, source=path)
+        state = adapter_from_tensors(tensors, metadata, source=path, check_finite=False)
         components, kinds = _from_state(state), sorted(state.kinds())
         if state.unmatched:
             problems.append(f"{state.coverage()} (against the standard {family} layout)")
@@ -122,6 +139,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict:
         except (KohyaKeyError, DiffusersKeyError) as raw_error:
             problems.append(str(raw_error))
             components = {}
+    hashes = _hash_check(path, metadata)
     return {
         "path": str(path),
         "file_size": path.stat().st_size,
@@ -133,9 +151,10 @@ def inspect_adapter(path: str | os.PathLike) -> dict:
         "components": components,
         "ranks": sorted({r for c in components.values() for r in c["ranks"]}),
         "alphas": sorted({a for c in components.values() for a in c["alphas"]}),
-        "hashes": _hash_check(path, metadata),
+        "hashes": hashes,
         "metadata": metadata,
         "problems": problems,
+        "damage": _damage(path, tensors, hashes),
     }
 
 
@@ -161,6 +180,8 @@ def format_inspection(info: dict) -> str:
         lines.append(f"    layers: {kinds}")
     for key, check in info["hashes"].items():
         verdict = {True: "agrees", False: "DIFFERS", None: "not stored"}[check["agrees"]]
+        if key == "sshs_legacy_hash" and check["agrees"] is False:
+            verdict = "differs: it also covers header bytes, which metadata edits move"
         lines.append(f"  {key}: {check['recomputed']} ({verdict})")
     shown = {k: v for k, v in info["metadata"].items() if k not in HASH_KEYS}
     if shown:
@@ -172,6 +193,8 @@ def format_inspection(info: dict) -> str:
             lines.append(f"    {key}: {_short(value)}")
     for problem in info["problems"]:
         lines.append(f"  problem: {problem}")
+    for damage in info["damage"]:
+        lines.append(f"  DAMAGED: {damage}")
     return "\n".join(lines)
 
 

@@ -25,13 +25,13 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sd_lora.config import ConfigError, load_config, to_toml
+from sd_lora.config import JobConfig, load_config, load_config_text, to_toml
 from sd_lora.errors import UserError
-from sd_lora.workspace import Workspace, resolve_base
+from sd_lora.job_guard import guard_job
+from sd_lora.workspace import Workspace
 
 # Dotted overrides of sd_lora.config defaults, per preset.
 PRESETS: dict[str, dict] = {
@@ -91,8 +91,9 @@ def preset_toml(preset: str, base: str, data_dir, name: str, overrides=()) -> st
     items += [f"model.base={_toml_literal(str(base))}", f"data.path={_toml_literal(str(data_dir))}",
               f"train.name={_toml_literal(name)}", f"train.output_dir={_toml_literal('runs/' + name)}"]
     config = load_config(None, items + list(overrides))
-    return (f"# sd-lora job, preset {preset!r}. When the app starts it, train.output_dir, data.path,\n"
-            f"# train.name and model.base are set from the job's own settings.\n" + to_toml(config))
+    return (f"# sd-lora job, preset {preset!r}. When the app starts it, train.output_dir, data.path\n"
+            f"# and train.name are set from the job's own settings, and every path must be inside\n"
+            f"# the app's folders (a relative one is taken from its runs folder).\n" + to_toml(config))
 
 
 def _check_name(name: str) -> None:
@@ -164,28 +165,22 @@ class JobManager:
         running = [j.job_id for j in self.list_jobs() if j.state == "running"]
         if len(running) >= self.max_running:
             raise JobError(f"job {running[0]} is still running; wait for it or cancel it first")
-        config = self._job_config(toml_text, data, name)
+        config = self.job_config(toml_text, data, name)
         run_dir, job_id = self._new_run_dir(name)
         config = replace(config, train=replace(config.train, output_dir=str(run_dir)))
         _write_text(run_dir / "job.toml", JOB_TOML_HEADER + to_toml(config))
         return self._launch(run_dir, job_id, name, config.train.max_steps)
 
-    def _job_config(self, toml_text: str, data: Path, name: str):
-        """The job's validated JobConfig, with the job's own base, data folder and name."""
-        try:
-            tomllib.loads(toml_text)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"the job's TOML is not valid: {e}") from None
-        fd, tmp = tempfile.mkstemp(prefix=".job-", suffix=".toml", dir=self.workspace.runs)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(toml_text)
-            base = resolve_base(self.workspace, load_config(tmp).model.base)
-            settings = [f"model.base={_toml_literal(base)}", f"data.path={_toml_literal(str(data))}",
-                        f"train.name={_toml_literal(name)}"]
-            return load_config(tmp, settings)
-        finally:
-            os.unlink(tmp)
+    def job_config(self, toml_text: str, data: Path, name: str | None = None) -> JobConfig:
+        """The job's validated JobConfig as the app runs it: the chosen data folder (and name),
+        train.output_dir the runs folder until the job's own folder is made there, its base
+        resolved and every path inside the app's folders (sd_lora.job_guard)."""
+        settings = [f"data.path={_toml_literal(str(data))}",
+                    f"train.output_dir={_toml_literal(str(self.workspace.runs))}"]
+        if name is not None:
+            settings.append(f"train.name={_toml_literal(name)}")
+        config = load_config_text(toml_text, settings, source="the job's TOML")
+        return guard_job(config, self.workspace)
 
     def _new_run_dir(self, name: str) -> tuple[Path, str]:
         stamp = time.strftime("%Y%m%d-%H%M%S")

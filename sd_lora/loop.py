@@ -23,7 +23,14 @@ from sd_lora.checkpoint import (
 )
 from sd_lora.config import flat_config
 from sd_lora.inject import lora_parameters, lora_weight
-from sd_lora.nonfinite import NonFiniteGuard, describe, gradients_finite
+from sd_lora.nonfinite import (
+    NonFiniteGuard,
+    StepSnapshot,
+    count_nonfinite,
+    describe,
+    describe_update,
+    gradients_finite,
+)
 from sd_lora.objective import (
     add_multires_noise,
     add_noise_offset,
@@ -56,6 +63,7 @@ class TrainingLoop:
                                     train.learning_rate if train else 0.0)
         self.window_bad_loss = None  # the first NaN/inf loss of the current accumulation
         self.problem = ""
+        self.problem_is_update = False  # the loss and gradients were finite, the update not
         self.latent_cache = None  # data.latent_cache.LatentCache when data.cache_latents is on
         self.text_cache = None  # text.EmbeddingCache when data.cache_text_encoder_outputs is on
         self.validator: Validator | None = None  # with held-out images
@@ -91,7 +99,7 @@ class TrainingLoop:
                             self.log.step(step, loss, self.lr_scheduler.get_last_lr()[0], epoch)
                             self.after_step(Progress(step, epoch, done_in_epoch))
                         else:  # nothing changed; raises when it keeps happening
-                            self.guard.bad(step + 1, loss, self.problem)
+                            self.guard.bad(step + 1, loss, self.problem, self.problem_is_update)
                             bar.set_postfix(loss=f"{loss:.4f}", skipped=self.guard.skipped)
                         if stop.requested:  # between two optimizer steps: a consistent state
                             raise KeyboardInterrupt
@@ -164,16 +172,30 @@ class TrainingLoop:
                 applied = self.window_bad_loss is None and grads_ok
                 if not applied:
                     self.problem = describe(self.window_bad_loss, grads_ok)
+                    self.problem_is_update = False
                 self.window_bad_loss = None
                 if applied:
-                    if self.config.train.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, self.config.train.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    if self.ema is not None:
-                        self.ema.update()
+                    applied = self.optimizer_step(params)
             self.optimizer.zero_grad(set_to_none=True)
         return loss_value, applied
+
+    def optimizer_step(self, params: list[torch.nn.Parameter]) -> bool:
+        """Clip, step, and keep the update only if every weight is still finite (else the
+        weights and optimizer state are put back, see nonfinite.StepSnapshot); then the
+        schedule and the EMA follow. False when the update was undone."""
+        if self.config.train.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(params, self.config.train.max_grad_norm)
+        before = StepSnapshot(self.optimizer, params)
+        self.optimizer.step()
+        bad, total = count_nonfinite(params)
+        if bad:
+            before.restore()
+            self.problem, self.problem_is_update = describe_update(bad, total), True
+            return False
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+        return True
 
     def preserved_targets(self, batch, latents, noise, timesteps, input_ids, embeddings=None):
         """Targets with the base's own predictions for the batch's `preserve` items

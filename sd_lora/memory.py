@@ -6,7 +6,8 @@ diffusers folder's (or the hub cache's) configs built on the meta device, or fro
 built-in bases. The estimate is
 
     weights     UNet and text encoders in the training dtype, the VAE in fp32
-    adapter     LoRA weights, their gradients and two AdamW moments, fp32 (~1% of the UNet)
+    adapter     LoRA weights, their gradients, two AdamW moments and the copy of weights and
+                moments each step is taken over (nonfinite.StepSnapshot), fp32 (~1% of the UNet)
     activations ACTIVATION_GIB x batch x (resolution / 256)^2, halved by gradient
                 checkpointing (per pixel SDXL's are no larger than SD 1.5's: its first level,
                 where the pixels are, has no attention)
@@ -105,7 +106,7 @@ def count_folder(folder: Path) -> ParameterCounts:
 def count_base(base: str) -> ParameterCounts | None:
     """The base's parameter counts without loading it; None when they cannot be known here
     (a hub id not in the cache)."""
-    from sd_lora.models import base_kind, hub_cache_dir
+    from sd_lora.models import base_kind, hub_cache_dir, hub_repo_id
 
     kind = base_kind(base)
     if kind in ("tiny", "tiny-sdxl"):
@@ -121,7 +122,7 @@ def count_base(base: str) -> ParameterCounts | None:
         return count_single_file(path) if path.suffix.lower() == ".safetensors" else None
     from huggingface_hub import try_to_load_from_cache
 
-    index = try_to_load_from_cache(base, "model_index.json", cache_dir=hub_cache_dir())
+    index = try_to_load_from_cache(hub_repo_id(base), "model_index.json", cache_dir=hub_cache_dir())
     return count_folder(Path(index).parent) if isinstance(index, str) else None
 
 
@@ -144,7 +145,7 @@ def estimate(counts: ParameterCounts, resolution: int, batch: int, mixed_precisi
     dtype_bytes = BYTES[mixed_precision]
     vae = 0 if cached_latents else counts.vae * 4  # cached latents: the VAE can stay unused
     weights = (counts.unet + counts.text_encoders) * dtype_bytes + vae
-    adapter = counts.unet * ADAPTER_SHARE * 4 * 4  # weights, gradients, two moments
+    adapter = counts.unet * ADAPTER_SHARE * 4 * 7  # weights, gradients, two moments; 3 copied
     scale = batch * (resolution / 256) ** 2
     activations = ACTIVATION_GIB[mixed_precision] * scale
     if checkpointing:

@@ -6,7 +6,9 @@
 - "tiny-sdxl": its SDXL-topology counterpart (`sd_lora.tiny_variants`);
 - a local diffusers folder (the one holding `model_index.json`) of SD 1.x, 2.x or SDXL;
 - a Hugging Face hub id `org/name`: read from the local cache first (`HF_HUB_CACHE` /
-  `HF_HOME`), downloaded only when not cached and `HF_HUB_OFFLINE` is not set;
+  `HF_HOME`), downloaded only when not cached and `HF_HUB_OFFLINE` is not set; a local path of
+  the same name is taken first, unless written `hf://org/name` (what the app passes): then
+  nothing on disk outside the hub cache is looked at;
 - a single-file A1111/LDM `.safetensors` checkpoint of SD 1.x, 2.x or SDXL, loaded offline
   (`sd_lora.single_file`). Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused
   unless `allow_pickle`, and then read by torch's weights-only unpickler (`sd_lora.pickles`).
@@ -45,11 +47,13 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = pickles.PICKLE_SUFFIXES
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+HUB_PREFIX = "hf://"  # `hf://org/name`: a hub id only, never a local path
 HUB_PROBE_TIMEOUT_S = 10
 ACCEPTED_FORMS = (
     '"toy" (the built-in toy-world model); "tiny" or "tiny-sdxl" (built-in random test '
     "models); a diffusers folder (SD 1.x, 2.x or SDXL) containing model_index.json; "
-    'a Hugging Face hub id such as "runwayml/stable-diffusion-v1-5"; '
+    'a Hugging Face hub id such as "runwayml/stable-diffusion-v1-5" ("hf://org/name": never '
+    "a local path); "
     "or a single-file SD 1.x/2.x/SDXL checkpoint ending in .safetensors"
 )
 
@@ -97,6 +101,10 @@ def base_kind(base: str) -> str:
     path = Path(base).expanduser()
     if base in BUILTIN_BASES:
         return base
+    if base.startswith(HUB_PREFIX):  # before any look at the disk
+        if HUB_ID.match(hub_repo_id(base)):
+            return "hub"
+        raise BaseModelError(f"base {base!r}: give an org/name hub id after {HUB_PREFIX}")
     if path.is_dir():
         return "folder"
     if path.is_file():
@@ -224,7 +232,14 @@ def hub_offline() -> bool:
     return flag.upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype) -> DiffusionPipeline:
+def hub_repo_id(base: str) -> str:
+    """`org/name` of a hub id, written `org/name` or `hf://org/name`."""
+    return base.removeprefix(HUB_PREFIX)
+
+
+def _load_hub(base: str, dtype: torch.dtype) -> DiffusionPipeline:
+    """Always from the repo's folder in the hub cache (fetched there first if allowed): a repo
+    id handed to diffusers is read as a local folder when one of that name exists."""
     from huggingface_hub import (
         get_hf_file_metadata,
         hf_hub_download,
@@ -232,16 +247,18 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> DiffusionPipeline:
         try_to_load_from_cache,
     )
 
-    cache = hub_cache_dir()
+    repo_id, cache = hub_repo_id(base), hub_cache_dir()
     cached_index = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache)
     if isinstance(cached_index, str):
         name = _check_pipeline_class(json.loads(Path(cached_index).read_text()), repo_id)
         try:
-            return _from_pretrained(repo_id, dtype, name, cache_dir=cache, local_files_only=True)
+            return _from_pretrained(str(Path(cached_index).parent), dtype, name)
         except (OSError, ValueError):
             pass  # partly cached: fetch the rest below, if allowed
     not_here = (
-        f"base {repo_id!r} is neither a local file or folder nor (fully) in the Hugging Face "
+        f"hub id {base!r} is not (fully) in the Hugging Face cache at {cache}, and"
+        if base.startswith(HUB_PREFIX) else
+        f"base {base!r} is neither a local file or folder nor (fully) in the Hugging Face "
         f"cache at {cache}, and"
     )
     advice = (
@@ -261,10 +278,12 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> DiffusionPipeline:
             f"{not_here} the hub is not reachable for it ({type(e).__name__}: {e}). {advice}"
         ) from e
     name = _check_pipeline_class(json.loads(Path(index).read_text()), repo_id)
-    try:
-        return _from_pretrained(repo_id, dtype, name, cache_dir=cache)
+    cls, extra = PIPELINE_CLASSES[name]
+    try:  # `extra` names the components not to fetch (safety checker, feature extractor)
+        folder = cls.download(repo_id, cache_dir=cache, use_safetensors=True, **extra)
+        return _from_pretrained(str(folder), dtype, name)
     except Exception as e:
-        raise BaseModelError(f"base {repo_id!r}: downloading or loading it failed: {e}") from e
+        raise BaseModelError(f"base {base!r}: downloading or loading it failed: {e}") from e
 
 
 # --- inspection -----------------------------------------------------------------------------

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-ALLOW_HINT = "pass --allow-pickle (or set model.allow_pickle = true) if you trust the file"
+ALLOW_FLAG = "--allow-pickle"  # every command that reads a model or adapter file takes it
 
 
 class PickleRefused(ValueError):
@@ -28,12 +29,32 @@ def is_pickle(path: str | os.PathLike) -> bool:
 
 
 def refusal(path: str | os.PathLike, what: str) -> PickleRefused:
-    suffix = Path(path).suffix
+    """Why `path` (a pickle) was not opened, and the ways on: for an adapter, `sd-lora convert`
+    turns it into .safetensors once; a base can also be allowed in a job config."""
+    path = Path(path)
+    if what == "adapters":
+        ways = (f"pass {ALLOW_FLAG} if you trust the file, or turn it into .safetensors once: "
+                f"sd-lora convert {path} {path.with_suffix('.safetensors')} --to kohya {ALLOW_FLAG}")
+    else:
+        ways = (f"convert it to .safetensors with a tool you trust, or pass {ALLOW_FLAG} if you "
+                "trust the file (model.allow_pickle = true in a job config)")
     return PickleRefused(
-        f"{path}: {suffix} {what} are Python pickles, which can run code when loaded, so they "
-        f"are not opened. Convert it to .safetensors with a tool you trust, or {ALLOW_HINT}: "
-        "it is then read with torch.load(weights_only=True), which builds tensors only."
+        f"{path}: {path.suffix} {what} are Python pickles, which can run code when loaded, so they "
+        f"are not opened: {ways}. Allowed, the file is read by "
+        "torch.load(weights_only=True), which builds tensors and runs no code."
     )
+
+
+def _what_was_refused(message: str) -> str:
+    """The global torch's weights-only unpickler refused, from its message. That message also
+    advises `weights_only=False` (running the file's code) in ANSI bold: none of it is shown."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return (f"the file asks for the Python object {found.group(1)!r}, which is not a tensor "
+                "or a plain container")
+    after = message.partition("WeightsUnpickler error:")[2].strip().split("\n\n")[0]
+    detail = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", after).split())[:200]
+    return f"it cannot read the file ({detail})" if detail else "it cannot read the file"
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -46,9 +67,9 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         raise PickleRefused(
-            f"{path}: refused by the weights-only unpickler, which would not build what the file "
-            f"asks for ({str(e).splitlines()[0][:300]}); it is not a plain state dict, or it is "
-            "a file that tries to run code"
+            f"{path}: refused by the weights-only unpickler: {_what_was_refused(str(e))}. It is "
+            "not a plain state dict saved by torch (a whole pickled object, or a file that tries "
+            "to run code); nothing in it was run"
         ) from None
     except Exception as e:  # truncated or not a torch file at all
         raise PickleRefused(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from e

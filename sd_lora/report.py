@@ -114,18 +114,29 @@ def folder_images(folder: str, resolution: int, limit: int, caption_extensions) 
     return ImageSet(pixels, [s.caption for s in samples], f"{len(samples)} images from {folder}")
 
 
-def beside_data(data_path: str, name: str) -> str:
-    """`<data>/../heldout/<name>` if that folder exists (the layout of datasets/toy/), else ""."""
-    candidate = Path(data_path).parent / "heldout" / name
+def default_folders(data_path: str) -> dict[str, Path]:
+    """Where an empty report.heldout / report.off_style looks (unless report.look_beside_data
+    is false): heldout/<data folder name> and heldout/plain beside the data folder, the layout
+    of datasets/toy/. The app checks these are inside its folders before anything looks."""
+    heldout = Path(data_path).parent / "heldout"
+    return {"heldout": heldout / Path(data_path).name, "off_style": heldout / "plain"}
+
+
+def report_folder(cfg: ReportConfig, data_path: str, field: str) -> str:
+    """report.<field>, else its default folder if that exists, else ""."""
+    given = getattr(cfg, field)
+    if given or not cfg.look_beside_data:
+        return given
+    candidate = default_folders(data_path)[field]
     return str(candidate) if candidate.is_dir() else ""
 
 
 def heldout_folder(cfg: ReportConfig, data_path: str) -> str:
-    return cfg.heldout or beside_data(data_path, Path(data_path).name)
+    return report_folder(cfg, data_path, "heldout")
 
 
 def off_style_folder(cfg: ReportConfig, data_path: str) -> str:
-    return cfg.off_style or beside_data(data_path, "plain")
+    return report_folder(cfg, data_path, "off_style")
 
 
 def heldout_images(

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sd_lora.adapter_io import save_adapter
+from sd_lora.atomic import write_bytes_atomically
 from sd_lora.config import JobConfig, SampleConfig
 from sd_lora.formats.metadata import TrainingInfo
 from sd_lora.inject import read_adapter_state
@@ -27,13 +28,32 @@ EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.fl
 class RunLog:
     """Per-step loss and learning rate: to TensorBoard (through Accelerate) and to loss.csv."""
 
-    def __init__(self, output_dir: Path, accelerator, resume: bool) -> None:
+    HEADER = "step,loss,lr,epoch\n"
+
+    def __init__(self, output_dir: Path, accelerator, resumed_at: int = 0) -> None:
+        """`resumed_at`: the step of the checkpoint a resumed run continues from (0: a new run)."""
         self.path = output_dir / "loss.csv"
         self.accelerator = accelerator
         self.started_at = datetime.now(UTC)
         self.write_failed = False
-        if accelerator.is_main_process and (not resume or not self.path.exists()):
-            self.path.write_text("step,loss,lr,epoch\n")
+        if accelerator.is_main_process:
+            kept = self.rows_up_to(resumed_at) if resumed_at else []
+            write_bytes_atomically(self.path, (self.HEADER + "".join(kept)).encode())
+
+    def rows_up_to(self, step: int) -> list[str]:
+        """The log's rows up to `step`: the steps after the checkpoint are trained again on a
+        resume, and kept they would be logged (and plotted) twice. A row cut short by a kill
+        (it never has its four fields) is dropped too."""
+        try:
+            lines = self.path.read_text().splitlines()[1:]
+        except FileNotFoundError:
+            return []
+        kept = []
+        for line in lines:
+            fields = line.split(",")
+            if len(fields) == 4 and fields[0].isdigit() and int(fields[0]) <= step:
+                kept.append(line + "\n")
+        return kept
 
     def step(self, step: int, loss: float, lr: float, epoch: int) -> None:
         self.accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
@@ -190,7 +210,7 @@ def write_summary(output_dir: Path, before: float, after: float, steps: int, sec
         "eval_loss_after": after,
         "eval_loss_change": (after - before) / before if before else None,
         "steps": steps,
-        "skipped_nonfinite_steps": skipped_steps,  # NaN/inf loss or gradients (see nonfinite.py)
+        "skipped_nonfinite_steps": skipped_steps,  # NaN/inf loss, gradients or update (nonfinite.py)
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / steps, 4) if steps else None,
         "adapters": {fmt: str(p) for fmt, p in files.items()},

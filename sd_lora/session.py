@@ -38,6 +38,7 @@ from sd_lora.errors import UserError
 from sd_lora.formats.metadata import file_hashes, short_hash
 from sd_lora.lora_state import AdapterState
 from sd_lora.models import load_pipeline, model_family
+from sd_lora.pickles import is_pickle
 from sd_lora.png_info import format_lora_tag
 from sd_lora.sampling import RenderSettings, a1111_parameters, image_grid, render, save_png
 from sd_lora.schedulers import sampler_name, set_sampler
@@ -240,6 +241,11 @@ class GenerationSession:
         if self._pipe is not None and self._base == request.base:
             return self._pipe
         source = resolve_base(self.workspace, request.base)
+        if is_pickle(source):  # load_pipeline's refusal would advise a flag the app lacks
+            raise RequestError(
+                f"base {request.base!r} is a pickled checkpoint, which can run code when loaded; "
+                "the app opens .safetensors only. Convert it with a tool you trust"
+            )
         # Free the old base first: two full models at once may not fit in memory.
         self._pipe = self._base = self._scheduler = self._applied = None
         self._adapters.clear()

@@ -7,6 +7,7 @@ Each step is a small function taking only the part of the config it needs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, replace
@@ -92,18 +93,27 @@ class TrainResult:
 
 def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
     config = with_dataset_config(config)  # an sd-scripts dataset TOML's settings, if one is given
+    with removed_if_left_empty(Path(config.train.output_dir)):
+        return _train(config, resume, show_progress)
+
+
+def _train(config: JobConfig, resume: bool, show_progress: bool) -> TrainResult:
     output_dir = prepare_run_folder(config.train, resume)
     if resume and list_checkpoints(output_dir):
         check_resumable(list_checkpoints(output_dir)[-1], config)
     check = check_job(config)  # the base found and every image read before any model loads
     optimizer_class(config.train.optimizer)  # a missing optimizer package, before any model loads
     say(check.text())
-    scan = replace(check.data, regularization_items=check.items_per_epoch() - check.data.num_train_items)
     training_samples, held_out = select_samples(config, check)
     accelerator = make_accelerator(config.train, output_dir)
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
     pipe = load_training_base(config, accelerator)
     resolution = config.data.resolution or native_resolution(pipe)
+    check, small = check.at_native_size(resolution)
+    if small:
+        say(f"Warnings at the base's native size, {resolution} px ({len(small)}):\n"
+            + "\n".join(f"  {w.path}: {w.reason}" for w in small))
+    scan = replace(check.data, regularization_items=check.items_per_epoch() - check.data.num_train_items)
     trained = add_adapters(pipe, config.lora)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(trained)
@@ -134,7 +144,7 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     with eval_mode(trained.values()):
         before = eval_loss(pipe.unet, text_encoders_of(pipe), schedule, eval_batch)
     write_run_records(output_dir, config, scan, accelerator)
-    log = RunLog(output_dir, accelerator, resume=progress.global_step > 0)
+    log = RunLog(output_dir, accelerator, resumed_at=progress.global_step)
     started = time.time()
     prompts = sample_prompts(config.sample, [s.caption for s in scan.samples])
     loop = TrainingLoop(config, accelerator, pipe, models, trained, optimizer, lr_scheduler,
@@ -217,17 +227,40 @@ def load_training_base(config: JobConfig, accelerator: Accelerator):
 def prepare_run_folder(cfg: TrainConfig, resume: bool) -> Path:
     """Create the output folder; refuse to start over on top of a run's checkpoints."""
     output_dir = Path(cfg.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunFolderError(f"--output {output_dir} (train.output_dir) is a file; name a folder "
+                             "for the run (a new one, or one of your earlier runs with --resume)")
     existing = list_checkpoints(output_dir)
     if existing and not resume:
         raise RunFolderError(
             f"{output_dir} already holds {existing[-1].name}; pass --resume to continue that run, "
             "or choose another --output (nothing was changed)"
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, no permission, a read-only disk
+        raise RunFolderError(f"cannot create the run folder {output_dir} (train.output_dir): "
+                             f"{e.strerror or e}") from None
     if is_main_process():  # one process tidies; the others would race it
         for stale in remove_incomplete(output_dir):
-            say(f"removed {stale.name}: a checkpoint whose save was interrupted (never complete)")
+            say(f"removed {stale.relative_to(output_dir)}: left by a write that was interrupted "
+                "(never complete)")
     return output_dir
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(output_dir: Path):
+    """A start that fails (bad input found after the folder was made, a base that does not
+    load, Ctrl-C) leaves no empty run folder behind, nor the empty parents it created. Only
+    empty folders go: anything a run wrote stays."""
+    created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty: the run got far enough to write
+                folder.rmdir()
+        raise
 
 
 def check_resumable(checkpoint: Path, config: JobConfig) -> None:

@@ -153,6 +153,20 @@ def adapter_info(workspace: Workspace, path: Path) -> AdapterInfo:
                        preview, problem)
 
 
+def chosen_adapter_info(workspace: Workspace, path: Path) -> AdapterInfo:
+    """`adapter_info`, plus a check of the values (NaN/inf render black images), which reads
+    the whole file: done for the file a user picks, not for every file of a listing (a folder
+    of LoRAs can hold gigabytes). Loading for generation checks them again, always."""
+    from dataclasses import replace
+
+    from sd_lora.adapter_io import nonfinite_in_file
+
+    info = adapter_info(workspace, path)
+    if info.problem is None and (problem := nonfinite_in_file(path)) is not None:
+        info = replace(info, problem=problem)
+    return info
+
+
 def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     with safetensors.safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
@@ -237,22 +251,25 @@ def list_bases(workspace: Workspace) -> list[str]:
 
 
 def resolve_base(workspace: Workspace, choice: str) -> str:
-    """What `load_pipeline` gets for a base choice: a built-in base, a hub id, or a path inside models."""
-    from sd_lora.models import BUILTIN_BASES, HUB_ID
+    """What `load_pipeline` gets for a base chosen in the app: a built-in base, a path inside the
+    models folder, or a hub id written `hf://org/name`, which the loader never looks up on disk
+    (a bare `org/name` is read from the working directory when a folder of that name is there).
+    Errors speak of the models folder only, so they never tell whether a path elsewhere exists."""
+    from sd_lora.models import BUILTIN_BASES, HUB_ID, HUB_PREFIX, hub_repo_id
 
     if choice in BUILTIN_BASES:
         return choice
-    if workspace.models is not None:
+    if workspace.models is not None and not choice.startswith(HUB_PREFIX):
         local = workspace.resolve("models", choice)
         if local.exists():
             return str(local)
-        if HUB_ID.match(choice) is None:
-            raise WorkspaceError(
-                f"base {choice!r} is not in the models folder {workspace.models}; choose one of "
-                f"{list_bases(workspace)}"
-            )
-    if HUB_ID.match(choice):
-        return choice
+    if HUB_ID.match(hub_repo_id(choice)):
+        return HUB_PREFIX + hub_repo_id(choice)
+    if workspace.models is not None:
+        raise WorkspaceError(
+            f"base {choice!r} is not in the models folder {workspace.models}; choose one of "
+            f"{list_bases(workspace)}, or an org/name hub id"
+        )
     raise WorkspaceError(
         f"base {choice!r} is not 'toy' or 'tiny', an org/name hub id, or a model inside the models folder "
         "(start the app with --models DIR to use local models)"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import torch
@@ -71,14 +73,32 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def process_folders_kept():
+    """launch() points this process's temporary folders at the workspace (app.server.
+    keep_files_inside): put them back afterwards, for the tests that follow."""
+    names = ("GRADIO_TEMP_DIR", "TMPDIR", "MPLCONFIGDIR")
+    saved, tempdir = {name: os.environ.get(name) for name in names}, tempfile.tempdir
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        tempfile.tempdir = tempdir
+
+
+@contextlib.contextmanager
 def running_app(root: Path):
     """The app on a free port; yields (url, workspace); closes it after."""
     from app.server import launch
     from sd_lora.workspace import Workspace
 
     workspace = Workspace.create(root / "adapters", models=root / "models")
-    demo, url = launch(workspace, port=free_port(), block=False, quiet=True)
-    try:
-        yield url, workspace
-    finally:
-        demo.close()
+    with process_folders_kept():
+        demo, url = launch(workspace, port=free_port(), block=False, quiet=True)
+        try:
+            yield url, workspace
+        finally:
+            demo.close()

@@ -137,6 +137,28 @@ def test_adapter_info_and_flags_before_generating(app):
     assert client.predict("tiny", "style", "detail", "", "", api_name="/check_adapters") == ""
 
 
+def test_an_adapter_with_nan_values_is_flagged_when_chosen_and_refused(app):
+    """Its header is fine (the listing reads headers only); choosing it checks its values."""
+    import safetensors.torch
+
+    client, workspace, paths = app
+    tensors = safetensors.torch.load_file(paths["adapters"] / "style.safetensors")
+    key = sorted(k for k in tensors if k.endswith("lora_up.weight"))[0]
+    tensors[key][0, 0] = float("nan")
+    safetensors.torch.save_file(tensors, paths["adapters"] / "nanstyle.safetensors",
+                                metadata={"ss_base_model_version": "sd_v1"})
+    try:
+        info, _ = client.predict("nanstyle", api_name="/adapter_info")
+        assert info.startswith("⚠ **nanstyle**") and f"tensor '{key}' holds 1 NaN/inf" in info
+        warning = client.predict("tiny", "style", "nanstyle", "", "", api_name="/check_adapters")
+        assert "nanstyle** cannot be used" in warning and "black images" in warning
+        with pytest.raises(AppError, match=f"adapter 'nanstyle'.*tensor '{key}' holds 1 NaN/inf"):
+            client.predict(*form(("nanstyle", 1.0, 1.0)), api_name="/generate")
+    finally:
+        (paths["adapters"] / "nanstyle.safetensors").unlink()
+    assert len(generate(client, form(("style", 0.5, 0.5)))[0]) == 1  # the app keeps working
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -277,11 +299,14 @@ def test_weight_changes_never_reload_the_base_and_requests_queue(app, monkeypatc
 
 def test_auth_and_the_command_line(tmp_path, capsys, monkeypatch):
     import os
+    import tempfile
 
     from app.server import parse_auth
 
-    # launch() points Gradio's cache at the workspace, process-wide: put it back afterwards.
-    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
+    # launch() points the temporary folders at the workspace, process-wide: put them back after.
+    for name in ("GRADIO_TEMP_DIR", "TMPDIR", "MPLCONFIGDIR"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
 
     assert parse_auth("me:se:cret") == ("me", "se:cret")
     assert cli_main(["app", "--adapters", str(tmp_path / "a"), "--auth", "nopassword"]) == 2

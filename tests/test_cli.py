@@ -148,8 +148,10 @@ def test_check_reports_every_problem_and_the_plan_before_any_model_loads(tmp_pat
     monkeypatch.chdir(demo.parent.parent)  # the demo's paths are relative to the repository
     assert main(["check", "--config", str(demo)]) == 0
     out = capsys.readouterr().out
-    assert "base toy (the built-in toy-world model (64 px))" in out
-    assert "32 images (64 items per epoch, 32 regularization images among them)" in out
+    assert "base toy (the built-in toy-world model, 64 px)" in out
+    # Regularization: what each folder adds to an epoch, not "among them" (they are added).
+    assert ("32 images + 32 regularization images (64 items per epoch: 32 training, "
+            "32 regularization)") in out
 
 
 @pytest.mark.parametrize("args, message", [

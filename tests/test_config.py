@@ -122,3 +122,27 @@ def test_the_readme_documents_every_option_as_config_py_does():
     assert len(rows) == sum(len(dataclasses.fields(sections[f.name]))
                             for f in dataclasses.fields(JobConfig) if f.name != "version")
     assert not [r for r in rows if r.endswith("|  |")], "a field without a comment in config.py"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.adam_epsilon=0"], "train.adam_epsilon = 0.0 must be positive"),
+        (["train.adam_epsilon=-1e-8"], "train.adam_epsilon = -1e-08 must be positive"),
+        (["train.adam_beta1=1"], "train.adam_beta1 = 1.0 must be in [0, 1)"),
+        (["train.adam_beta2=-0.1"], "train.adam_beta2 = -0.1 must be in [0, 1)"),
+        (['train.optimizer_args=["eps=0"]'], "train.optimizer_args eps=0 must be positive"),
+        (['train.optimizer_args=["betas=(0.9, 1.0)"]'],
+         "train.optimizer_args betas=(0.9, 1.0): each beta must be in [0, 1)"),
+    ],
+)
+def test_adam_settings_that_make_a_nan_update_are_refused_naming_the_field(overrides, message):
+    # With epsilon 0 a finite gradient gave NaN weights (0 / 0 where a gradient is 0).
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+def test_adafactor_keeps_its_own_eps_pair():
+    config = load_config(None, ["train.optimizer=adafactor", 'train.optimizer_args=["eps=(1e-30, 1e-3)"]'])
+    assert config.train.optimizer_args == ("eps=(1e-30, 1e-3)",)

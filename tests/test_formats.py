@@ -333,7 +333,7 @@ def test_fuzzed_files_give_a_clear_error_or_load_and_never_crash(tmp_path, state
         except AdapterFileError as e:
             assert str(path) in str(e), e
             outcomes["refused"] += 1
-        assert main(["inspect", str(path)]) in (0, 2)
+        assert main(["inspect", str(path)]) in (0, 1, 2)  # 1: read, but damaged
         err = capsys.readouterr().err
         assert "Traceback" not in err
     assert outcomes["refused"] >= 100 and outcomes["loaded"] >= 20, outcomes

@@ -137,7 +137,10 @@ def test_list_and_resolve_bases(workspace, tmp_path):
 
     assert resolve_base(workspace, "tiny") == "tiny"
     assert resolve_base(workspace, "sd15") == str(models / "sd15")
-    assert resolve_base(workspace, "runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+    # A hub id goes to the loader as hf://org/name: never looked up on disk (not in the working
+    # directory, where a folder of that name would otherwise be loaded).
+    assert resolve_base(workspace, "runwayml/stable-diffusion-v1-5") == "hf://runwayml/stable-diffusion-v1-5"
+    assert resolve_base(workspace, "hf://acme/sd") == "hf://acme/sd"
     for bad in ("../elsewhere.safetensors", str(tmp_path / "elsewhere.safetensors"), "out.safetensors"):
         with pytest.raises(PathOutsideError):
             resolve_base(workspace, bad)

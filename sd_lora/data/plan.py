@@ -12,15 +12,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sd_lora.config import JobConfig
-from sd_lora.data.scan import DatasetScan, scan_dataset
+from sd_lora.data.scan import DatasetScan, SkippedFile, scan_dataset, size_warning
 from sd_lora.data.sd_scripts_toml import DatasetToml, apply_settings, read_dataset_toml
 from sd_lora.memory import plan_line
 from sd_lora.models import base_kind
 
 BASE_KINDS = {
-    "tiny": "the built-in random test model (64 px)",
-    "tiny-sdxl": "the built-in random SDXL-topology test model (64 px)",
-    "toy": "the built-in toy-world model (64 px)",
+    "tiny": "the built-in random test model, 64 px",
+    "tiny-sdxl": "the built-in random SDXL-topology test model, 64 px",
+    "toy": "the built-in toy-world model, 64 px",
     "folder": "a local diffusers folder",
     "file": "a single-file checkpoint",
     "hub": "a Hugging Face hub id (loaded from the local cache when offline)",
@@ -86,9 +86,7 @@ class JobCheck:
         size = f"{size}x{size}" if isinstance(size, int) else size
         lines = [
             f"Plan: base {plan['base']}",
-            f"  {plan['images']} images ({plan['items_per_epoch']} items per epoch"
-            + (f", {plan['regularization_images']} regularization images among them"
-               if self.regularization else "") + ")",
+            "  " + self._images_line(plan),
             f"  at {size}" + (f" in {plan['buckets']}" if plan["buckets"] else "")
             + f", {plan['crop']} crop" + (", random flips" if plan["random_flip"] else ""),
             f"  {plan['steps']} steps of {plan['images_per_step']} images: {plan['epochs']} epochs",
@@ -97,6 +95,35 @@ class JobCheck:
         ]
         memory = plan_line(self.config)  # the base's size from its configs or header alone
         return "\n".join(lines + ([memory] if memory else []))
+
+    def at_native_size(self, resolution: int) -> tuple[JobCheck, list[SkippedFile]]:
+        """With data.resolution = 0 the images train at the base's native size, known once
+        the base has loaded: this check with the size warnings at `resolution` added (those
+        the scan could not give), and those warnings."""
+        if self.config.data.resolution:
+            return self, []
+
+        def small(scan: DatasetScan | None) -> list[SkippedFile]:
+            if scan is None:
+                return []
+            return [SkippedFile(s.image, note) for s in scan.samples
+                    if s.size and (note := size_warning(s.size, resolution))]
+
+        data, reg = small(self.data), small(self.regularization)
+        return replace(
+            self, data=replace(self.data, warnings=self.data.warnings + data),
+            regularization=self.regularization and replace(
+                self.regularization, warnings=self.regularization.warnings + reg),
+        ), data + reg
+
+    def _images_line(self, plan: dict) -> str:
+        """'16 images (16 items per epoch)'; with regularization, what each folder adds."""
+        if not self.regularization:
+            return f"{plan['images']} images ({plan['items_per_epoch']} items per epoch)"
+        style = self.data.num_train_items
+        return (f"{plan['images']} images + {plan['regularization_images']} regularization "
+                f"images ({plan['items_per_epoch']} items per epoch: {style} training, "
+                f"{plan['items_per_epoch'] - style} regularization)")
 
     def as_dict(self) -> dict:
         def entries(scan: DatasetScan | None, which: str) -> list[dict]:

@@ -288,6 +288,10 @@ def _check_image(
     if isinstance(size, Image.DecompressionBombError):
         found.skip(image, f"too large to decode: {size}")
         return None
+    if isinstance(size, Image.UnidentifiedImageError):  # its text names the in-memory buffer
+        found.skip(image, "cannot be decoded as an image: its bytes match no image format "
+                   "Pillow reads (a damaged download, or another kind of file renamed)")
+        return None
     if isinstance(size, Exception):
         found.skip(image, f"cannot be decoded as an image ({type(size).__name__}: {size})")
         return None
@@ -298,13 +302,22 @@ def _check_image(
         note = f"{note}; it trains with {how}, as sd-scripts does"
     if note is not None:
         found.warn(image, note)
-    if min(width, height) < min_side:
-        found.warn(image, f"{width}x{height} is below {min_side} px on its shorter side: upscaled")
+    small = size_warning((width, height), min_side)
+    if small:
+        found.warn(image, small)
     if max(width, height) > MAX_ASPECT * min(width, height):
         kept = min(width, height) / max(width, height)
         found.warn(image, f"{width}x{height} is elongated ({max(width, height) / min(width, height):.1f}:1); "
                           f"a square crop keeps {kept:.0%} of it")
     return Sample(image, caption, repeats, subset, size=(width, height), digest=probe.digest)
+
+
+def size_warning(size: tuple[int, int], min_side: int) -> str | None:
+    """The warning for an image of `size` (width, height) trained at `min_side` px, or None."""
+    width, height = size
+    if min(width, height) >= min_side:
+        return None
+    return f"{width}x{height} is below {min_side} px on its shorter side: upscaled"
 
 
 def _warn_long_captions(samples: list[Sample], found: _Found) -> None:
