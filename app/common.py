@@ -12,6 +12,7 @@ import math
 import gradio as gr
 
 from sd_lora.errors import UserError
+from sd_lora.png_info import parse_lora_tag
 from sd_lora.workspace import AdapterInfo, Workspace, chosen_adapter_info, list_adapters
 
 log = logging.getLogger("sd_lora.app")
@@ -70,7 +71,24 @@ def adapter_choices(workspace: Workspace) -> list[tuple[str, str]]:
     return choices
 
 
+def lora_tag_parts(text: str | None) -> tuple[str, float, float, str | None] | None:
+    """A1111's `<lora:NAME:W>` / `<lora:NAME:TE:UNET>` typed where an adapter is chosen ->
+    (NAME, te, unet, lbw text or None); None for a plain adapter name."""
+    tag = (text or "").strip()
+    if not (tag.startswith("<lora:") and tag.endswith(">")):
+        return None
+    return parse_lora_tag(tag[len("<lora:"):-1], f"adapter {tag}")
+
+
+def adapter_name(text: str | None) -> str:
+    """The adapter a name field chooses: a plain name (relative to the adapters folder, without
+    .safetensors), or the name in an A1111 tag."""
+    parts = lora_tag_parts(text)
+    return parts[0] if parts is not None else (text or "")
+
+
 def find_adapter(workspace: Workspace, name: str) -> AdapterInfo | None:
+    name = adapter_name(name)
     if not name:
         return None
     path = workspace.resolve("adapters", name + ".safetensors")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from app.common import NO_ADAPTER, adapter_choices, friendly
+from app.common import NO_ADAPTER, adapter_choices, adapter_name, friendly
 from app.forms import build_request, form_signature, parse_list
 from app.generate_tab import GenerateTab
 from sd_lora.errors import UserError
@@ -57,6 +57,7 @@ class CompareTab:
     @form_signature("adapter", "weights", "seeds")
     @friendly
     def xy_grid(self, adapter: str | None, weights: str, seeds: str, *values):
+        adapter = adapter_name(adapter)  # a pasted <lora:NAME:W>: its weight is swept anyway
         if not adapter:
             raise UserError("choose the adapter whose weight the grid sweeps")
         request = build_request(*values)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from app.common import NO_ADAPTER, NUM_SLOTS, number, whole
+from app.common import NO_ADAPTER, NUM_SLOTS, lora_tag_parts, number, whole
 from sd_lora.errors import UserError
 from sd_lora.png_info import ParsedParameters
 from sd_lora.session import AdapterSetting, GenerateRequest
@@ -47,6 +47,8 @@ def build_request(*values) -> GenerateRequest:
         name, unet, te, blocks = slots[i * 4:(i + 1) * 4]
         if name in (None, NO_ADAPTER):
             continue
+        if (tag := lora_tag_parts(name)) is not None:  # A1111's <lora:NAME:TE:UNET>: its strengths
+            name, te, unet, blocks = tag[0], tag[1], tag[2], tag[3] or blocks
         where = f"adapter slot {i + 1} ({name})"
         adapters.append(AdapterSetting(
             name=str(name), unet=number(unet, f"{where}: UNet strength"),

@@ -23,7 +23,7 @@ from app.common import (
 from app.forms import build_request, form_signature, restore_form
 from sd_lora.block_weights import BLOCK_NAMES, PRESETS
 from sd_lora.png_info import read_png_parameters
-from sd_lora.schedulers import SAMPLERS
+from sd_lora.schedulers import DEFAULT_SAMPLER, SAMPLERS
 from sd_lora.session import GenerationSession
 from sd_lora.workspace import Workspace, list_adapters, list_bases
 
@@ -82,7 +82,7 @@ class GenerateTab:
             self.seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="gen-seed", scale=2)
             self.seed_random = gr.Button("Random", elem_id="gen-seed-random", scale=1, size="sm")
             self.seed_reuse = gr.Button("Reuse last", elem_id="gen-seed-reuse", scale=1, size="sm")
-            self.sampler = gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampler",
+            self.sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
                                        elem_id="gen-sampler", scale=2)
         with gr.Row():
             self.steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="gen-steps")

@@ -6,7 +6,9 @@ and torch choose theirs when they are imported (see `keep_files_inside`).
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import tempfile
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,37 @@ if TYPE_CHECKING:
 
 LOCALHOST = "127.0.0.1"
 QUEUE_MAX_SIZE = 128  # requests waiting, across the app's queued events
+FIRST_PORT, PORTS_TRIED = 7860, 100  # without --port, Gradio takes the first free of these
+
+
+def check_port(host: str | None, port: int | None) -> None:
+    """An explicit --port that cannot be used, refused before anything starts and in the
+    command's own words (Gradio's error names its launch() parameter and prints a traceback).
+    Bound as Gradio checks it: with SO_REUSEADDR, so a port in TIME_WAIT counts as free."""
+    if port is None:
+        return
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} must be from 1 to 65535; or leave --port out "
+                        f"({FIRST_PORT} or the next free one)")
+    host = host or LOCALHOST
+    if _port_error(host, port) == errno.EADDRINUSE:
+        free = next((p for p in range(port + 1, min(port + PORTS_TRIED, 65536))
+                     if _port_error(host, p) is None), None)
+        other = f"choose another (--port {free} is free)" if free else "choose another"
+        raise UserError(f"--port {port} is already in use on {host}; {other}, or leave --port "
+                        f"out to take the first free one from {FIRST_PORT}")
+
+
+def _port_error(host: str, port: int) -> int | None:
+    """The errno binding host:port gives (None: free). Errors other than the port being taken
+    (an address that is not this computer's) are left for the server to report."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            return e.errno
+    return None
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -76,13 +109,41 @@ def launch(workspace: Workspace, *, host: str | None = None, port: int | None = 
            device: str = "cpu", quiet: bool = False) -> tuple[gr.Blocks, str]:
     """Serve the app; returns (demo, local url). With block=False it runs in a thread
     (call demo.close() to stop it)."""
+    check_port(host, port)  # again: the CLI checked before making folders, a caller may not have
     demo = create_app(workspace, device)  # first: it sets the temporary folders, then imports gradio
     from app.ui import CSS
 
     folders = [workspace.adapters, workspace.outputs, workspace.runs]
-    _, url, _ = demo.launch(
-        server_name=host or LOCALHOST, server_port=port, share=share, auth=auth,
-        prevent_thread_lock=not block, show_error=True, quiet=quiet, css=CSS,
-        allowed_paths=[str(f) for f in folders], ssr_mode=False, footer_links=["api"],
-    )
+    try:  # quiet: Gradio's start-up advice names launch() arguments; ours names the flags
+        _, url, _ = demo.launch(
+            server_name=host or LOCALHOST, server_port=port, share=share, auth=auth,
+            prevent_thread_lock=True, show_error=True, quiet=True, css=CSS,
+            allowed_paths=[str(f) for f in folders], ssr_mode=False, footer_links=["api"],
+        )
+    except OSError as e:  # the port was taken between the check and the start, or none was free
+        if "port" not in str(e):
+            raise
+        raise UserError(_start_failure(port, e)) from None
+    if not quiet:
+        print(start_lines(url, host, share))
+    if block:
+        demo.block_thread()
     return demo, url
+
+
+def start_lines(url: str, host: str | None, share: bool) -> str:
+    """What the command prints once the page is served (Gradio prints the public link itself)."""
+    lines = [f"sd-lora app: {url}"]
+    if not share and (host or LOCALHOST) in (LOCALHOST, "localhost"):
+        lines.append("  this computer only; --share adds a public link, --host 0.0.0.0 serves "
+                     "your network (with --auth USER:PASSWORD)")
+    lines.append("  Ctrl-C stops it")
+    return "\n".join(lines)
+
+
+def _start_failure(port: int | None, error: OSError) -> str:
+    if port is not None:
+        return (f"--port {port} could not be used ({error.strerror or 'in use'}); choose another, "
+                f"or leave --port out to take the first free one from {FIRST_PORT}")
+    last = FIRST_PORT + PORTS_TRIED - 1
+    return f"no free port from {FIRST_PORT} to {last}; choose one with --port"

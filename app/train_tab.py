@@ -22,14 +22,15 @@ from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
 from sd_lora.jobs import PRESETS, JobManager, JobStatus, preset_toml
 from sd_lora.workspace import Workspace, extract_zip, list_bases
+from sd_lora.world.datasets import toy_regularization_folder
 
 DATASET_AREAS = ("datasets", "uploads")  # folders under runs/ whose subfolders are datasets
 PREVIEW_IMAGES = 48
 POLL_SECONDS = 1.5
 QUICK_FIELDS = (  # (label, dotted config field, elem_id, precision): preset values as fields
     ("LoRA rank (UNet)", "lora.unet_r", "train-rank", 0),
-    ("Steps", "train.max_steps", "train-steps", 0),
-    ("Learning rate", "train.learning_rate", "train-lr", None),
+    ("Steps (0: the base's recommendation)", "train.max_steps", "train-steps", 0),
+    ("Learning rate (0: the base's recommendation)", "train.learning_rate", "train-lr", None),
     ("Resolution (0: the base's own)", "data.resolution", "train-resolution", 0),
 )
 EMPTY_LOSS = pd.DataFrame({"step": [], "loss": []})
@@ -175,7 +176,10 @@ class TrainTab:
         if toml_text:
             try:
                 config = self.jobs.job_config(toml_text, data)
-                report += "\n\n" + JobCheck(config, "as chosen above", scan, None).plan_text()
+                # the regularization images count in the plan (the toy base's plain scenes)
+                reg = (scan_dataset(Path(config.data.regularization))
+                       if config.data.regularization else None)
+                report += "\n\n" + JobCheck(config, "as chosen above", scan, reg).plan_text()
             except UserError:  # being edited, or refused: Start training says what is wrong
                 pass
         return report, shown
@@ -212,7 +216,12 @@ class TrainTab:
         overrides = [f"{dotted}={value!r}" for (_, dotted, _, _), value in zip(QUICK_FIELDS, fields)
                      if value is not None]
         data_dir = self.data_path(data) if data else ""
-        return preset_toml(preset, base or "toy", data_dir, name or "my-lora", overrides)
+        base = base or "toy"
+        # On the toy base a job trains with the toy world's plain scenes, as the demo does:
+        # without them a style leaks into prompts without its trigger word.
+        regularization = (toy_regularization_folder(self.workspace.runs / "datasets")
+                          if base == "toy" else "")
+        return preset_toml(preset, base, data_dir, name or "my-lora", overrides, regularization)
 
     # --- jobs -----------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from sd_lora.formats.metadata import (
     file_hashes,
 )
 from sd_lora.lora_state import COMPONENTS, CONTEXT_WIDTH_FAMILY, AdapterState
+from sd_lora.words import plural
 
 FORMATS = ("kohya", "diffusers")
 SAVE_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
@@ -139,7 +140,8 @@ def nonfinite_problem(tensors: dict[str, torch.Tensor], path: str | os.PathLike)
     if found is None:
         return None
     key, bad = found
-    return (f"{path}: tensor {key!r} holds {bad} NaN/inf value(s) of {tensors[key].numel()}; the "
+    return (f"{path}: tensor {key!r} holds {plural(bad, 'NaN/inf value')} of "
+            f"{tensors[key].numel()}; the "
             "file is damaged (or was saved from a training run that diverged) and would render "
             "black images. Re-download it, or export it again from an earlier checkpoint")
 

@@ -28,6 +28,7 @@ from sd_lora.block_weights import BlockWeightError, block_weight
 from sd_lora.errors import UserError
 from sd_lora.lora_state import AdapterState, applied_delta, delta_shape, fits
 from sd_lora.models import model_family
+from sd_lora.words import plural
 
 APPLIED_ATTR = "_sd_lora_applied"  # the pipeline remembers what is merged, to refuse double merges
 
@@ -74,7 +75,7 @@ class AppliedAdapters:
     def summary(self) -> str:
         lines = []
         for i, (entry, counts) in enumerate(zip(self.entries, self.coverage)):
-            parts = ", ".join(f"{c} {n} modules" for c, n in counts.items())
+            parts = ", ".join(f"{c} {plural(n, 'module')}" for c, n in counts.items())
             blocks = "" if entry.block_weights is None else (
                 ", blocks " + ",".join(f"{w:g}" for w in entry.block_weights)
             )

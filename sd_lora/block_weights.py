@@ -22,6 +22,7 @@ import math
 import re
 
 from sd_lora.errors import UserError
+from sd_lora.words import plural
 
 BLOCK_NAMES = (
     "BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
@@ -75,7 +76,7 @@ def parse_block_weights(text: str) -> tuple[float, ...]:
         )
     if len(tokens) not in (len(BLOCK_NAMES), len(ALL_BLOCK_NAMES)):
         raise BlockWeightError(
-            f"block weights {cleaned!r} has {len(tokens)} values; give {len(BLOCK_NAMES)} "
+            f"block weights {cleaned!r} has {plural(len(tokens), 'value')}; give {len(BLOCK_NAMES)} "
             f"({','.join(BLOCK_NAMES)}) or {len(ALL_BLOCK_NAMES)} (every block, IN00...OUT11)"
         )
     names = BLOCK_NAMES if len(tokens) == len(BLOCK_NAMES) else ALL_BLOCK_NAMES

@@ -4,6 +4,7 @@ argument parsing over the library."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -43,80 +44,141 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd-lora", description="Train and use Stable Diffusion LoRA adapters.")
-    commands = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default. argparse appends "(default: X)" where a flag has a
+    value; a flag whose absence means something else (None, "", []) says what in its own
+    help, as the config-backed train flags do (their default is the config's). Switches are
+    off unless given."""
 
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False or action.default in ("", [])
+        if unset or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd-lora", description="Train and use Stable Diffusion LoRA adapters.",
+                                     formatter_class=HelpFormatter)
+    # Every subcommand (the tools' too) gets the formatter through parser_class.
+    commands = parser.add_subparsers(
+        dest="command", required=True,
+        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
+    add_train_command(commands)
+    add_generate_command(commands)
+    insp = commands.add_parser("inspect", help="describe an adapter file (exit status 1: damaged)")
+    insp.add_argument("path", type=Path)
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    add_allow_pickle(insp, "read a .pt/.ckpt adapter")
+    insp.set_defaults(run=run_inspect)
+    add_check_command(commands)
+    add_tool_commands(commands)  # convert, merge, resize, extract
+    add_app_command(commands)
+    return parser
+
+
+def config_default(dotted: str, meaning: str = "") -> str:
+    """"(section.field; default: VALUE[, meaning])": a train flag's default is the config's."""
+    from sd_lora.config import JobConfig
+
+    section, field = dotted.split(".")
+    value = getattr(getattr(JobConfig(), section), field)
+    return f"({dotted}; default: {value}{', ' + meaning if meaning else ''})"
+
+
+def add_train_command(commands) -> None:
     train = commands.add_parser("train", help="train a LoRA adapter on a folder of captioned images")
-    train.add_argument("--config", type=Path, help="a TOML job config (see examples/)")
+    train.add_argument("--config", type=Path,
+                       help="a TOML job config (see examples/) (default: none, every field at its default)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                       help="override a config field, e.g. --set train.learning_rate=2e-4")
-    train.add_argument("--data", help="image folder (data.path)")
+                       help="override a config field, e.g. --set train.learning_rate=2e-4 "
+                       "(repeatable; applied after the flags; default: none)")
+    train.add_argument("--data", help="image folder " + config_default("data.path"))
     train.add_argument("--dataset-config", help="an sd-scripts dataset TOML instead of --data "
-                       "(data.dataset_config)")
-    train.add_argument("--base", help="toy | tiny | diffusers folder | hub id | model.safetensors")
-    train.add_argument("--output", help="run folder (train.output_dir)")
-    train.add_argument("--name", help="adapter name (train.name)")
-    train.add_argument("--max-steps", type=int)
-    train.add_argument("--resolution", type=int)
-    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    train.add_argument("--seed", type=int)
+                       "(data.dataset_config; default: none)")
+    train.add_argument("--base", help="toy | tiny | diffusers folder | hub id | model.safetensors "
+                       + config_default("model.base"))
+    train.add_argument("--output", help="run folder (train.output_dir; default: runs/NAME, or "
+                       "runs/NAME-2, -3, ... when that holds another run; with --resume the latest)")
+    train.add_argument("--name", help="adapter file name, without .safetensors (train.name; "
+                       "default: the data folder's name)")
+    train.add_argument("--max-steps", type=int, help="optimizer steps "
+                       + config_default("train.max_steps", "the base's recommendation"))
+    train.add_argument("--resolution", type=int, help="training size in pixels "
+                       + config_default("data.resolution", "the base's native size"))
+    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                       help="autocast type " + config_default("train.mixed_precision"))
+    train.add_argument("--seed", type=int, help="LoRA initialisation, data order and noise "
+                       + config_default("train.seed"))
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--allow-pickle", action="store_true",
                        help="open a .ckpt/.pt base (tensors only, through torch's weights-only loader)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
 
+
+def add_generate_command(commands) -> None:
+    from sd_lora.generate import LORA_FORMS
+    from sd_lora.schedulers import ALIASES, DEFAULT_SAMPLER, cli_sampler
+
     gen = commands.add_parser("generate", help="render images from a base with adapters")
     gen.add_argument("--base", default="toy", help="toy | tiny | diffusers folder | hub id | model.safetensors")
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:W | :TE:UNET]",
-                     help="an adapter and its strength (repeatable); A1111's te/unet order")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--guidance", type=float, default=7.0)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--sampler", default="euler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim")
+                     help=f"an adapter and its strengths (repeatable): {LORA_FORMS}; "
+                     "default: none, the base alone")
+    gen.add_argument("--prompt", required=True, help="what to render")
+    gen.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
+    gen.add_argument("--seed", type=int, default=0, help="the first image's seed")
+    gen.add_argument("--steps", type=int, default=20, help="sampling steps")
+    gen.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (CFG)")
+    gen.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the base's own size)")
+    gen.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the base's own size)")
+    gen.add_argument("--sampler", default=cli_sampler(DEFAULT_SAMPLER),
+                     help=f"{', '.join(ALIASES)} (the app's default too)")
     gen.add_argument("--count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
-    gen.add_argument("--output", type=Path, default=Path("out.png"))
+    gen.add_argument("--output", type=Path, default=Path("out.png"),
+                     help="PNG image file ('.png' is added to a name without an extension; "
+                     "another extension is refused); with --count N, NAME-000.png, NAME-001.png, "
+                     "...")
     gen.add_argument("--allow-pickle", action="store_true",
                      help="open .ckpt/.pt bases and adapters (tensors only, weights-only loader)")
     gen.set_defaults(run=run_generate)
 
-    insp = commands.add_parser("inspect", help="describe an adapter file (exit status 1: damaged)")
-    insp.add_argument("path", type=Path)
-    insp.add_argument("--json", action="store_true", help="machine-readable output")
-    add_allow_pickle(insp, "read a .pt/.ckpt adapter")
-    insp.set_defaults(run=run_inspect)
 
+def add_check_command(commands) -> None:
     check = commands.add_parser(
         "check", help="check a dataset (and a job config) before training: every problem at once")
     check.add_argument("data", nargs="?", help="image folder (default: the config's data.path)")
-    check.add_argument("--config", type=Path, help="a TOML job config to validate with it")
-    check.add_argument("--dataset-config", help="an sd-scripts dataset TOML to check")
-    check.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    check.add_argument("--resolution", type=int, help="training resolution (warns below it)")
+    check.add_argument("--config", type=Path,
+                       help="a TOML job config to validate with it (default: none, the defaults)")
+    check.add_argument("--dataset-config", help="an sd-scripts dataset TOML to check (default: none)")
+    check.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override a config field (repeatable; default: none)")
+    check.add_argument("--resolution", type=int, help="training resolution, warns below it "
+                       "(default: the config's data.resolution)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(run=run_check)
 
-    add_tool_commands(commands)  # convert, merge, resize, extract
 
+def add_app_command(commands) -> None:
     app = commands.add_parser("app", help="open the browser app (Generate, Compare, Train)")
     app.add_argument("--adapters", type=Path, required=True,
-                     help="adapters folder: listed for blending; finished trainings land here")
-    app.add_argument("--models", type=Path, help="base models: diffusers folders and .safetensors checkpoints")
-    app.add_argument("--outputs", type=Path, help="generated images (default: next to --adapters)")
-    app.add_argument("--runs", type=Path, help="training runs and uploads (default: next to --adapters)")
+                     help="adapters folder: listed for blending; finished trainings land here "
+                     "(a training run folder works too: its checkpoints are not listed)")
+    app.add_argument("--models", type=Path, help="base models: diffusers folders and .safetensors "
+                     "checkpoints (default: none; the built-in bases and hub ids)")
+    app.add_argument("--outputs", type=Path, help="generated images (default: outputs/ next to "
+                     "--adapters; app/outputs/ inside it when it is a training run folder)")
+    app.add_argument("--runs", type=Path, help="the app's training runs and uploads (default: runs/ "
+                     "next to --adapters; app/runs/ inside it when it is a training run folder)")
     app.add_argument("--datasets", type=Path,
-                     help="image folders to train on, read only (each subfolder is a dataset)")
-    app.add_argument("--host", help="address to listen on (default 127.0.0.1: this computer only)")
-    app.add_argument("--port", type=int, help="port (default: 7860 or the next free one)")
+                     help="image folders to train on, read only; each subfolder is a dataset "
+                     "(default: none; folders under the runs folder's datasets/, or an upload)")
+    app.add_argument("--host", help="address to listen on (default: 127.0.0.1, this computer only)")
+    app.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
     app.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    app.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this login")
+    app.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this login (default: none)")
     app.set_defaults(run=run_app)
-    return parser
 
 
 def train_overrides(args: argparse.Namespace) -> list[str]:
@@ -146,14 +208,18 @@ def run_train(args: argparse.Namespace) -> int:
 
     if not is_main_process():  # the main process reports for all
         return 0
+    from sd_lora.words import plural
+
     change = (result.eval_loss_after - result.eval_loss_before) / result.eval_loss_before
-    print(f"\ntrained {result.steps} steps in {result.seconds:.0f} s; "
-          f"evaluation loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} ({change:+.1%})")
+    # Which images: the report's style loss is on others (held out, when there are some).
+    print(f"\ntrained {plural(result.steps, 'step')} in {result.seconds:.0f} s; loss on "
+          f"{plural(result.eval_images, 'training image')} (fixed noise), before -> after: "
+          f"{result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} ({change:+.1%})")
     for fmt, path in result.adapter_files.items():
         print(f"adapter ({fmt}): {path}")
     print(f"samples: {result.output_dir / 'samples'}   loss curve: {result.output_dir / 'loss.png'}")
     if result.report:
-        from sd_lora.report import verdict_lines
+        from sd_lora.report_plot import verdict_lines
 
         print(f"quality report: {result.output_dir / 'report.png'} (figures in report.json)")
         for line in verdict_lines(result.report):
@@ -220,14 +286,15 @@ def run_generate(args: argparse.Namespace) -> int:
     from sd_lora.adapter_io import load_adapter, pipeline_module_paths
     from sd_lora.apply import apply_adapters
     from sd_lora.formats.metadata import short_hash
-    from sd_lora.generate import generate_images, parse_adapter_choice
+    from sd_lora.generate import generate_images, resolve_adapter_choice
     from sd_lora.models import load_pipeline
     from sd_lora.sampling import RenderSettings
     from sd_lora.schedulers import set_sampler
     from sd_lora.train import native_resolution
 
-    choices = [parse_adapter_choice(text) for text in args.lora]
-    check_generate_args(args, choices)  # before the model loads: a typo costs nothing
+    # Before the model loads: a typo costs nothing.
+    choices = [resolve_adapter_choice(text) for text in args.lora]  # each file found, or refused
+    check_generate_args(args)
     pipe = load_pipeline(args.base, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     sampler = set_sampler(pipe, args.sampler)
@@ -247,11 +314,14 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# `generate --output` names that ask for another image format (refused: it writes PNGs)
+OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
 # diffusers' pipelines refuse other sizes (their check_inputs), after the model has loaded.
 SIZE_MULTIPLE = 8
 
 
-def check_generate_args(args: argparse.Namespace, choices) -> None:
+def check_generate_args(args: argparse.Namespace) -> None:
     """Every `generate` flag that would fail (or quietly write nothing) once the model has
     loaded, refused before it loads, naming the flag and its value."""
     import math
@@ -278,9 +348,20 @@ def check_generate_args(args: argparse.Namespace, choices) -> None:
     if args.output.is_dir():
         raise UserError(f"--output {args.output} is a folder; name the image file, e.g. "
                         f"{args.output / 'out.png'}")
-    for choice in choices:
-        if not choice.path.is_file():
-            raise UserError(f"--lora {choice.path}: no such file")
+    args.output = png_output(args.output)
+
+
+def png_output(path: Path) -> Path:
+    """`generate` writes PNGs (their text chunk holds the parameters): "g6" becomes "g6.png"
+    (the printed path shows it); "g6.jpg" is refused, naming the fix."""
+    if path.suffix.lower() == ".png":
+        return path
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    fixed = path.with_suffix(".png") if path.suffix.lower() in OTHER_IMAGE_SUFFIXES else (
+        path.with_name(path.name + ".png"))
+    raise UserError(f"--output {path}: generate writes PNG images (with their parameters in the "
+                    f"file); name it {fixed}")
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -294,10 +375,11 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_app(args: argparse.Namespace) -> int:
-    from app.server import launch, parse_auth
+    from app.server import check_port, launch, parse_auth
     from sd_lora.workspace import Workspace
 
     auth = parse_auth(args.auth)
+    check_port(args.host, args.port)  # before any folder is made
     workspace = Workspace.create(args.adapters, outputs=args.outputs, runs=args.runs,
                                  models=args.models, datasets=args.datasets)
     exposed = args.share or args.host not in (None, "127.0.0.1", "localhost")

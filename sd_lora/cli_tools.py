@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from sd_lora.errors import UserError
+from sd_lora.words import plural
 
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 
@@ -25,19 +26,26 @@ def add_commands(commands) -> None:
     merge.add_argument("--out", type=Path, required=True)
     merge.add_argument("--rank", type=int, help="compress the sum to this rank (default: exact)")
     merge.add_argument("--into", metavar="BASE",
-                       help="merge into this base and write a single-file checkpoint")
-    merge.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+                       help="merge into this base and write a single-file checkpoint "
+                       "(default: none, write an adapter)")
+    merge.add_argument("--format", choices=["kohya", "diffusers"], default="kohya",
+                       help="layout of the adapter written")
     _dtype_flag(merge, default="fp16")
     add_allow_pickle(merge, "read .pt/.ckpt adapters and a .ckpt --into base")
     merge.set_defaults(run=run_merge)
 
-    resize = commands.add_parser("resize", help="change an adapter's rank (fixed or dynamic)")
+    resize = commands.add_parser(
+        "resize", help="change an adapter's rank: fixed (--rank), or per module (--sv-*)")
     resize.add_argument("input", type=Path)
-    resize.add_argument("--rank", type=int, required=True, help="the rank (the cap, when dynamic)")
+    resize.add_argument("--rank", type=int, help="the rank; with an --sv-* method the cap "
+                        "(default there: each module's own rank)")
     how = resize.add_mutually_exclusive_group()
-    how.add_argument("--sv-ratio", type=float, help="keep singular values >= largest / this")
-    how.add_argument("--sv-fro", type=float, help="keep this share of the Frobenius norm (0-1)")
-    how.add_argument("--sv-cumulative", type=float, help="keep this share of the singular values' sum")
+    how.add_argument("--sv-ratio", type=float, help="keep singular values >= largest / this "
+                     "(default: none of the three: every module at --rank)")
+    how.add_argument("--sv-fro", type=float, help="keep this share of the Frobenius norm (0-1) "
+                     "(default: none, as above)")
+    how.add_argument("--sv-cumulative", type=float, help="keep this share of the singular "
+                     "values' sum (default: none, as above)")
     resize.add_argument("--out", type=Path, required=True)
     resize.add_argument("--verbose", action="store_true", help="one line per module")
     _dtype_flag(resize, default="fp16")
@@ -85,15 +93,15 @@ def run_convert(args: argparse.Namespace) -> int:
     state = adapter_from_tensors(tensors, metadata, source=args.input)
     stored = tensors[min(tensors)].dtype  # the first tensor's, as the file lists them
     out = save_adapter(state, args.output, format=args.to, dtype=_torch_dtype(args.dtype, stored))
-    print(f"{args.input} -> {out} ({args.to}, {state.count()} modules)")
+    print(f"{args.input} -> {out} ({args.to}, {plural(state.count(), 'module')})")
     return 0
 
 
 def run_merge(args: argparse.Namespace) -> int:
     from sd_lora.adapter_io import load_adapter, save_adapter
-    from sd_lora.generate import parse_adapter_choice
+    from sd_lora.generate import resolve_adapter_choice
 
-    choices = [parse_adapter_choice(text) for text in args.adapters]
+    choices = [resolve_adapter_choice(text, "adapter") for text in args.adapters]
     for c in choices:
         if c.unet_strength != c.text_encoder_strength:
             raise UserError(f"{c.path}: merge takes one weight per adapter (FILE:WEIGHT)")
@@ -106,7 +114,7 @@ def run_merge(args: argparse.Namespace) -> int:
     merged, reports = merge(weighted, rank=args.rank)
     out = save_adapter(merged, args.out, format=args.format, dtype=_torch_dtype(args.dtype))
     how = "exact (ranks concatenated)" if args.rank is None else f"compressed to rank {args.rank}"
-    print(f"merged {len(choices)} adapters, {how}: {summary(reports)}")
+    print(f"merged {plural(len(choices), 'adapter')}, {how}: {summary(reports)}")
     print(out)
     return 0
 
@@ -123,7 +131,8 @@ def _merge_into_base(args, choices) -> int:
                                      c.unet_strength, c.text_encoder_strength) for c in choices])
     out = save_single_file(pipe, args.out, _torch_dtype(args.dtype))
     matched = sum(sum(c.values()) for c in applied.coverage) if applied.coverage else 0
-    print(f"merged {len(choices)} adapters into {args.into} ({matched} layers changed)")
+    print(f"merged {plural(len(choices), 'adapter')} into {args.into} "
+          f"({plural(matched, 'layer')} changed)")
     print(out)
     return 0
 
@@ -135,6 +144,10 @@ def run_resize(args: argparse.Namespace) -> int:
     method, value = next(((m, v) for m, v in (("sv_ratio", args.sv_ratio), ("sv_fro", args.sv_fro),
                                               ("sv_cumulative", args.sv_cumulative)) if v is not None),
                          (None, None))
+    if method is None and args.rank is None:  # before the file is read
+        raise UserError("resize needs a target: --rank N (every module to rank N), or one of "
+                        "--sv-ratio, --sv-fro, --sv-cumulative (a rank per module from its "
+                        "singular values, capped by --rank if given)")
     state = load_adapter(args.input, allow_pickle=args.allow_pickle)
     resized, reports = resize(state, args.rank, method, value)
     out = save_adapter(resized, args.out, dtype=_torch_dtype(args.dtype))
@@ -159,7 +172,7 @@ def run_extract(args: argparse.Namespace) -> int:
     state.metadata["ss_output_name"] = args.out.stem
     out = save_adapter(state, args.out, dtype=_torch_dtype(args.dtype))
     total = sum(len(m) for m in differences.values())
-    print(f"extracted {len(reports)} of {total} layers (the rest differ by less than "
+    print(f"extracted {len(reports)} of {plural(total, 'layer')} (the rest differ by less than "
           f"{args.min_diff:g} of the largest): {summary(reports)}")
     print(out)
     return 0

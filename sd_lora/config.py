@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 from sd_lora.errors import UserError
 from sd_lora.optimizers import DEFAULT_RANGE, LEARNING_RATE_RANGE, parse_optimizer_args
+from sd_lora.words import plural
 
 CONFIG_VERSION = 1
 # report.style: the toy world's styles (sd_lora.world.styles.TOY_STYLES), kept here as names so
@@ -170,13 +171,17 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    output_dir: WritePath = "runs/demo"  # the run folder: checkpoints, samples, logs, the adapter
-    name: str = "demo"  # the adapter's file name (without .safetensors) and ss_output_name
-    max_steps: int = 200  # optimizer steps to train
+    # The run folder: checkpoints, samples, logs, the adapter. "": runs/<train.name>, or
+    # runs/<train.name>-2, -3, ... when that one holds another run (resuming: the latest of them).
+    output_dir: WritePath = ""
+    # The adapter's file name (without .safetensors) and ss_output_name. "": the name of the
+    # data folder (data.path), or of the data.dataset_config file.
+    name: str = ""
+    max_steps: int = 0  # optimizer steps to train; 0: the base's recommendation (sd_lora.recommended: printed in the plan; 1500 for SD bases)
     batch_size: int = 4  # images per micro-batch (per process)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 1e-4  # UNet LoRA
-    text_encoder_learning_rate: float = 5e-5  # text encoder LoRA
+    learning_rate: float = 0.0  # UNet LoRA; 0: the base's recommendation (the toy base's tuned value; 1e-4 for SD 1.x, 2.x, SDXL)
+    text_encoder_learning_rate: float = 0.0  # text encoder LoRA; 0: the base's recommendation (5e-5 for SD 1.x, 2.x, SDXL)
     text_encoder_2_learning_rate: float = 0.0  # SDXL's second encoder; 0: text_encoder_learning_rate
     lr_scheduler: LrSchedule = "constant"  # the learning-rate schedule (each with lr_warmup_steps)
     lr_warmup_steps: int = 0  # a linear ramp from 0, for every schedule (constant included)
@@ -403,12 +408,12 @@ def _check_scalar(hint: type, value: Any, dotted: str) -> Any:
 
 
 _POSITIVE = {
-    "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps",
+    "train.batch_size", "train.gradient_accumulation_steps",
     "train.lr_scheduler_num_cycles", "train.huber_c", "lora.unet_r", "lora.text_encoder_r", "lora.conv_r", "sample.steps",
     "report.max_images",
 }
 _NON_NEGATIVE = {
-    "data.resolution", "train.lr_warmup_steps", "train.checkpoint_every",
+    "train.max_steps", "data.resolution", "train.lr_warmup_steps", "train.checkpoint_every",
     "train.checkpoints_keep", "train.dataloader_workers", "sample.every",
     "train.max_nonfinite_steps", "train.lr_scheduler_power", "data.keep_tokens",
     "train.max_grad_norm", "train.adam_weight_decay", "train.noise_offset",
@@ -430,10 +435,11 @@ def validate(config: JobConfig) -> None:
     low, high = LEARNING_RATE_RANGE.get(config.train.optimizer, DEFAULT_RANGE)
     for dotted in ("train.learning_rate", "train.text_encoder_learning_rate"):
         value = getattr(config.train, dotted.split(".")[1])
-        if not low < value < high:
+        if value != 0 and not low < value < high:  # 0: the base's recommendation
             hint = "1.0 for prodigy" if config.train.optimizer == "prodigy" else "e.g. 1e-4"
             raise ConfigError(f"{dotted} = {value!r} must be between {low:g} and {high:g} "
-                              f"for train.optimizer = {config.train.optimizer!r} ({hint})")
+                              f"for train.optimizer = {config.train.optimizer!r} ({hint}; "
+                              "0: the base's recommendation)")
     _check_optimizer_settings(config.train)
     if not 0 <= config.train.text_encoder_2_learning_rate < high:
         raise ConfigError(
@@ -518,7 +524,8 @@ def validate(config: JobConfig) -> None:
         raise ConfigError(f"data.resolution = {config.data.resolution} must be a multiple of 8")
     if config.sample.seeds and len(config.sample.seeds) != len(config.sample.prompts):
         raise ConfigError(
-            f"sample.seeds has {len(config.sample.seeds)} entries; give one per prompt "
+            f"sample.seeds has {plural(len(config.sample.seeds), 'entry', 'entries')}; give one "
+            "per prompt "
             f"({len(config.sample.prompts)}) or none"
         )
     if not config.report.weights:
@@ -531,8 +538,9 @@ def validate(config: JobConfig) -> None:
         raise ConfigError("export.formats is empty; use ['kohya'] and/or 'diffusers'")
     if config.version != CONFIG_VERSION:
         raise ConfigError(f"version = {config.version}; this sd-lora reads version {CONFIG_VERSION}")
-    if not config.train.name or any(c in config.train.name for c in "/\\:"):
-        raise ConfigError(f"train.name = {config.train.name!r} must be a plain file name")
+    if any(c in config.train.name for c in "/\\:"):  # "": named after the data
+        raise ConfigError(f"train.name = {config.train.name!r} must be a plain file name "
+                          "(no '/', '\\' or ':'), or \"\" for the data folder's name")
     _check_seeds(config)
 
 

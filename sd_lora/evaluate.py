@@ -12,6 +12,7 @@ from sd_lora.objective import denoising_loss
 from sd_lora.text import default_time_ids, encode_all, tokenize_all
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)  # spread over the schedule; each image gets every one
+EVAL_CHUNK = 8  # rows (image x timestep) a forward pass: bounds memory
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,16 @@ class EvalBatch:
     timesteps: torch.Tensor  # (N,)
     noise: torch.Tensor  # (N, 4, h, w)
     time_ids: torch.Tensor  # (N, 6) SDXL's size conditioning (other bases ignore it)
+
+    @property
+    def images(self) -> int:
+        """How many images it holds (each is repeated once per timestep)."""
+        return self.latents.shape[0] // max(1, len(set(self.timesteps.tolist())))
+
+
+def eval_chunks(images: int, timesteps: int = len(EVAL_TIMESTEPS)) -> int:
+    """The forward passes `eval_loss` makes over `images` images: a progress bar's total."""
+    return -(-images * timesteps // EVAL_CHUNK)
 
 
 @torch.no_grad()
@@ -59,7 +70,8 @@ def eval_loss(
     text_encoders,  # the pipe's text encoder, or a list of them (SDXL: two)
     schedule,
     batch: EvalBatch,
-    chunk: int = 8,
+    chunk: int = EVAL_CHUNK,
+    advance=None,  # called with 1 after each chunk (a progress bar's update), if given
 ) -> float:
     """Mean denoising loss over the batch, in chunks to bound memory."""
     unet_param = next(unet.parameters())
@@ -80,4 +92,6 @@ def eval_loss(
         )
         total += float(loss) * (end - start)
         count += end - start
+        if advance is not None:
+            advance(1)
     return total / count

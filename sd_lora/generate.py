@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sd_lora.errors import UserError
 from sd_lora.sampling import RenderSettings, a1111_parameters, render, save_png
 
 
@@ -40,6 +41,56 @@ def parse_adapter_choice(text: str) -> AdapterChoice:
     if len(numbers) == 1:
         return AdapterChoice(path, numbers[0], numbers[0])
     return AdapterChoice(path, unet_strength=numbers[1], text_encoder_strength=numbers[0])
+
+
+LORA_FORMS = ("FILE, FILE:W, FILE:TE:UNET (A1111's te/unet order), or A1111's <lora:NAME:W> / "
+              "<lora:NAME:TE:UNET> for NAME.safetensors")
+SUFFIX = ".safetensors"
+
+
+def resolve_adapter_choice(text: str, flag: str = "--lora") -> AdapterChoice:
+    """`parse_adapter_choice`, or A1111's `<lora:...>` tag, for a file that must exist: a name
+    without its suffix is read as NAME.safetensors when that is there (a tag's name always is),
+    relative to the current folder. A file missing, or one of a training checkpoint, is refused with what to give."""
+    tag = text.strip()
+    if tag.startswith("<lora:") and tag.endswith(">"):
+        choice = _tag_choice(tag, flag)
+    else:
+        choice = parse_adapter_choice(text)
+    named = _with_suffix(choice.path)
+    if not choice.path.exists() and named.is_file():  # "demo:0.8" for demo.safetensors
+        choice = AdapterChoice(named, choice.unet_strength, choice.text_encoder_strength)
+    from sd_lora.checkpoint import not_an_adapter
+
+    if (problem := not_an_adapter(choice.path)) is not None:
+        raise UserError(f"{flag} {text}: {problem}")
+    if not choice.path.is_file():
+        raise UserError(f"{flag} {text}: {_not_found(text, choice.path)}; the accepted forms are "
+                        f"{LORA_FORMS}")
+    return choice
+
+
+def _tag_choice(tag: str, flag: str) -> AdapterChoice:
+    from sd_lora.png_info import parse_lora_tag
+
+    name, te, unet, blocks = parse_lora_tag(tag[len("<lora:"):-1], f"{flag} {tag}")
+    if blocks is not None:
+        raise UserError(f"{flag} {tag}: lbw= (block weights) is an app setting; leave it out here")
+    return AdapterChoice(_with_suffix(Path(name)), unet_strength=unet, text_encoder_strength=te)
+
+
+def _with_suffix(path: Path) -> Path:
+    return path if path.name.lower().endswith(SUFFIX) else path.with_name(path.name + SUFFIX)
+
+
+def _not_found(text: str, path: Path) -> str:
+    """'no such file' and, for the usual slips, what was probably meant."""
+    if path.is_dir():
+        return f"{path} is a folder; name the adapter file in it"
+    found = f"no file {path}" + ("" if path.is_absolute() else " (from the current folder)")
+    if "=" in text or "," in text:  # file.safetensors=0.8, file.safetensors:0,8
+        return found + " (a strength follows ':' and uses '.' for decimals, e.g. FILE:0.8)"
+    return found
 
 
 def lora_tag(choice: AdapterChoice) -> str:

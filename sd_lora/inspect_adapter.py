@@ -24,6 +24,7 @@ from sd_lora.formats.kohya import KohyaKeyError, parse_kohya_key
 from sd_lora.formats.metadata import HASH_KEYS, file_hashes
 from sd_lora.formats.peft_diffusers import DiffusersKeyError, from_diffusers
 from sd_lora.inject import TARGET_GROUPS
+from sd_lora.words import plural
 
 # Layer kinds recognised in module paths, longest first so that `ff.net.0.proj` wins over `proj`.
 KNOWN_KINDS = sorted(
@@ -175,7 +176,8 @@ def format_inspection(info: dict) -> str:
     for component, c in info["components"].items():
         kinds = ", ".join(f"{k} x{n}" for k, n in c["layer_kinds"].items())
         lines.append(
-            f"  {component}: {c['modules']} modules, rank {c['ranks']}, alpha {c['alphas']}"
+            f"  {component}: {plural(c['modules'], 'module')}, rank {c['ranks']}, "
+            f"alpha {c['alphas']}"
         )
         lines.append(f"    layers: {kinds}")
     for key, check in info["hashes"].items():

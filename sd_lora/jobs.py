@@ -31,16 +31,20 @@ from pathlib import Path
 from sd_lora.config import JobConfig, load_config, load_config_text, to_toml
 from sd_lora.errors import UserError
 from sd_lora.job_guard import guard_job
+from sd_lora.recommended import with_recommended
 from sd_lora.workspace import Workspace
 
-# Dotted overrides of sd_lora.config defaults, per preset.
+# Dotted overrides of sd_lora.config defaults, per preset. Learning rates and steps left out
+# are the base's recommendation (sd_lora.recommended). The data.regularization_* settings apply
+# only to a job given a regularization folder: without one they would act on nothing.
 PRESETS: dict[str, dict] = {
-    "quick": {  # the toy base or a first try: minutes on a CPU (= examples/demo.toml)
+    "quick": {  # the toy base or a first try: minutes on a CPU (= examples/demo.toml, tested)
         "lora.unet_r": 8, "lora.unet_alpha": 8.0, "lora.text_encoder_r": 4,
-        "lora.text_encoder_alpha": 4.0, "train.max_steps": 300, "train.batch_size": 4,
-        "train.learning_rate": 5e-4, "train.text_encoder_learning_rate": 2.5e-4,
+        "lora.text_encoder_alpha": 4.0, "train.batch_size": 4,
         "train.min_snr_gamma": 5.0, "train.noise_offset": 0.1,
         "train.checkpoint_every": 100, "sample.every": 100,
+        "data.regularization_weight": 10.0, "data.regularization_caption_dropout": 0.2,
+        "data.regularization_target": "base", "export.formats": ["kohya", "diffusers"],
     },
     "standard": {  # an SD 1.x/2.x style LoRA on a GPU
         "lora.unet_r": 16, "lora.unet_alpha": 8.0, "lora.text_encoder_r": 8,
@@ -82,14 +86,21 @@ def _toml_literal(value) -> str:
     return json.dumps(value)  # JSON strings, numbers, booleans and lists are valid TOML
 
 
-def preset_toml(preset: str, base: str, data_dir, name: str, overrides=()) -> str:
-    """A complete job TOML for `preset` (validated); `overrides` are more `field=value` items."""
+def preset_toml(preset: str, base: str, data_dir, name: str, overrides=(),
+                regularization="") -> str:
+    """A complete job TOML for `preset` (validated); `overrides` are more `field=value` items;
+    `regularization` a folder of regularization images (the app gives the toy world's plain
+    scenes on the toy base, as the demo trains with), else none."""
     if preset not in PRESETS:
         raise JobError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     _check_name(name)
-    items = [f"{k}={_toml_literal(v)}" for k, v in PRESETS[preset].items()]
+    settings = {k: v for k, v in PRESETS[preset].items()
+                if regularization or not k.startswith("data.regularization_")}
+    items = [f"{k}={_toml_literal(v)}" for k, v in settings.items()]
     items += [f"model.base={_toml_literal(str(base))}", f"data.path={_toml_literal(str(data_dir))}",
               f"train.name={_toml_literal(name)}", f"train.output_dir={_toml_literal('runs/' + name)}"]
+    if regularization:
+        items.append(f"data.regularization={_toml_literal(str(regularization))}")
     config = load_config(None, items + list(overrides))
     return (f"# sd-lora job, preset {preset!r}. When the app starts it, train.output_dir, data.path\n"
             f"# and train.name are set from the job's own settings, and every path must be inside\n"
@@ -174,13 +185,14 @@ class JobManager:
     def job_config(self, toml_text: str, data: Path, name: str | None = None) -> JobConfig:
         """The job's validated JobConfig as the app runs it: the chosen data folder (and name),
         train.output_dir the runs folder until the job's own folder is made there, its base
-        resolved and every path inside the app's folders (sd_lora.job_guard)."""
+        resolved and every path inside the app's folders (sd_lora.job_guard), and learning
+        rates and steps left at 0 the base's recommendation (sd_lora.recommended)."""
         settings = [f"data.path={_toml_literal(str(data))}",
                     f"train.output_dir={_toml_literal(str(self.workspace.runs))}"]
         if name is not None:
             settings.append(f"train.name={_toml_literal(name)}")
         config = load_config_text(toml_text, settings, source="the job's TOML")
-        return guard_job(config, self.workspace)
+        return with_recommended(guard_job(config, self.workspace))  # job.toml: what runs
 
     def _new_run_dir(self, name: str) -> tuple[Path, str]:
         stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import torch
 from tqdm import tqdm
@@ -41,10 +42,14 @@ from sd_lora.objective import (
     sample_noise,
     sample_timesteps,
 )
+from sd_lora.processes import say
 from sd_lora.run_outputs import adapter_path, render_sample_grid
 from sd_lora.stop_signals import ImmediateStop, StopSignals
 from sd_lora.text import encode_all, text_encoders_of, tokenize_all, tokenizers_of
 from sd_lora.validation import Validator
+from sd_lora.words import plural
+
+PROGRESS_LINES = 10  # without a bar, a line every tenth of the run
 
 
 class TrainingLoop:
@@ -75,6 +80,7 @@ class TrainingLoop:
         bar = tqdm(total=cfg.max_steps, initial=progress.global_step, desc="training",
                    unit="step", disable=not (show_progress and self.accelerator.is_main_process))
         step, epoch, skip = progress.global_step, progress.epoch, progress.batches_done_in_epoch
+        started = time.time()
         done_in_epoch = skip
         for model in self.models.values():
             model.train()
@@ -97,6 +103,8 @@ class TrainingLoop:
                             bar.set_postfix(loss=f"{loss:.4f}",
                                             lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
                             self.log.step(step, loss, self.lr_scheduler.get_last_lr()[0], epoch)
+                            if bar.disable:
+                                self.tell(step, progress.global_step, loss, started)
                             self.after_step(Progress(step, epoch, done_in_epoch))
                         else:  # nothing changed; raises when it keeps happening
                             self.guard.bad(step + 1, loss, self.problem, self.problem_is_update)
@@ -121,6 +129,17 @@ class TrainingLoop:
         final = Progress(step, epoch, done_in_epoch)
         self.save(final)
         return final
+
+    def tell(self, step: int, first: int, loss: float, started: float) -> None:
+        """Without a bar (--no-progress, the app's log), a line every tenth of the run: the
+        step, the loss and the time left."""
+        steps = self.config.train.max_steps
+        if step % max(1, steps // PROGRESS_LINES) and step != steps:
+            return
+        elapsed = time.time() - started
+        left = elapsed / max(1, step - first) * (steps - step)
+        say(f"training: step {step}/{steps} ({step / steps:.0%}), loss {loss:.4f}, "
+            f"{elapsed:.0f} s so far, about {left:.0f} s left")
 
     @property
     def share(self) -> tuple[int, int] | None:
@@ -255,7 +274,8 @@ class TrainingLoop:
             if self.stopped_early:
                 state = self.validator.state
                 self.accelerator.print(
-                    f"early stop at step {step}: {state.since_best} validations without a new best "
+                    f"early stop at step {step}: {plural(state.since_best, 'validation')} "
+                    "without a new best "
                     f"(best {state.best_loss:.4f} at step {state.best_step})")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             self.save(progress)

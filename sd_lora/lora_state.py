@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sd_lora.words import plural
+
 # The pipeline attribute each component lives under; the same strings key `AdapterState.modules`.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -249,7 +251,7 @@ class AdapterState:
 
     def coverage(self) -> str:
         """'N modules matched' plus what was left out, for logs and reports."""
-        text = f"{self.count()} modules matched"
+        text = f"{plural(self.count(), 'module')} matched"
         if self.unmatched:
             names = ", ".join(sorted(self.unmatched)[:3]) + (" ..." if len(self.unmatched) > 3 else "")
             text += f"; {len(self.unmatched)} in the file match nothing and are left out ({names})"

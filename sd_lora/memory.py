@@ -31,6 +31,8 @@ ACTIVATION_GIB = {"no": 1.3, "bf16": 1.0, "fp16": 1.0}  # per image at 256 px
 CHECKPOINTING_FACTOR = 0.5
 ADAPTER_SHARE = 0.01  # LoRA parameters per UNet parameter, about (rank 8-16 on attention)
 BYTES = {"no": 4, "bf16": 2, "fp16": 2}
+TIGHT_SHARE = 0.5  # an estimate above this share of the memory available is warned about
+LARGE_SIZE_FACTOR = 2  # a training size above this many times the base's own is warned about
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class MemoryEstimate:
     def fits(self) -> bool:
         return self.available_gib is None or self.total_gib <= self.available_gib
 
+    def tight(self) -> bool:
+        """Fits, but takes more than TIGHT_SHARE of what is available: the rest of the
+        machine (other programs, the OS's file cache) gets squeezed, and swapping is slow."""
+        return self.available_gib is not None and self.total_gib > TIGHT_SHARE * self.available_gib
+
     def text(self, fixes: list[str]) -> str:
         line = (f"  memory: about {self.total_gib:.1f} GiB (weights {self.weights_gib:.1f}, "
                 f"adapter and optimizer {self.adapter_gib:.2f}, activations "
@@ -63,6 +70,9 @@ class MemoryEstimate:
             line += f" of {self.available_gib:.1f} GiB {self.where} available"
         if not self.fits():
             line += "\n  warning: this will probably not fit; " + "; ".join(fixes)
+        elif self.tight():
+            line += (f"\n  warning: that is more than {TIGHT_SHARE:.0%} of the {self.where} "
+                     "available, so other programs may be pushed out; " + "; ".join(fixes))
         return line
 
 
@@ -106,24 +116,52 @@ def count_folder(folder: Path) -> ParameterCounts:
 def count_base(base: str) -> ParameterCounts | None:
     """The base's parameter counts without loading it; None when they cannot be known here
     (a hub id not in the cache)."""
-    from sd_lora.models import base_kind, hub_cache_dir, hub_repo_id
+    from sd_lora.models import base_kind
 
     kind = base_kind(base)
     if kind in ("tiny", "tiny-sdxl"):
         return None  # a few million parameters: nothing to warn about
-    if kind == "toy":
-        from sd_lora.world.toy_base import toy_base_path
-
-        return count_folder(toy_base_path())
-    if kind == "folder":
-        return count_folder(Path(base).expanduser())
     if kind == "file":
         path = Path(base).expanduser()
         return count_single_file(path) if path.suffix.lower() == ".safetensors" else None
+    folder = config_folder(base)
+    return count_folder(folder) if folder is not None else None
+
+
+def config_folder(base: str) -> Path | None:
+    """The diffusers folder holding the base's configs (the toy's, a local folder, a hub id's
+    cached snapshot), or None (a single file, a built-in random base, a hub id not cached)."""
+    from sd_lora.models import base_kind, hub_cache_dir, hub_repo_id
+
+    kind = base_kind(base)
+    if kind == "toy":
+        from sd_lora.world.toy_base import toy_base_path
+
+        return toy_base_path()
+    if kind == "folder":
+        return Path(base).expanduser()
+    if kind != "hub":
+        return None
     from huggingface_hub import try_to_load_from_cache
 
     index = try_to_load_from_cache(hub_repo_id(base), "model_index.json", cache_dir=hub_cache_dir())
-    return count_folder(Path(index).parent) if isinstance(index, str) else None
+    return Path(index).parent if isinstance(index, str) else None
+
+
+def native_size(base: str) -> int | None:
+    """The image size the base was made for (its UNet's sample size times the VAE's scale),
+    from its configs without loading weights; None when unknown here."""
+    from sd_lora.models import RANDOM_BASES
+    from sd_lora.tiny import TINY_RESOLUTION
+
+    if base in RANDOM_BASES:
+        return TINY_RESOLUTION
+    folder = config_folder(base)
+    if folder is None:
+        return None
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def available_gib() -> tuple[float | None, str]:
@@ -170,7 +208,28 @@ def fixes_for(mixed_precision: str, checkpointing: bool, batch: int, cached: boo
 
 
 def plan_line(config) -> str | None:
-    """The plan's memory line for a job, or None when the base's size is unknown here."""
+    """The plan's memory line for a job (when the base's size is known here) and a warning
+    when the training size is far above the base's own; None when there is neither."""
+    lines = [line for line in (_memory_line(config), _size_warning(config)) if line]
+    return "\n".join(lines) or None
+
+
+def _size_warning(config) -> str | None:
+    resolution = config.data.resolution
+    try:
+        native = native_size(config.model.base)
+    except Exception:  # an unreadable base is reported by the loader, with its own message
+        return None
+    if not resolution or native is None or resolution <= LARGE_SIZE_FACTOR * native:
+        return None
+    return (f"  warning: data.resolution {resolution} is {resolution / native:g}x the base's "
+            f"native size, {native} px: it never saw images this large, and each step costs "
+            f"about {(resolution / native) ** 2:.0f}x the activation memory and time. Train at "
+            f"{native} (--resolution {native}), or leave data.resolution unset for the base's "
+            "own size")
+
+
+def _memory_line(config) -> str | None:
     try:
         counts = count_base(config.model.base)
     except Exception:  # an unreadable base is reported by the loader, with its own message

@@ -36,6 +36,7 @@ from sd_lora.tiny_variants import build_tiny_sdxl_pipeline
 from sd_lora.world.toy_base import toy_base_path
 
 BUILTIN_BASES = ("toy", "tiny", "tiny-sdxl")
+RANDOM_BASES = ("tiny", "tiny-sdxl")  # random weights, for tests: their images are noise
 # The pipeline classes a diffusers folder may name, and the extra arguments each is built with.
 PIPELINE_CLASSES = {
     "StableDiffusionPipeline": (StableDiffusionPipeline, dict(
@@ -114,9 +115,20 @@ def base_kind(base: str) -> str:
     if HUB_ID.match(base):
         return "hub"
     raise BaseModelError(
-        f"base {base!r} is not an existing file or folder, nor an org/name hub id. "
-        f"Accepted: {ACCEPTED_FORMS}"
+        f"base {base!r} is not an existing file or folder, nor an org/name hub id"
+        f"{builtin_suggestion(base) or '.'} Accepted: {ACCEPTED_FORMS}"
     )
+
+
+def builtin_suggestion(base: str) -> str:
+    """'; did you mean 'toy'?' for a near miss of a built-in base's name ("Toy", "tiny_sdxl",
+    "toys"), else ''. Built-in names are exact (lower-case): "Toy" could be a folder's name."""
+    import difflib
+
+    folded = base.strip().lower().replace("_", "-")
+    close = [name for name in BUILTIN_BASES if name == folded]
+    close = close or difflib.get_close_matches(folded, BUILTIN_BASES, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _load_toy(dtype: torch.dtype) -> DiffusionPipeline:

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import torch
 
 from sd_lora.errors import UserError
+from sd_lora.words import plural
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class NonFiniteGuard:
         kept = ("Each bad update was undone before anything was saved" if update
                 else "No bad update was applied")
         return (
-            f"training stopped: {what} at {self.in_a_row} steps in a row (from step "
+            f"training stopped: {what} at {plural(self.in_a_row, 'step')} in a row (from step "
             f"{self.first_bad_step} to {step}; {self.skipped} skipped in all). Likely causes: "
             + "; ".join(causes) + f". {kept} and the last checkpoint is intact; train the "
             "fixed settings into a new --output."

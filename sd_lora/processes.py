@@ -12,6 +12,7 @@ def is_main_process() -> bool:
 
 
 def say(text: str) -> None:
-    """print, from the main process only (N processes would print everything N times)."""
+    """print, from the main process only (N processes would print everything N times);
+    flushed, so that a log file or a pipe shows each line when it happens."""
     if is_main_process():
-        print(text)
+        print(text, flush=True)

@@ -9,6 +9,10 @@ What a person wants to know about a style adapter, measured rather than eyeballe
 - on the toy world, a style score of generations (`sd_lora.world.scorer`) with and without the
   adapter, for prompts with the trigger word and without.
 
+On a random-weight base (`tiny`) images are noise: the report renders nothing (no grid, style
+score or off-style renders), measures the losses it can, and says so. Each step is told on the
+console as it runs (`sd_lora.phases`); `sd_lora.report_plot` draws the figure.
+
 The adapter's weight is set on the trained (PEFT) layers in place (`inject.lora_weight`), so
 nothing is reloaded; tests check that these layers and the exported files give the same outputs.
 """
@@ -27,10 +31,15 @@ from PIL import Image
 from sd_lora.atomic import atomic_path
 from sd_lora.config import JobConfig, ReportConfig
 from sd_lora.data import DatasetScan, load_image, scan_dataset
-from sd_lora.evaluate import eval_loss, make_eval_batch
+from sd_lora.evaluate import eval_chunks, eval_loss, make_eval_batch
 from sd_lora.inject import lora_weight
+from sd_lora.models import RANDOM_BASES
+from sd_lora.phases import phase
+from sd_lora.processes import say
+from sd_lora.report_plot import plot_report
 from sd_lora.sampling import RenderSettings, image_grid, render
 from sd_lora.text import text_encoders_of, tokenizers_of
+from sd_lora.words import plural
 
 TRIGGER_SHARE = 0.8  # a first caption tag this common is the trigger word
 GENERATED_OFF_STYLE_IMAGES = 8  # renders of the base when no off-style folder is given
@@ -43,6 +52,7 @@ class LossComparison:
     images: int
     base: float  # adapter weight 0
     adapter: float  # adapter weight 1
+    name: str = ""  # which set, short: "12 held-out images", "4 training images (no held-out set)"
 
     @property
     def change(self) -> float:
@@ -105,13 +115,18 @@ class ImageSet:
     pixels: torch.Tensor  # (n, 3, H, W) in [-1, 1]
     captions: list[str]
     source: str
+    name: str  # the set, short, for the console and the figure
 
 
-def folder_images(folder: str, resolution: int, limit: int, caption_extensions) -> ImageSet:
+def folder_images(folder: str, resolution: int, limit: int, caption_extensions,
+                  kind: str) -> ImageSet:
+    """Up to `limit` captioned images of `folder`; `kind`: "held-out" or "off-style"."""
     scan = scan_dataset(Path(folder), caption_extensions=caption_extensions)
     samples = scan.samples[:limit]
     pixels = torch.stack([load_image(s.image, resolution, center_crop=True) for s in samples])
-    return ImageSet(pixels, [s.caption for s in samples], f"{len(samples)} images from {folder}")
+    return ImageSet(pixels, [s.caption for s in samples],
+                    f"{plural(len(samples), 'image')} from {folder}",
+                    plural(len(samples), f"{kind} image"))
 
 
 def default_folders(data_path: str) -> dict[str, Path]:
@@ -143,13 +158,16 @@ def heldout_images(
     folder: str, cfg: ReportConfig, scan: DatasetScan, resolution: int, caption_extensions
 ) -> ImageSet:
     if folder:
-        return folder_images(folder, resolution, cfg.max_images, caption_extensions)
+        return folder_images(folder, resolution, cfg.max_images, caption_extensions, "held-out")
     samples = scan.samples[: min(cfg.max_images, 4)]
     pixels = torch.stack([load_image(s.image, resolution, center_crop=True) for s in samples])
+    count = plural(len(samples), "TRAINING image")
     return ImageSet(
         pixels,
         [s.caption for s in samples],
-        f"{len(samples)} TRAINING images (no held-out set: set report.heldout, or put one in heldout/<name> beside the data folder)",
+        f"{count} (no held-out set: set report.heldout, or put one in heldout/<name> beside "
+        "the data folder)",
+        f"{plural(len(samples), 'training image')} (no held-out set)",
     )
 
 
@@ -158,41 +176,40 @@ def pil_to_pixels(image: Image.Image) -> torch.Tensor:
     return array.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def off_style_images(
-    folder: str,
-    cfg: ReportConfig,
-    pipe,
-    models,
-    captions: list[str],
-    trigger: str | None,
-    resolution: int,
-    caption_extensions,
-) -> ImageSet:
-    if folder:
-        return folder_images(folder, resolution, cfg.max_images, caption_extensions)
+def off_style_prompts(cfg: ReportConfig, captions: list[str], trigger: str | None) -> list[str]:
+    """What the base renders to stand in for an off-style folder: the training captions
+    without the trigger word."""
     prompts = list(dict.fromkeys(strip_trigger(c, trigger) for c in captions))
-    prompts = prompts[: min(cfg.max_images, GENERATED_OFF_STYLE_IMAGES)]
+    return prompts[: min(cfg.max_images, GENERATED_OFF_STYLE_IMAGES)]
+
+
+def rendered_off_style(pipe, models, prompts: list[str], resolution: int, advance) -> ImageSet:
+    images = []
     with lora_weight(models, 0.0):
-        images = [
-            render(pipe, RenderSettings(prompt=p, seed=i, width=resolution, height=resolution))
-            for i, p in enumerate(prompts)
-        ]
+        for i, p in enumerate(prompts):
+            images.append(render(pipe, RenderSettings(prompt=p, seed=i, width=resolution,
+                                                      height=resolution)))
+            advance(1)
+    count = plural(len(prompts), "render")
     return ImageSet(
         torch.stack([pil_to_pixels(im) for im in images]),
         prompts,
-        f"{len(prompts)} renders of the base for the training captions without the "
+        f"{count} of the base for the training captions without the "
         "trigger word (no off-style folder: set report.off_style)",
+        f"{count} of the base (no off-style set)",
     )
 
 
-def compare_losses(pipe, schedule, models, images: ImageSet) -> LossComparison:
+def compare_losses(pipe, schedule, models, images: ImageSet, advance=None) -> LossComparison:
+    """The loss on `images` at adapter weight 0 and 1 (`advance`: called after each batch)."""
     batch = make_eval_batch(images.pixels, images.captions, pipe.vae, tokenizers_of(pipe))
     losses = []
     for weight in (0.0, 1.0):
         with lora_weight(models, weight):
-            losses.append(eval_loss(pipe.unet, text_encoders_of(pipe), schedule, batch))
+            losses.append(eval_loss(pipe.unet, text_encoders_of(pipe), schedule, batch,
+                                    advance=advance))
     return LossComparison(
-        images.source, len(images.captions), round(losses[0], 6), round(losses[1], 6)
+        images.source, len(images.captions), round(losses[0], 6), round(losses[1], 6), images.name
     )
 
 
@@ -200,11 +217,13 @@ def compare_losses(pipe, schedule, models, images: ImageSet) -> LossComparison:
 
 
 def render_at(
-    pipe, models, weight: float, prompt: str, seed: int, config: JobConfig, resolution: int
+    pipe, models, weight: float, prompt: str, seed: int, config: JobConfig, resolution: int,
+    advance=None,
 ) -> Image.Image:
+    """One image at adapter weight `weight` (`advance`: called with 1 once it is rendered)."""
     sample = config.sample
     with lora_weight(models, weight):
-        return render(
+        image = render(
             pipe,
             RenderSettings(
                 prompt=prompt,
@@ -216,6 +235,9 @@ def render_at(
                 height=resolution,
             ),
         )
+    if advance is not None:
+        advance(1)
+    return image
 
 
 def grid_prompts(config: JobConfig, captions: list[str], trigger: str | None) -> list[str]:
@@ -227,11 +249,12 @@ def grid_prompts(config: JobConfig, captions: list[str], trigger: str | None) ->
 
 
 def before_after_images(
-    pipe, models, config: JobConfig, prompts: list[str], resolution: int
+    pipe, models, config: JobConfig, prompts: list[str], resolution: int, advance=None
 ) -> list[list[Image.Image]]:
     """rows[prompt][weight], seed i for row i."""
     return [
-        [render_at(pipe, models, w, p, i, config, resolution) for w in config.report.weights]
+        [render_at(pipe, models, w, p, i, config, resolution, advance)
+         for w in config.report.weights]
         for i, p in enumerate(prompts)
     ]
 
@@ -258,6 +281,7 @@ def style_scores(
     prompts: list[str],
     trigger: str | None,
     resolution: int,
+    advance=None,
 ) -> StyleScores:
     from sd_lora.world.scorer import style_score
 
@@ -265,7 +289,8 @@ def style_scores(
 
     def mean_score(weight: float, texts: list[str]) -> float:
         scores = [
-            style_score(render_at(pipe, models, weight, t, 100 + i, config, resolution), style)
+            style_score(render_at(pipe, models, weight, t, 100 + i, config, resolution, advance),
+                        style)
             for i, t in enumerate(texts)
         ]
         return round(float(np.mean(scores)), 4)
@@ -279,149 +304,126 @@ def style_scores(
     )
 
 
+# --- the report's steps -----------------------------------------------------------------------
+
+
+def style_score_renders(prompts: int) -> int:
+    """The images `style_scores` renders for `prompts` prompts: with and without the trigger
+    word, at weights 0 and 1."""
+    return 4 * min(prompts, STYLE_SCORE_PROMPTS)
+
+
+def renders_skipped(base: str) -> str | None:
+    """Why the report renders nothing for this base, or None when it renders."""
+    if base in RANDOM_BASES:
+        return (f"the base {base!r} has random weights (a test model), so its images are noise: "
+                "no grid, style score or off-style renders")
+    return None
+
+
+@dataclass(frozen=True)
+class Renders:
+    """What the report rendered (nothing on a random base) or read as off-style images."""
+
+    off_style: ImageSet | None  # the off-style folder's images, or renders standing in for it
+    prompts: list[str]  # the grid's rows
+    rows: list[list[Image.Image]]  # rows[prompt][weight]
+    scores: StyleScores | None
+
+
+def render_all(pipe, models, config: JobConfig, captions: list[str], heldout: ImageSet,
+               trigger: str | None, resolution: int, bars: bool) -> Renders:
+    """Every image the report renders (the off-style stand-ins when no off-style folder is
+    set, the grid, the style scores' generations), as one phase with a bar."""
+    off_folder = off_style_folder(config.report, config.data.path)
+    off_style = (folder_images(off_folder, resolution, config.report.max_images,
+                               config.data.caption_extensions, "off-style")
+                 if off_folder else None)
+    if renders_skipped(config.model.base):
+        return Renders(off_style, [], [], None)
+    off_prompts = [] if off_folder else off_style_prompts(config.report, captions, trigger)
+    prompts = grid_prompts(config, captions, trigger)
+    style = report_style(config, trigger)
+    total = (len(off_prompts) + len(prompts) * len(config.report.weights)
+             + (style_score_renders(len(heldout.captions)) if style else 0))
+    with phase("report", f"rendering {plural(total, 'image')}", total, bar=bars) as advance:
+        if off_prompts:
+            off_style = rendered_off_style(pipe, models, off_prompts, resolution, advance)
+        rows = before_after_images(pipe, models, config, prompts, resolution, advance)
+        scores = (style_scores(pipe, models, config, style, heldout.captions, trigger,
+                               resolution, advance) if style else None)
+    return Renders(off_style, prompts, rows, scores)
+
+
+def measure_losses(pipe, schedule, models, heldout: ImageSet, off_style: ImageSet | None,
+                   bars: bool) -> tuple[LossComparison, LossComparison | None]:
+    """(the style loss, the off-style loss or None), as one phase with a bar over batches."""
+    sets = [heldout] + ([off_style] if off_style is not None else [])
+    chunks = 2 * sum(eval_chunks(len(s.captions)) for s in sets)
+    doing = "loss at adapter weight 0 and 1 on " + " and ".join(s.name for s in sets)
+    with phase("report", doing, chunks, unit="batch", bar=bars) as advance:
+        losses = [compare_losses(pipe, schedule, models, s, advance) for s in sets]
+    return losses[0], losses[1] if len(losses) > 1 else None
+
+
 # --- writing -----------------------------------------------------------------------------------
 
 
 def write_quality_report(
-    pipe, models, schedule, config: JobConfig, scan: DatasetScan, resolution: int, output_dir: Path
+    pipe, models, schedule, config: JobConfig, scan: DatasetScan, resolution: int,
+    output_dir: Path, bars: bool = True,
 ) -> dict:
-    """Measure, then write report.json, report.png and report_grid.png; returns the report."""
+    """Measure, then write report.json, report.png and report_grid.png (no grid on a
+    random-weight base, which renders nothing: report.json says why); returns the report.
+    `bars`: progress bars (without them each phase still prints a line when it starts and
+    ends)."""
     cfg = config.report
-    exts = config.data.caption_extensions
     models = list(models)
     captions = [s.caption for s in scan.samples]
     trigger = detect_trigger(captions)
-    heldout = heldout_images(heldout_folder(cfg, config.data.path), cfg, scan, resolution, exts)
-    off_style = off_style_images(
-        off_style_folder(cfg, config.data.path),
-        cfg,
-        pipe,
-        models,
-        captions,
-        trigger,
-        resolution,
-        exts,
-    )
-    style_loss = compare_losses(pipe, schedule, models, heldout)
-    leak_loss = compare_losses(pipe, schedule, models, off_style)
-    prompts = grid_prompts(config, captions, trigger)
-    rows = before_after_images(pipe, models, config, prompts, resolution)
-    style = report_style(config, trigger)
-    scores = (
-        style_scores(pipe, models, config, style, heldout.captions, trigger, resolution)
-        if style
-        else None
-    )
+    skipped = renders_skipped(config.model.base)
+    if skipped:
+        say(f"report: skipping the renders: {skipped}")
+    heldout = heldout_images(heldout_folder(cfg, config.data.path), cfg, scan, resolution,
+                             config.data.caption_extensions)
+    renders = render_all(pipe, models, config, captions, heldout, trigger, resolution, bars)
+    style_loss, leak_loss = measure_losses(pipe, schedule, models, heldout, renders.off_style,
+                                           bars)
     report = {
         "trigger_word": trigger,
-        "heldout_style_loss": style_loss.as_dict(),
-        "off_style_loss": leak_loss.as_dict(),
-        "style_score": scores.as_dict() if scores else None,
+        "heldout_style_loss": style_loss.as_dict(),  # its "name" says when it is not held out
+        "off_style_loss": leak_loss.as_dict() if leak_loss else None,
+        "style_score": renders.scores.as_dict() if renders.scores else None,
         "grid": {
-            "prompts": prompts,
+            "prompts": renders.prompts,
             "weights": list(cfg.weights),
-            "seeds": list(range(len(prompts))),
+            "seeds": list(range(len(renders.prompts))),
             "file": "report_grid.png",
-        },
+        } if renders.rows else None,
+        "renders_skipped": skipped,
         "settings": {
             "timesteps": "100, 300, 500, 700, 900 for every image; fixed noise (seed 1234)",
             "sampler_steps": config.sample.steps,
             "guidance_scale": config.sample.guidance_scale,
         },
     }
-    grid = image_grid(
-        [im for row in rows for im in row],
-        columns=len(cfg.weights),
-        labels=[f"weight {w:g}: {p}" for p in prompts for w in cfg.weights],
-    )
-    with atomic_path(output_dir / "report_grid.png") as tmp:
-        grid.save(tmp, format="PNG")
-    with atomic_path(output_dir / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    plot_report(report, rows, config, output_dir / "report.png")
+    files = ["report.json", "report.png"] + (["report_grid.png"] if renders.rows else [])
+    with phase("report", "writing " + ", ".join(files)):
+        write_report_files(report, renders, config, output_dir)
     return report
 
 
-def verdict_lines(report: dict) -> list[str]:
-    style, leak = report["heldout_style_loss"], report["off_style_loss"]
-    lines = [
-        f"held-out style loss {style['base']:.4f} -> {style['adapter']:.4f} "
-        f"({style['change']:+.1%}; lower is better)",
-        f"off-style loss {leak['base']:.4f} -> {leak['adapter']:.4f} "
-        f"({leak['change']:+.1%}; near 0 means no leakage)",
-    ]
-    if report["style_score"]:
-        s = report["style_score"]
-        lines.append(
-            f"{s['style']} score with the trigger {s['with_trigger']['base']:.2f} -> "
-            f"{s['with_trigger']['adapter']:.2f}; without {s['without_trigger']['base']:.2f} -> "
-            f"{s['without_trigger']['adapter']:.2f} (0 = plain world, 1 = the style)"
-        )
-    return lines
-
-
-def plot_report(report: dict, rows: list[list[Image.Image]], config: JobConfig, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write_report_files(report: dict, renders: Renders, config: JobConfig, output_dir: Path) -> None:
+    """report_grid.png (when there is a grid), report.json and report.png, each atomically."""
     weights = config.report.weights
-    n_rows = len(rows)
-    bars = 3 if report["style_score"] else 2
-    fig = plt.figure(figsize=(4 + 1.6 * len(weights) + 3.2 * bars / 2, 1.2 + 1.6 * max(n_rows, 2)))
-    grid_spec = fig.add_gridspec(2, 2, width_ratios=[1.6 * len(weights), 3.2], hspace=0.45)
-    image_axis = fig.add_subplot(grid_spec[:, 0])
-    cells = [np.concatenate([np.asarray(im.convert("RGB")) for im in row], axis=1) for row in rows]
-    image_axis.imshow(np.concatenate(cells, axis=0), interpolation="nearest")
-    h, w = rows[0][0].size[1], rows[0][0].size[0]
-    image_axis.set_xticks(
-        [w * (i + 0.5) for i in range(len(weights))], [f"weight {x:g}" for x in weights]
-    )
-    image_axis.set_yticks(
-        [h * (i + 0.5) for i in range(n_rows)],
-        [_wrap(p) for p in report["grid"]["prompts"]],
-        fontsize=7,
-    )
-    image_axis.set_title("fixed prompts and seeds, adapter weight per column", fontsize=9)
-    loss_axis = fig.add_subplot(grid_spec[0, 1])
-    names = ["held-out\nstyle", "off-style"]
-    base = [report["heldout_style_loss"]["base"], report["off_style_loss"]["base"]]
-    adapter = [report["heldout_style_loss"]["adapter"], report["off_style_loss"]["adapter"]]
-    _paired_bars(loss_axis, names, base, adapter, "denoising loss (fixed noise)")
-    if report["style_score"]:
-        s = report["style_score"]
-        score_axis = fig.add_subplot(grid_spec[1, 1])
-        _paired_bars(
-            score_axis,
-            ["with trigger", "without"],
-            [s["with_trigger"]["base"], s["without_trigger"]["base"]],
-            [s["with_trigger"]["adapter"], s["without_trigger"]["adapter"]],
-            f"{s['style']} score of generations",
+    if renders.rows:
+        grid = image_grid(
+            [im for row in renders.rows for im in row],
+            columns=len(weights),
+            labels=[f"weight {w:g}: {p}" for p in renders.prompts for w in weights],
         )
-    # Above the figure (the tight bounding box grows to hold it): inside, its lines overlapped
-    # the grid's title when the grid has few rows.
-    fig.suptitle(
-        f"{config.train.name}: " + "\n".join(verdict_lines(report)), fontsize=8, x=0.02,
-        y=1.0, ha="left", va="bottom",
-    )
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def _paired_bars(axis, names, base, adapter, title) -> None:
-    x = np.arange(len(names))
-    axis.bar(x - 0.2, base, 0.4, label="base (weight 0)", color="#9aa5b1")
-    axis.bar(x + 0.2, adapter, 0.4, label="with adapter", color="#d9480f")
-    axis.set_xticks(x, names, fontsize=8)
-    axis.set_title(title, fontsize=9)
-    axis.tick_params(labelsize=7)
-    axis.legend(fontsize=7)
-
-
-def _wrap(text: str, width: int = 28) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width)[:3])
+        with atomic_path(output_dir / "report_grid.png") as tmp:
+            grid.save(tmp, format="PNG")
+    with atomic_path(output_dir / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    plot_report(report, renders.rows, weights, config.train.name, output_dir / "report.png")

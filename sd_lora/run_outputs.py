@@ -102,15 +102,17 @@ def sample_prompts(cfg: SampleConfig, captions: list[str], count: int = 3) -> li
 
 
 def render_sample_grid(pipe, cfg: SampleConfig, prompts: list[str], resolution: int,
-                       path: Path) -> Path:
-    """One image per prompt (with its fixed seed), in a row, labelled by prompt."""
+                       path: Path, advance=None) -> Path:
+    """One image per prompt (with its fixed seed), in a row, labelled by prompt. `advance`:
+    called with 1 after each image (a progress bar's update), if given."""
     seeds = cfg.seeds or tuple(range(len(prompts)))
-    images = [
-        render(pipe, RenderSettings(prompt=p, seed=s, negative_prompt=cfg.negative_prompt,
-                                    steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                    width=resolution, height=resolution))
-        for p, s in zip(prompts, seeds)
-    ]
+    images = []
+    for p, s in zip(prompts, seeds):
+        images.append(render(pipe, RenderSettings(
+            prompt=p, seed=s, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale, width=resolution, height=resolution)))
+        if advance is not None:
+            advance(1)
     return save_png(image_grid(images, columns=len(images), labels=prompts), path)
 
 

@@ -41,8 +41,8 @@ from sd_lora.models import load_pipeline, model_family
 from sd_lora.pickles import is_pickle
 from sd_lora.png_info import format_lora_tag
 from sd_lora.sampling import RenderSettings, a1111_parameters, image_grid, render, save_png
-from sd_lora.schedulers import sampler_name, set_sampler
-from sd_lora.workspace import Workspace, resolve_base
+from sd_lora.schedulers import DEFAULT_SAMPLER, sampler_name, set_sampler
+from sd_lora.workspace import Workspace, checkpoint_problem, resolve_base
 
 MAX_SEED = 2**32 - 1
 MAX_GRID_CELLS = 100
@@ -106,7 +106,7 @@ class GenerateRequest:
     guidance: float = 7.0
     width: int = 0  # 0: the base's native size
     height: int = 0
-    sampler: str = "Euler a"
+    sampler: str = DEFAULT_SAMPLER
     batch_count: int = 1
     adapters: tuple[AdapterSetting, ...] = ()
 
@@ -270,6 +270,8 @@ class GenerationSession:
             raise AdapterLoadError(
                 f"adapter {name!r}: no file {path.name} in {self.workspace.adapters}"
             )
+        if (problem := checkpoint_problem(self.workspace, path)) is not None:
+            raise AdapterLoadError(f"adapter {name!r}: {problem}")
         stat = path.stat()
         key = (stat.st_mtime_ns, stat.st_size, self._base)
         cached = self._adapters.get(path)

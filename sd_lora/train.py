@@ -44,17 +44,21 @@ from sd_lora.data.plan import check_job, with_dataset_config
 from sd_lora.data.scan import scan_dataset
 from sd_lora.ema import AdapterEMA
 from sd_lora.errors import UserError
-from sd_lora.evaluate import eval_loss, make_eval_batch
+from sd_lora.evaluate import EVAL_TIMESTEPS, EvalBatch, eval_chunks, eval_loss, make_eval_batch
 from sd_lora.inject import add_lora, lora_named_parameters, parse_patterns, pattern_matches
 from sd_lora.loop import TrainingLoop, eval_mode
 from sd_lora.lora_dropouts import AdapterDropouts, add_dropouts
 from sd_lora.models import load_pipeline, model_family, prediction_type_of
 from sd_lora.objective import training_schedule, zero_terminal_snr_scheduler
 from sd_lora.optimizers import build_optimizer, optimizer_class
+from sd_lora.phases import phase
 from sd_lora.processes import is_main_process, say
+from sd_lora.recommended import with_recommended
 from sd_lora.report import write_quality_report
+from sd_lora.run_names import with_run_names
 from sd_lora.run_outputs import (
     RunLog,
+    adapter_path,
     export_adapters,
     render_sample_grid,
     sample_prompts,
@@ -71,6 +75,7 @@ from sd_lora.train_data import (
     style_samples,
 )
 from sd_lora.validation import Validator, split_samples
+from sd_lora.words import plural
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VALIDATION_MAX_IMAGES = 32  # x 5 timesteps per validation
@@ -89,10 +94,13 @@ class TrainResult:
     steps: int
     seconds: float
     report: dict | None = None  # what report.json holds (None: report.enabled is false)
+    eval_images: int = 0  # the training images (not held out) the evaluation loss is on
 
 
 def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
     config = with_dataset_config(config)  # an sd-scripts dataset TOML's settings, if one is given
+    config = with_recommended(config)  # learning rates and steps left at 0: the base's own
+    config = with_run_names(config, resume)  # train.output_dir and name left "": from the data
     with removed_if_left_empty(Path(config.train.output_dir)):
         return _train(config, resume, show_progress)
 
@@ -107,7 +115,7 @@ def _train(config: JobConfig, resume: bool, show_progress: bool) -> TrainResult:
     training_samples, held_out = select_samples(config, check)
     accelerator = make_accelerator(config.train, output_dir)
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
-    pipe = load_training_base(config, accelerator)
+    pipe = load_training_base(config, accelerator, show_progress)
     resolution = config.data.resolution or native_resolution(pipe)
     check, small = check.at_native_size(resolution)
     if small:
@@ -142,7 +150,7 @@ def _train(config: JobConfig, resume: bool, show_progress: bool) -> TrainResult:
         accelerator.print(f"resumed from {last} at step {progress.global_step}")
     eval_batch = make_eval_batch(*eval_images(scan, resolution), pipe.vae, tokenizers_of(pipe))
     with eval_mode(trained.values()):
-        before = eval_loss(pipe.unet, text_encoders_of(pipe), schedule, eval_batch)
+        before = measured_eval_loss(pipe, schedule, eval_batch, "before training", show_progress)
     write_run_records(output_dir, config, scan, accelerator)
     log = RunLog(output_dir, accelerator, resumed_at=progress.global_step)
     started = time.time()
@@ -155,15 +163,33 @@ def _train(config: JobConfig, resume: bool, show_progress: bool) -> TrainResult:
     if held_out:
         loop.validator = make_validator(loop, held_out, scan, buckets, started,
                                         resumed=progress.global_step > 0)
-    progress = loop.run(loader, dataset, progress, show_progress)
+    with phase("training", training_steps(progress.global_step, config.train.max_steps),
+               bar=False):  # the loop has its own bar
+        progress = loop.run(loader, dataset, progress, show_progress)
     return finish_run(loop, progress, time.time() - started, scan, buckets, eval_batch, before,
-                      started)
+                      started, show_progress)
+
+
+def training_steps(done: int, steps: int) -> str:
+    """'300 steps', or 'steps 101 to 300' when a resumed run continues."""
+    return f"steps {done + 1} to {steps}" if done else plural(steps, "step")
+
+
+def measured_eval_loss(pipe, schedule, batch: EvalBatch, when: str, bars: bool) -> float:
+    """The fixed evaluation loss (`sd_lora.evaluate`), as a phase with a bar over its batches.
+    Its images are the first training images, not held out: the label says so."""
+    doing = (f"loss {when} on {plural(batch.images, 'training image')} "
+             f"({len(EVAL_TIMESTEPS)} timesteps each, fixed noise)")
+    with phase("evaluation", doing, eval_chunks(batch.images), unit="batch", bar=bars) as advance:
+        return eval_loss(pipe.unet, text_encoders_of(pipe), schedule, batch, advance=advance)
 
 
 def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: DatasetScan,
-               buckets: dict | None, eval_batch, before: float, started: float) -> TrainResult:
+               buckets: dict | None, eval_batch, before: float, started: float,
+               bars: bool) -> TrainResult:
     """After the last step: the final evaluation, sample grid, exports, summary, loss plot and
-    quality report (the main process writes them)."""
+    quality report (the main process writes them), each told as a phase (`bars`: with
+    progress bars)."""
     config, accelerator, pipe, trained = loop.config, loop.accelerator, loop.pipe, loop.trained
     output_dir, resolution = loop.output_dir, loop.resolution
     files: dict[str, Path] = {}
@@ -172,17 +198,23 @@ def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: Dat
         model.eval()  # training is over: no LoRA dropout in the last evaluation and samples
 
     def export(job: JobConfig) -> dict[str, Path]:
-        return export_adapters(trained, model_family(pipe), prediction_type_of(pipe), job, scan,
-                               resolution, output_dir, started, buckets)
+        names = [str(adapter_path(output_dir, job.train.name, f).relative_to(output_dir))
+                 for f in job.export.formats]
+        with phase("export", "writing " + ", ".join(names)):
+            return export_adapters(trained, model_family(pipe), prediction_type_of(pipe), job,
+                                   scan, resolution, output_dir, started, buckets)
 
     if loop.ema is not None:  # the raw weights as <name>-raw; everything after uses the average
         if accelerator.is_main_process:
             export(replace(config, train=replace(config.train, name=f"{config.train.name}-raw")))
         loop.ema.apply()
-    after = eval_loss(pipe.unet, text_encoders_of(pipe), loop.schedule, eval_batch)
+    after = measured_eval_loss(pipe, loop.schedule, eval_batch, "after training", bars)
     if accelerator.is_main_process:
-        render_sample_grid(pipe, config.sample, loop.prompts, resolution,
-                           output_dir / "samples" / "final.png")
+        images = len(loop.prompts)
+        with phase("samples", f"rendering {plural(images, 'image')} (samples/final.png)", images,
+                   bar=bars) as advance:
+            render_sample_grid(pipe, config.sample, loop.prompts, resolution,
+                               output_dir / "samples" / "final.png", advance)
         try:
             files = export(config)
         except WRITE_ERRORS as e:  # the final checkpoint holds the trained adapter
@@ -192,9 +224,10 @@ def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: Dat
         loop.log.plot()
         if config.report.enabled:
             report = write_quality_report(pipe, trained.values(), loop.schedule, config, scan,
-                                          resolution, output_dir)
+                                          resolution, output_dir, bars)
     accelerator.end_training()
-    return TrainResult(output_dir, files, before, after, progress.global_step, seconds, report)
+    return TrainResult(output_dir, files, before, after, progress.global_step, seconds, report,
+                       eval_batch.images)
 
 
 def select_samples(config: JobConfig, check) -> tuple[list[Sample], list[Sample]]:
@@ -209,19 +242,39 @@ def select_samples(config: JobConfig, check) -> tuple[list[Sample], list[Sample]
     return style + regularization, held_out
 
 
-def load_training_base(config: JobConfig, accelerator: Accelerator):
-    """The frozen base on the accelerator's device, with zero terminal SNR when asked."""
+def load_training_base(config: JobConfig, accelerator: Accelerator, bars: bool = True):
+    """The frozen base on the accelerator's device, with zero terminal SNR when asked.
+    `bars`: diffusers' and transformers' own loading bars."""
     if accelerator.num_processes > 1:
         accelerator.print(f"training on {accelerator.num_processes} processes "
                           f"({accelerator.distributed_type.value}); global batch "
                           f"{accelerator.num_processes * config.train.batch_size}")
-    pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
+    with phase("model", f"loading the base {config.model.base!r}"), library_bars(bars):
+        pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
     if config.train.zero_terminal_snr:  # training and the sample images alike
         pipe.scheduler = zero_terminal_snr_scheduler(pipe.scheduler)
         if prediction_type_of(pipe) == "epsilon":
             say("note: train.zero_terminal_snr with an epsilon-prediction base: at the last "
                 "timestep the noise is the input itself; v_prediction is the usual pairing")
     return pipe
+
+
+@contextlib.contextmanager
+def library_bars(shown: bool):
+    """diffusers' and transformers' loading bars, hidden with --no-progress (a log would hold
+    each redraw), then put back as they were (a notebook keeps its own choice)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [lib for lib in (diffusers_logging, transformers_logging)
+                 if not shown and lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
 
 
 def prepare_run_folder(cfg: TrainConfig, resume: bool) -> Path:
@@ -421,8 +474,9 @@ def make_validator(loop, held_out: list[Sample], scan: DatasetScan, buckets, sta
             export_adapters(loop.trained, model_family(pipe), prediction_type_of(pipe), best_config,
                             scan, loop.resolution, loop.output_dir, started, buckets)
 
-    say(f"validation: {len(samples)} held-out images, every {config.train.validation_every} steps"
-          + (f", early stop after {config.train.early_stopping_patience} without a new best"
-             if config.train.early_stopping_patience else ""))
+    say(f"validation: {plural(len(samples), 'held-out image')}, every "
+        f"{plural(config.train.validation_every, 'step')}"
+        + (f", early stop after {config.train.early_stopping_patience} without a new best"
+           if config.train.early_stopping_patience else ""))
     return Validator(measure, config.train.validation_every, config.train.early_stopping_patience,
                      loop.output_dir, export_best, resumed, write=loop.accelerator.is_main_process)

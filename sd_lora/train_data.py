@@ -17,7 +17,9 @@ from sd_lora.data.latent_cache import CachedLatentDataset, LatentCache, vae_iden
 from sd_lora.data.order import EpochSampler
 from sd_lora.data.plan import regularization_layout
 from sd_lora.errors import UserError
+from sd_lora.phases import phase
 from sd_lora.processes import say
+from sd_lora.words import plural
 
 
 def style_samples(cfg: DataConfig, scan: DatasetScan) -> list[Sample]:
@@ -81,9 +83,11 @@ def cache_latents(dataset: ImageCaptionDataset, vae, data: DataConfig, output_di
         posterior = vae.encode(pixels.to(device, torch.float32)).latent_dist
         return posterior.mean, posterior.std
 
-    encoded = cached.fill(encode, show_progress=show_progress)
-    say(f"latent cache ({data.cache_latents}{f', {folder}' if folder else ''}): "
-          f"{len(cached.variants())} image variants, {encoded} encoded now")
+    where = f"{data.cache_latents}{f', {folder}' if folder else ''}"
+    variants = plural(len(cached.variants()), "image variant")
+    with phase("latent cache", f"{variants} to encode or read ({where})", bar=False):
+        encoded = cached.fill(encode, show_progress=show_progress)  # its own bar
+        say(f"latent cache ({where}): {variants}, {encoded} encoded now")
     return cached
 
 

@@ -18,6 +18,7 @@ import torch
 
 from sd_lora.errors import UserError
 from sd_lora.lora_state import AdapterState, LoraModule
+from sd_lora.words import plural
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 RANK_TOLERANCE = 1e-6  # singular values below this share of the largest are float rounding
@@ -168,11 +169,15 @@ def merge(
 
 
 def resize(
-    state: AdapterState, rank: int, method: str | None = None, value: float | None = None
+    state: AdapterState, rank: int | None, method: str | None = None, value: float | None = None
 ) -> tuple[AdapterState, list[ModuleReport]]:
     """Each module re-factored to `rank` (or, with a dynamic `method`, to the rank it picks from
-    the module's singular values, at most `rank`), with the energy kept."""
-    if rank < 1:
+    the module's singular values, at most `rank`; rank None: at most the module's own), with
+    the energy kept."""
+    if rank is None and method is None:
+        raise TransformError("resize needs a rank, a dynamic method (one of "
+                             f"{', '.join(DYNAMIC_METHODS)}), or both")
+    if rank is not None and rank < 1:
         raise TransformError(f"rank = {rank} must be at least 1")
     _check_no_dora([state])
     out = AdapterState(family=state.family, metadata=_carried_metadata(state))
@@ -181,7 +186,8 @@ def resize(
         for path, module in modules.items():
             delta = module.delta(dtype=torch.float64)
             _, s = low_rank(delta, 1)
-            keep = rank if method is None else dynamic_rank(s, method, value, rank)
+            cap = module.r if rank is None else rank
+            keep = cap if method is None else dynamic_rank(s, method, value, cap)
             new, s = low_rank(delta, keep)
             out.modules.setdefault(component, {})[path] = new
             reports.append(ModuleReport(component, path, module.r, new.r, energy(s, new.r),
@@ -226,6 +232,6 @@ def summary(reports: Sequence[ModuleReport]) -> str:
     least = min(reports, key=lambda r: r.energy_kept)
     ranks = sorted({r.rank_after for r in reports})
     shown = ", ".join(map(str, ranks[:8])) + (" ..." if len(ranks) > 8 else "")
-    return (f"{len(reports)} modules, rank {shown}; largest relative error "
+    return (f"{plural(len(reports), 'module')}, rank {shown}; largest relative error "
             f"{worst.relative_error:.2e} ({worst.component} {worst.path}); least energy kept "
             f"{least.energy_kept:.2%} ({least.component} {least.path})")

@@ -29,6 +29,24 @@ ZIP_MAX_BYTES = 2 * 1024**3
 ZIP_MAX_FILES = 10_000
 
 
+APP_FOLDER = "app"  # inside a training run folder: the app's outputs/ and runs/
+RUN_RECORDS = ("config.toml", "summary.json")  # what every `sd-lora train` run folder holds
+LATENT_CACHE = "latent-cache"  # a run's cached latents (data.cache_latents = "disk"): no adapters
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` is a training run's folder (what `sd-lora train` prints to open)."""
+    return any((Path(folder) / name).is_file() for name in RUN_RECORDS)
+
+
+def default_folder(adapters: Path, area: str) -> Path:
+    """Where the app writes `area` ("outputs" or "runs") when not told: beside the adapters
+    folder (./adapters -> ./outputs, ./runs); but inside a training run folder, under app/
+    (runs/demo -> runs/demo/app/outputs), so that opening a run adds one folder to it and
+    none among the other runs."""
+    return adapters / APP_FOLDER / area if is_run_folder(adapters) else adapters.parent / area
+
+
 class PathOutsideError(UserError):
     """A name that would leave its folder (absolute, `..`, a symlink pointing out)."""
 
@@ -47,10 +65,11 @@ class Workspace:
 
     @classmethod
     def create(cls, adapters, outputs=None, runs=None, models=None, datasets=None) -> Workspace:
-        """Absolute folders; the writable ones (adapters, outputs, runs) are created."""
+        """Absolute folders; the writable ones (adapters, outputs, runs) are created. Without
+        `outputs` or `runs`: see `default_folder`."""
         adapters = Path(adapters).expanduser().resolve()
-        outputs = Path(outputs).expanduser().resolve() if outputs else adapters.parent / "outputs"
-        runs = Path(runs).expanduser().resolve() if runs else adapters.parent / "runs"
+        outputs = Path(outputs).expanduser().resolve() if outputs else default_folder(adapters, "outputs")
+        runs = Path(runs).expanduser().resolve() if runs else default_folder(adapters, "runs")
         if models is not None:
             models = Path(models).expanduser().resolve()
             if not models.is_dir():
@@ -118,11 +137,40 @@ def _visible(path: Path, root: Path) -> bool:
 
 
 def list_adapters(workspace: Workspace) -> list[AdapterInfo]:
-    """Every `.safetensors` under the adapters folder (recursive), sorted by name."""
+    """Every `.safetensors` under the adapters folder (recursive), sorted by name; not the
+    files of training runs that are not adapters (checkpoints, latent caches), nor the app's
+    own outputs and runs when they lie inside the adapters folder (a run folder's app/)."""
     root = workspace.root("adapters")
-    found = [p for p in root.rglob("*.safetensors") if _visible(p, root) and not p.is_dir()]
+    found = [p for p in root.rglob("*.safetensors")
+             if _visible(p, root) and not p.is_dir() and not _run_internal(workspace, p)]
     infos = [adapter_info(workspace, path) for path in found]
     return sorted(infos, key=lambda info: info.name)
+
+
+def _run_internal(workspace: Workspace, path: Path) -> bool:
+    """Whether `path` is a file the adapter listing leaves out (see `list_adapters`)."""
+    from sd_lora.checkpoint import training_checkpoint_of
+
+    root = workspace.root("adapters")
+    own = [folder for folder in (workspace.root("outputs"), workspace.root("runs"))
+           if folder != root and folder.is_relative_to(root)]  # only what lies inside it
+    cache = path.parent.name == LATENT_CACHE and is_run_folder(path.parent.parent)
+    return (cache or any(path.is_relative_to(folder) for folder in own)
+            or training_checkpoint_of(path) is not None)
+
+
+def checkpoint_problem(workspace: Workspace, path: Path) -> str | None:
+    """`checkpoint.not_an_adapter` for a file in the adapters folder: the run's adapter named
+    as the app lists it (relative to the adapters folder)."""
+    from sd_lora.checkpoint import not_an_adapter
+
+    root = workspace.root("adapters")
+
+    def name_of(adapter: Path) -> str:
+        real = adapter.resolve()
+        return real.relative_to(root).as_posix() if real.is_relative_to(root) else str(adapter)
+
+    return not_an_adapter(path, name_of)
 
 
 def adapter_info(workspace: Workspace, path: Path) -> AdapterInfo:
@@ -133,6 +181,8 @@ def adapter_info(workspace: Workspace, path: Path) -> AdapterInfo:
     if not path.resolve().is_relative_to(root):
         return AdapterInfo(name, path, None, None, None, None, [], preview,
                            f"{path} is a symlink to {path.resolve()}, outside {root}")
+    if (problem := checkpoint_problem(workspace, path)) is not None:  # chosen by name
+        return AdapterInfo(name, path, None, None, None, None, [], preview, problem)
     try:
         metadata, shapes = _read_header(path)
     except Exception as e:  # safetensors raises several types for damaged files
@@ -208,15 +258,20 @@ def _rank_alpha(path, metadata, shapes) -> tuple[int | None, float | None]:
 
 
 def trigger_words(metadata: dict[str, str]) -> list[str]:
-    """The most frequent tags of `ss_tag_frequency` over all dataset folders (at most 5)."""
+    """The trigger phrase the trainer recorded (`modelspec.trigger_phrase`), then the most
+    frequent tags of `ss_tag_frequency` over all dataset folders that recur (at most 5 in all).
+    A tag of one image only is no trigger word: with sentence captions ("zkpastel, two red
+    circles on ...") ss_tag_frequency counts each whole sentence once."""
+    phrase = (metadata.get("modelspec.trigger_phrase") or "").strip()
     try:
         folders = json.loads(metadata.get("ss_tag_frequency") or "{}")
         counts: Counter = Counter()
         for tags in folders.values():
             counts.update({str(tag): int(n) for tag, n in tags.items()})
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return []  # display only: a malformed value must not hide the adapter
-    return [tag for tag, _ in counts.most_common(MAX_TRIGGER_WORDS)]
+        counts = Counter()  # display only: a malformed value must not hide the adapter
+    recurring = [tag for tag, n in counts.most_common() if n > 1 and tag != phrase.lower()]
+    return (([phrase] if phrase else []) + recurring)[:MAX_TRIGGER_WORDS]
 
 
 def _preview(path: Path) -> Path | None:

@@ -90,14 +90,15 @@ def process_folders_kept():
 
 
 @contextlib.contextmanager
-def running_app(root: Path):
-    """The app on a free port; yields (url, workspace); closes it after."""
+def running_app(root: Path, adapters: Path | None = None, quiet: bool = True):
+    """The app on a free port (adapters: root/adapters unless given); yields (url, workspace);
+    closes it after."""
     from app.server import launch
     from sd_lora.workspace import Workspace
 
-    workspace = Workspace.create(root / "adapters", models=root / "models")
+    workspace = Workspace.create(adapters or root / "adapters", models=root / "models")
     with process_folders_kept():
-        demo, url = launch(workspace, port=free_port(), block=False, quiet=True)
+        demo, url = launch(workspace, port=free_port(), block=False, quiet=quiet)
         try:
             yield url, workspace
         finally:

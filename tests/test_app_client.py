@@ -386,3 +386,38 @@ def test_fifty_concurrent_requests_complete_in_queue_order_with_bounded_memory(a
     assert grown < 300, grown
     gallery, _, _ = generate(client, form(("style", 1.0, 1.0)))  # and the app still works
     assert len(gallery) == 1
+
+
+def component(client, elem_id: str) -> dict:
+    """A component's properties as the page was built (gradio_client's copy of the config)."""
+    return next(c["props"] for c in client.config["components"]
+                if c.get("props", {}).get("elem_id") == elem_id)
+
+
+def test_generate_and_the_app_default_to_one_sampler_with_the_same_pixels(app, tmp_path):
+    from sd_lora.cli import build_parser
+    from sd_lora.schedulers import sampler_name
+
+    client, workspace, paths = app
+    app_default = component(client, "gen-sampler")["value"]
+    cli_default = build_parser().parse_args(["generate", "--prompt", PROMPT]).sampler
+    assert sampler_name(cli_default) == sampler_name(app_default)
+    _, _, selected = generate(client, form(("style", 0.8, 0.8), sampler=app_default))
+    cli_out = tmp_path / "cli.png"
+    assert cli_main(["generate", "--base", "tiny", "--prompt", PROMPT, "--seed", "7", "--steps",
+                     str(STEPS), "--guidance", "5", "--output", str(cli_out),  # no --sampler
+                     "--lora", f"{paths['adapters'] / 'style.safetensors'}:0.8"]) == 0
+    assert np.array_equal(pixels(cli_out), pixels(workspace.outputs / selected))
+
+
+def test_an_a1111_tag_in_an_adapter_box_uses_its_strengths(app):
+    client, _, _ = app
+    for tag, unet, te in (("<lora:style:0.8>", 0.8, 0.8), ("<lora:style:0.5:-0.4>", -0.4, 0.5)):
+        tagged, parameters, _ = generate(client, form((tag, 1.0, 1.0)))
+        plain, _, _ = generate(client, form(("style", unet, te)))
+        assert tag in parameters
+        assert np.array_equal(pixels(tagged[0]["image"]), pixels(plain[0]["image"]))
+    info, _ = client.predict("<lora:style:0.8>", api_name="/adapter_info")
+    assert info.startswith("**style**") and "base **sd1**" in info
+    with pytest.raises(AppError, match="adapter 'nothere': no file nothere.safetensors"):
+        client.predict(*form(("<lora:nothere:1>", 1.0, 1.0)), api_name="/generate")

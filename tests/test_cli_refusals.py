@@ -73,7 +73,7 @@ def test_a_start_refused_after_the_folder_was_made_removes_it(tmp_path, capsys, 
     (["--count", "0"], "--count 0 must be at least 1"),
     (["--output", "{folder}"], "is a folder; name the image file"),
     (["--seed", "-1"], "--seed -1 must be from 0 to 4294967295"),
-    (["--lora", "{folder}/missing.safetensors:0.5"], "missing.safetensors: no such file"),
+    (["--lora", "{folder}/missing.safetensors:0.5"], "missing.safetensors:0.5: no file"),
 ])
 def test_generate_refuses_bad_flags_before_loading(tmp_path, capsys, no_model_loads, args, message):
     folder = tmp_path / "pictures"

@@ -40,7 +40,7 @@ def test_round_trip_through_toml(tmp_path):
         ('train.max_steps="ten"', "train.max_steps must be int, got str 'ten'"),
         ("train.max_steps=1.5", "train.max_steps must be int"),
         ("train.gradient_checkpointing=1", "train.gradient_checkpointing must be bool"),
-        ("train.max_steps=0", "train.max_steps = 0 must be positive"),
+        ("train.max_steps=-5", "train.max_steps = -5 must not be negative"),  # 0: the base's own
         ("train.learning_rate=3", "train.learning_rate = 3.0 must be between 0 and 1"),
         ("model.prediction_type=sample", "model.prediction_type = 'sample' is not allowed"),
         ("train.mixed_precision=fp8", "train.mixed_precision = 'fp8' is not allowed"),
@@ -90,18 +90,23 @@ def test_example_configs_load(name):
 
 def test_resume_refuses_changes_to_what_a_step_computes_and_allows_the_rest(tmp_path):
     from sd_lora.config import changes_refused_on_resume, flat_config
+    from sd_lora.recommended import RECOMMENDED, with_recommended
 
     (tmp_path / "data").mkdir()
-    saved = flat_config(load_config(None, [f'data.path="{tmp_path / "data"}"']))
-    same = load_config(None, [f'data.path="{tmp_path / "data" / ".." / "data"}"',  # same folder
-                              "train.max_steps=5000", "sample.every=7", 'export.dtype="fp32"',
-                              "report.enabled=false", "train.checkpoints_keep=5"])
+    # A run records (and a resumed run compares) its learning rates and steps as they ran:
+    # the base's recommendation in place of the 0s.
+    saved = flat_config(with_recommended(load_config(None, [f'data.path="{tmp_path / "data"}"'])))
+    same = with_recommended(load_config(None, [
+        f'data.path="{tmp_path / "data" / ".." / "data"}"',  # the same folder
+        "train.max_steps=5000", "sample.every=7", 'export.dtype="fp32"', "report.enabled=false",
+        "train.checkpoints_keep=5"]))
     assert changes_refused_on_resume(saved, same) == []
-    changed = load_config(None, [f'data.path="{tmp_path}"', "train.learning_rate=3e-4",
-                                 'lora.unet_targets=["attn", "ff"]', "train.seed=1"])
+    changed = with_recommended(load_config(None, [
+        f'data.path="{tmp_path}"', "train.learning_rate=3e-4", 'lora.unet_targets=["attn", "ff"]',
+        "train.seed=1"]))
     refused = changes_refused_on_resume(saved, changed)
     assert len(refused) == 4, refused
-    assert "train.learning_rate: 0.0001 -> 0.0003" in refused
+    assert f"train.learning_rate: {RECOMMENDED['toy'].learning_rate!r} -> 0.0003" in refused
     assert "lora.unet_targets: ['attn'] -> ['attn', 'ff']" in refused
     assert any(r.startswith("data.path:") for r in refused)
     del saved["train.seed"]  # a field the checkpoint's version did not have yet

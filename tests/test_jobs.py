@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from sd_lora.checkpoint import list_checkpoints
-from sd_lora.config import ConfigError, load_config
+from sd_lora.config import ConfigError, load_config, load_config_text
 from sd_lora.jobs import PRESETS, JobError, JobManager, preset_toml
+from sd_lora.recommended import RECOMMENDED, with_recommended
 from sd_lora.session import AdapterSetting, GenerateRequest, GenerationSession
 from sd_lora.workspace import PathOutsideError, Workspace, WorkspaceError, list_adapters
 
@@ -44,7 +45,16 @@ def test_preset_toml_is_a_complete_valid_config(tmp_path):
     path.write_text(text)
     config = load_config(path)
     assert (config.model.base, config.data.path, config.train.name) == ("tiny", "data/x", "style")
-    assert (config.train.max_steps, config.train.learning_rate) == (5, 5e-4)
+    # The learning rates are left to the base (0: its recommendation, filled in when it runs).
+    assert (config.train.max_steps, config.train.learning_rate) == (5, 0.0)
+    assert with_recommended(config).train.learning_rate == RECOMMENDED["tiny"].learning_rate
+    # Without a regularization folder the preset's regularization settings are left out (they
+    # would act on nothing, and the config refuses them); with one they are in.
+    assert (config.data.regularization, config.data.regularization_target) == ("", "noise")
+    path.write_text(preset_toml("quick", "toy", "data/x", "style", regularization="data/plain"))
+    with_plain = load_config(path).data
+    assert (with_plain.regularization, with_plain.regularization_target,
+            with_plain.regularization_weight) == ("data/plain", "base", 10.0)
     standard = tmp_path / "standard.toml"
     standard.write_text(preset_toml("standard", "sd15", "d", "n"))
     assert (load_config(standard).lora.unet_r, load_config(standard).train.max_steps) == (16, 1500)
@@ -55,6 +65,20 @@ def test_preset_toml_is_a_complete_valid_config(tmp_path):
         preset_toml("quick", "tiny", "d", "a/b")
     with pytest.raises(ConfigError, match="train.lerning_rate"):
         preset_toml("quick", "tiny", "d", "n", ["train.lerning_rate=1"])
+
+
+def test_the_job_toml_holds_the_bases_recommended_steps_and_rates(space):
+    """The app writes job.toml with what will run (and job.json's max_steps for progress), so
+    the preset's 0s (the base's recommendation) are filled in for the chosen base."""
+    data = space.runs / "uploads" / "stripes"
+    config = JobManager(space).job_config(preset_toml("quick", "tiny", data, "s"), data, "s")
+    tiny = RECOMMENDED["tiny"]
+    assert (config.train.max_steps, config.train.learning_rate,
+            config.train.text_encoder_learning_rate) == (tiny.max_steps, tiny.learning_rate,
+                                                         tiny.text_encoder_learning_rate)
+    mine = JobManager(space).job_config(
+        preset_toml("quick", "tiny", data, "s", ["train.learning_rate=3e-4"]), data, "s")
+    assert mine.train.learning_rate == 3e-4  # a value given stays
 
 
 def test_bad_input_is_refused_before_anything_is_written(space, tmp_path):
@@ -173,3 +197,24 @@ def test_a_dataset_in_the_datasets_folder_trains_and_others_are_refused(tmp_path
     assert status.state == "done", status.message
     assert sorted(p.name for p in data.iterdir()) == sorted(
         p.name for p in (REPO / "datasets" / "sample_stripes").iterdir())  # nothing written there
+
+
+def test_the_apps_job_on_the_toy_base_trains_with_the_toy_worlds_plain_scenes(space):
+    """As the demo does: a quick job without regularization images leaked its style into
+    prompts without the trigger word (off-style +75%). The app writes the toy world's plain
+    scenes into its own folders (a job reads nothing outside them) and names them."""
+    pytest.importorskip("gradio")
+    from app.train_tab import TrainTab
+
+    tab = TrainTab(space, JobManager(space))
+    fields = [None] * 4  # the number fields left empty: the preset's values
+    text = tab.job_toml("quick", "toy", "uploads/stripes", "s", *fields)
+    toy = load_config_text(text)
+    plain = space.runs / "datasets" / "toy-plain"
+    report, _ = tab.show_dataset("uploads/stripes", text)  # the plan counts them
+    assert "16 images + 32 regularization images" in report, report
+    assert "recommended for the toy base" in report, report
+    assert toy.data.regularization == str(plain) and toy.data.regularization_target == "base"
+    assert len(list(plain.glob("*.png"))) == len(list((REPO / "datasets/toy/plain").glob("*.png")))
+    tiny = load_config_text(tab.job_toml("quick", "tiny", "uploads/stripes", "s", *fields))
+    assert tiny.data.regularization == "" and tiny.data.regularization_weight == 1.0

@@ -15,11 +15,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sd_lora.config import load_config
-from sd_lora.jobs import PRESETS
+from sd_lora.config import flat_config, load_config, load_config_text
+from sd_lora.jobs import preset_toml
 from sd_lora.models import load_pipeline, model_family
+from sd_lora.recommended import RECOMMENDED, with_recommended
 from sd_lora.sampling import RenderSettings, render
 from sd_lora.train import train
+from sd_lora.world.datasets import toy_regularization_folder
 from sd_lora.world.scorer import prompt_following_accuracy
 from sd_lora.world.toy_base import toy_base_path
 
@@ -37,8 +39,6 @@ def train_demo_recipe(style: str, out: Path, *extra: str):
     overrides = [f'data.path="{TOY / style}"', f'data.regularization="{TOY / "plain"}"',
                  f'train.output_dir="{out / style}"', f"train.name={style}",
                  "train.checkpoint_every=0", "sample.every=0", *extra]
-    if style != "pastel":  # the demo's sample prompts are pastel ones
-        overrides += ["sample.prompts=[]", "sample.seeds=[]"]
     return train(load_config(REPO / "examples" / "demo.toml", overrides), show_progress=False)
 
 
@@ -102,14 +102,15 @@ def test_the_demo_recipe_learns_pastel_and_its_trigger_word(pastel_run):
     assert report["trigger_word"] == "zkpastel" and score["style"] == "pastel"
     assert heldout["images"] == 16 and "heldout/pastel" in heldout["source"]
     assert off["images"] == 16 and "heldout/plain" in off["source"]
-    # Measured: -68.8%. The issue asks for at least -30%.
+    # Measured: -72.2% (-72.3% with train.seed=1).
     assert heldout["change"] <= -0.5, heldout
-    # Measured: pastel score of generations with "zkpastel" 0.23 -> 0.57, without 0.34 -> 0.35:
-    # the style comes with the trigger word and only with it.
-    assert score["with_trigger"]["rise"] >= 0.25, score
+    # Measured: pastel score of generations with "zkpastel" 0.23 -> 1.00 (0.94 with seed 1; the
+    # style's own images score about 1: the style is plain to see at weight 1), without it
+    # 0.34 -> 0.37 (0.36): the style comes with the trigger word and only with it.
+    assert score["with_trigger"]["adapter"] >= 0.8, score
     assert abs(score["without_trigger"]["rise"]) <= 0.05, score
-    # Measured: +3.3% (regularization images trained toward the base's own prediction; toward
-    # their noise it was +13%). The issue asks for under 5%.
+    # Measured: +2.5% (+4.3% with seed 1; regularization images trained toward the base's own
+    # prediction: toward their noise it was +13%).
     assert abs(off["change"]) < 0.05, off
     assert (result.output_dir / "report.png").stat().st_size > 10_000
     with safe_open(str(result.adapter_files["kohya"]), "pt") as f:  # 32 pastel, 32 plain items
@@ -136,10 +137,10 @@ def test_golden_is_learned_and_comes_with_its_trigger_word(golden_run):
     report = golden_run.report
     score = report["style_score"]
     assert score["style"] == "golden" and report["trigger_word"] == "zkgolden"
-    # Measured: golden score with "zkgolden" 0.49 -> 0.63 (the base alone already draws warm
-    # colours after the word "golden"); without it 0.03 -> 0.12: the adapter leaks some of its
-    # grade into prompts without the trigger word (two of the report's eight plain prompts
-    # come out visibly warmer). Held-out loss -44.5%; off-style +3.4%.
+    # Measured: golden score with "zkgolden" 0.49 -> 0.64 (the base alone already draws warm
+    # colours after the word "golden"); without it 0.03 -> 0.07 (0.12 with the text encoder at
+    # 2.5e-4: the faster text encoder carries the grade with the word). Held-out loss -39.1%;
+    # off-style +3.6%.
     assert score["with_trigger"]["rise"] >= 0.08, score
     assert abs(score["without_trigger"]["rise"]) <= 0.15, score
     assert report["heldout_style_loss"]["change"] <= -0.3, report["heldout_style_loss"]
@@ -148,7 +149,7 @@ def test_golden_is_learned_and_comes_with_its_trigger_word(golden_run):
 
 @pytest.mark.slow
 def test_a_blend_of_pastel_and_golden_shows_both(pastel_run, golden_run):
-    """Both adapters merged at 0.7 each, on prompts that carry both trigger words: each
+    """Both adapters merged at 0.5 each, on prompts that carry both trigger words: each
     style's score rises over the base's, and above what the other adapter alone gives it, so
     the blend shows two styles and not one style plus its side effects."""
     from sd_lora.adapter_io import load_adapter
@@ -157,25 +158,58 @@ def test_a_blend_of_pastel_and_golden_shows_both(pastel_run, golden_run):
     pipe = load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
     captions = [p.read_text().strip() for p in sorted((TOY / "heldout" / "plain").glob("*.txt"))[:8]]
-    adapters = [(style, load_adapter(run.adapter_files["kohya"]), 0.7)
+    adapters = [(style, load_adapter(run.adapter_files["kohya"]), 0.5)
                 for style, run in (("pastel", pastel_run), ("golden", golden_run))]
     blend = measure_blend(pipe, adapters, captions)  # seeds 100-107
     assert blend.prompts[0] == "zkpastel, zkgolden, " + captions[0]
-    # Measured: pastel 0.16 -> 0.34 (golden alone 0.15, pastel alone 0.24); golden 0.04 -> 0.32
-    # (pastel alone 0.04, golden alone 0.09). At 1.0 + 1.0 golden does not show (README).
+    # Measured: pastel 0.16 -> 0.49 (golden alone 0.11, pastel alone 0.35); golden 0.04 -> 0.59
+    # (pastel alone 0.27, golden alone 0.42). At 0.7 + 0.7 pastel takes over: its paleness
+    # reads as a weak golden grade (pastel alone 0.31, the blend 0.22; README).
     for style, other in (("pastel", "golden"), ("golden", "pastel")):
         assert blend.rise(style) >= 0.1, blend.as_dict()
         assert blend.blend[style] >= blend.alone[other][style] + 0.08, blend.as_dict()
-    assert list(blend.images) == ["base", "pastel 0.7", "golden 0.7", "pastel 0.7 + golden 0.7"]
+    assert list(blend.images) == ["base", "pastel 0.5", "golden 0.5", "pastel 0.5 + golden 0.5"]
     assert blend_grid(blend).width == 8 * 128  # one picture per prompt, enlarged to 128 px
 
 
-def test_demo_config_is_the_default_preset():
-    """`make demo` and the app's default preset train the same recipe (the demo adds the toy
-    world's regularization images)."""
+# The fields in which the app's quick job on the toy base differs from examples/demo.toml, and
+# why: each is the job's own by construction. Every other field must be equal.
+DIFFERS_BY_CONSTRUCTION = {
+    "data.path": "a job trains the images it is given; the demo trains datasets/toy/pastel",
+    "data.regularization": "the same plain scenes, but the app's copy inside its own folders "
+                           "(a job reads nothing outside them); the demo reads the checkout's",
+    "train.output_dir": "a job writes its own run folder; the demo writes runs/demo",
+    "train.name": "the adapter is named after the job; the demo's is `demo`",
+    # What the sample grids and the report grid show: the demo's prompts carry its trigger
+    # word and scenes it did not train on; a job's are its own first captions (no fixed prompt
+    # suits every dataset), with seeds 0, 1, 2.
+    "sample.prompts": "the demo's name its style; a job's are its first captions",
+    "sample.seeds": "one per demo prompt; a job's follow its prompts",
+}
+# model.base is not among them: the comparison is on the toy base, the demo's. On another base
+# the preset's learning rates and steps are that base's recommendation (sd_lora.recommended).
+
+
+def test_the_quick_preset_on_the_toy_base_is_the_demo_recipe(tmp_path):
+    """`make demo` and the app's default preset train the same recipe: every field of the
+    demo's config equals the one of a quick job on the toy base (as the app makes it, with
+    the toy world's plain scenes as regularization images), but for DIFFERS_BY_CONSTRUCTION."""
     demo = load_config(REPO / "examples" / "demo.toml")
-    for dotted, value in PRESETS["quick"].items():
-        section, name = dotted.split(".")
-        assert getattr(getattr(demo, section), name) == value, dotted
+    plain = toy_regularization_folder(tmp_path / "runs" / "datasets")
+    job = load_config_text(preset_toml("quick", "toy", tmp_path / "my-style", "my-style",
+                                       regularization=plain))
+    ours, theirs = flat_config(with_recommended(demo)), flat_config(with_recommended(job))
+    assert ours.keys() == theirs.keys()
+    differ = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+    assert differ.keys() == DIFFERS_BY_CONSTRUCTION.keys(), differ
+    assert sorted(p.name for p in plain.iterdir()) == sorted(
+        p.name for p in (REPO / demo.data.regularization).iterdir())
+    # The demo's learning rates and steps are written out, and are the toy base's
+    # recommendation (one source: sd_lora.recommended), which a quick job leaves at 0.
+    toy = RECOMMENDED["toy"]
+    assert (demo.train.learning_rate, demo.train.text_encoder_learning_rate,
+            demo.train.max_steps) == (toy.learning_rate, toy.text_encoder_learning_rate,
+                                      toy.max_steps)
+    assert (job.train.learning_rate, job.train.max_steps) == (0, 0)
     assert demo.model.base == "toy"
     assert (REPO / demo.data.path).parent.joinpath("heldout", Path(demo.data.path).name).is_dir()

@@ -114,7 +114,7 @@ def test_list_adapters_reads_headers_and_reports_bad_files(workspace, tmp_path):
     assert (listed["bare"].rank, listed["bare"].alpha) == (4, 2.0)  # the most common module
     style = listed["style"]
     assert (style.family, style.format, style.rank, style.alpha) == ("sd1", "kohya", 4, 2.0)
-    assert style.trigger_words == ["zkstripes", "blue", "red", "x", "y"]
+    assert style.trigger_words == ["zkstripes", "blue", "red"]  # x, y, z: one image each
     assert style.preview == workspace.adapters / "style.preview.png" and style.problem is None
     assert listed["sub/copy"].preview == workspace.adapters / "sub" / "copy.png"
     assert "not a readable safetensors file" in listed["broken"].problem

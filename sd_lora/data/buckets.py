@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Sampler
 
+from sd_lora.words import plural
+
 Size = tuple[int, int]  # (width, height) in pixels
 
 
@@ -93,11 +95,11 @@ def bucket_info(image_sizes: Sequence[Size], buckets: Sequence[Size]) -> dict:
 
 def describe(info: dict) -> str:
     """One line per bucket, for the plan printed before training."""
-    lines = [f"  {len(info['buckets'])} buckets (mean aspect-ratio error "
+    lines = [f"  {plural(len(info['buckets']), 'bucket')} (mean aspect-ratio error "
              f"{info['mean_img_ar_error']:.3f}):"]
     for entry in info["buckets"].values():
         w, h = entry["resolution"]
-        lines.append(f"    {w}x{h}: {entry['count']} images")
+        lines.append(f"    {w}x{h}: {plural(entry['count'], 'image')}")
     return "\n".join(lines)
 
 

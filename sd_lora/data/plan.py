@@ -16,6 +16,9 @@ from sd_lora.data.scan import DatasetScan, SkippedFile, scan_dataset, size_warni
 from sd_lora.data.sd_scripts_toml import DatasetToml, apply_settings, read_dataset_toml
 from sd_lora.memory import plan_line
 from sd_lora.models import base_kind
+from sd_lora.recommended import plan_line as settings_line
+from sd_lora.recommended import with_recommended
+from sd_lora.words import plural
 
 BASE_KINDS = {
     "tiny": "the built-in random test model, 64 px",
@@ -89,8 +92,10 @@ class JobCheck:
             "  " + self._images_line(plan),
             f"  at {size}" + (f" in {plan['buckets']}" if plan["buckets"] else "")
             + f", {plan['crop']} crop" + (", random flips" if plan["random_flip"] else ""),
-            f"  {plan['steps']} steps of {plan['images_per_step']} images: {plan['epochs']} epochs",
-            f"  {plan['skipped_files']} files skipped, {plan['warnings']} warnings"
+            f"  {plural(plan['steps'], 'step')} of {plural(plan['images_per_step'], 'image')}: "
+            f"{plan['epochs']} epochs",
+            "  " + settings_line(self.config),
+            f"  {plural(plan['skipped_files'], 'file')} skipped, {plural(plan['warnings'], 'warning')}"
             + (" (listed above)" if plan["skipped_files"] or plan["warnings"] else ""),
         ]
         memory = plan_line(self.config)  # the base's size from its configs or header alone
@@ -119,10 +124,12 @@ class JobCheck:
     def _images_line(self, plan: dict) -> str:
         """'16 images (16 items per epoch)'; with regularization, what each folder adds."""
         if not self.regularization:
-            return f"{plan['images']} images ({plan['items_per_epoch']} items per epoch)"
+            return (f"{plural(plan['images'], 'image')} "
+                    f"({plural(plan['items_per_epoch'], 'item')} per epoch)")
         style = self.data.num_train_items
-        return (f"{plan['images']} images + {plan['regularization_images']} regularization "
-                f"images ({plan['items_per_epoch']} items per epoch: {style} training, "
+        return (f"{plural(plan['images'], 'image')} + "
+                f"{plural(plan['regularization_images'], 'regularization image')} "
+                f"({plan['items_per_epoch']} items per epoch: {style} training, "
                 f"{plan['items_per_epoch'] - style} regularization)")
 
     def as_dict(self) -> dict:
@@ -153,7 +160,9 @@ def with_dataset_config(config: JobConfig) -> JobConfig:
 def check_job(config: JobConfig) -> JobCheck:
     """Find the base and scan the data and regularization folders (or the subsets of
     data.dataset_config); raises the first error that makes the job impossible (no such base,
-    no usable image), naming it. `config` is the one `with_dataset_config` gave."""
+    no usable image), naming it. `config` is the one `with_dataset_config` gave; learning
+    rates and steps left at 0 become the base's recommendation (sd_lora.recommended)."""
+    config = with_recommended(config)
     base = BASE_KINDS[base_kind(config.model.base)]
     min_side = config.data.resolution or 0
     exts = config.data.caption_extensions

@@ -101,8 +101,8 @@ class DatasetScan:
     def report(self) -> str:
         """A readable summary: counts per folder, then every skipped file and warning."""
         lines = [
-            f"Dataset {self.root}: {self.num_images} images, "
-            f"{self.num_train_items} training items per epoch (with repeats)"
+            f"Dataset {self.root}: {_plural(self.num_images, 'image')}, "
+            f"{_plural(self.num_train_items, 'training item')} per epoch (with repeats)"
         ]
         per_folder = Counter((s.subset, s.repeats) for s in self.samples)
         for (subset, repeats), count in sorted(per_folder.items()):
@@ -495,7 +495,7 @@ def _key(path: Path) -> str:
 
 def _no_images_message(scan: DatasetScan, found: _Found, caption_exts: tuple[str, ...]) -> str:
     head = (
-        f"no usable images in dataset folder {scan.root}: found {found.n_files} files, "
+        f"no usable images in dataset folder {scan.root}: found {_plural(found.n_files, 'file')}, "
         f"{len(found.images)} of them with an image extension; none could be used."
     )
     listed = [f"  {scan._rel(e.path)}: {e.reason}" for e in scan.skipped[:20]]

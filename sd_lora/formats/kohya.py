@@ -50,6 +50,7 @@ from sd_lora.lora_state import (
     LokrModule,
     LoraModule,
 )
+from sd_lora.words import plural
 
 # The prefix written for each component, per base family.
 WRITE_PREFIXES: dict[str, dict[str, str]] = {
@@ -319,7 +320,8 @@ def from_kohya(
     unmapped = [name for name in groups if name not in table]
     if unmapped and (len(unmapped) == len(groups) or len(unmapped) > MAX_UNMATCHED * len(groups)):
         raise KohyaKeyError(
-            f"{len(unmapped)} of the file's {len(groups)} kohya modules match no {family} module "
+            f"{len(unmapped)} of the file's {plural(len(groups), 'kohya module')} match no "
+            f"{family} module "
             f"of the target model (e.g. {_first(unmapped, 3)}): {likely_cause(unmapped, tensors, family)}"
         )
     modules: dict[str, dict] = {}

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from sd_lora.world.scenes import make_example
@@ -52,3 +54,20 @@ def write_toy_datasets(root: Path) -> list[Path]:
             root / "heldout" / name, STYLES[name], TOY_HELDOUT_COUNT, TOY_SIZE, HELDOUT_SEED
         )
     return written
+
+
+def toy_regularization_folder(parent: Path) -> Path:
+    """`parent/toy-plain`: the toy world's plain regularization scenes, the same files as
+    `datasets/toy/plain` (what the demo trains with), written once. The app gives them to a
+    job on the toy base, inside its own folders (a job may read nothing outside them)."""
+    folder = parent / "toy-plain"
+    if folder.is_dir():
+        return folder
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".toy-plain.", dir=parent))
+    write_dataset(tmp, STYLES["plain"], TOY_TRAIN_COUNT, TOY_SIZE, REGULARIZATION_SEED)
+    try:
+        tmp.rename(folder)  # whole or not at all; a job reading it never sees half of it
+    except OSError:  # another request wrote it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
