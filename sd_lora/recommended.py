@@ -62,7 +62,7 @@ def with_recommended(config: JobConfig) -> JobConfig:
 
 
 def plan_line(config: JobConfig) -> str:
-    """'learning rate 5e-4, text encoder 2.5e-4, 300 steps (recommended for the toy base; set
+    """'learning rate 5e-4, text encoder 2e-3, 300 steps (recommended for the toy base; set
     train.learning_rate, ... to change)'; a value set to something else is named as such."""
     resolved = with_recommended(config)
     chosen = recommended_for(config.model.base, config.train.optimizer)
