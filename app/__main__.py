@@ -1,7 +1,7 @@
-"""`python -m app --adapters DIR [--models DIR] ...`: the same as `sd-lora app ...`."""
+"""`python -m sd_lora_app --adapters DIR [--models DIR] ...`: the same as `sd-lora app ...`."""
 
 import sys
 
-from sd_lora.cli import main
+from sd_lora.cli.main import main
 
 sys.exit(main(["app", *sys.argv[1:]]))

@@ -12,8 +12,8 @@ import math
 import gradio as gr
 
 from sd_lora.errors import UserError
-from sd_lora.png_info import parse_lora_tag
-from sd_lora.workspace import AdapterInfo, Workspace, chosen_adapter_info, list_adapters
+from sd_lora.generate.png_info import parse_lora_tag
+from sd_lora.services.workspace import AdapterInfo, Workspace, chosen_adapter_info, list_adapters
 
 log = logging.getLogger("sd_lora.app")
 

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from app.common import NO_ADAPTER, adapter_choices, adapter_name, friendly
-from app.forms import build_request, form_signature, parse_list
-from app.generate_tab import GenerateTab
 from sd_lora.errors import UserError
+
+from .common import NO_ADAPTER, adapter_choices, adapter_name, friendly
+from .forms import build_request, form_signature, parse_list
+from .generate_tab import GenerateTab
 
 
 @dataclass

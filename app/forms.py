@@ -10,10 +10,11 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from app.common import NO_ADAPTER, NUM_SLOTS, lora_tag_parts, number, whole
 from sd_lora.errors import UserError
-from sd_lora.png_info import ParsedParameters
-from sd_lora.session import AdapterSetting, GenerateRequest
+from sd_lora.generate.png_info import ParsedParameters
+from sd_lora.services.session import AdapterSetting, GenerateRequest
+
+from .common import NO_ADAPTER, NUM_SLOTS, lora_tag_parts, number, whole
 
 SETTINGS = ("base", "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height",
             "sampler", "batch_count")  # fmt: skip

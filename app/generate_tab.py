@@ -11,7 +11,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.common import (
+from sd_lora.adapters.block_weights import BLOCK_NAMES, PRESETS
+from sd_lora.generate.png_info import read_png_parameters
+from sd_lora.models.schedulers import DEFAULT_SAMPLER, SAMPLERS
+from sd_lora.services.session import GenerationSession
+from sd_lora.services.workspace import Workspace, list_adapters, list_bases
+
+from .common import (
     NO_ADAPTER,
     NUM_SLOTS,
     adapter_choices,
@@ -20,12 +26,7 @@ from app.common import (
     find_adapter,
     friendly,
 )
-from app.forms import build_request, form_signature, restore_form
-from sd_lora.block_weights import BLOCK_NAMES, PRESETS
-from sd_lora.png_info import read_png_parameters
-from sd_lora.schedulers import DEFAULT_SAMPLER, SAMPLERS
-from sd_lora.session import GenerationSession
-from sd_lora.workspace import Workspace, list_adapters, list_bases
+from .forms import build_request, form_signature, restore_form
 
 HISTORY_SIZE = 12
 STRENGTH = dict(minimum=-3.0, maximum=3.0, step=0.05, value=1.0)

@@ -13,7 +13,7 @@ import tempfile
 from typing import TYPE_CHECKING
 
 from sd_lora.errors import UserError
-from sd_lora.workspace import Workspace
+from sd_lora.services.workspace import Workspace
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -89,14 +89,18 @@ def keep_files_inside(workspace: Workspace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+JOB_PROCESS = "sd_lora_app.job_process"  # adds the toy world's style scorer to each job
+
+
 def create_app(workspace: Workspace, device: str = "cpu") -> gr.Blocks:
     """The Blocks app with its queue: one model operation at a time, status polls alongside."""
     keep_files_inside(workspace)
-    from app.ui import build_ui
-    from sd_lora.jobs import JobManager
-    from sd_lora.session import GenerationSession
+    from sd_lora.services.jobs import JobManager
+    from sd_lora.services.session import GenerationSession
 
-    jobs = JobManager(workspace, extra_env=job_threads())
+    from .ui import build_ui
+
+    jobs = JobManager(workspace, extra_env=job_threads(), job_module=JOB_PROCESS)
     demo = build_ui(workspace, GenerationSession(workspace, device=device), jobs)
     # One model, one request at a time (concurrency 1 per event); a bounded queue, so a flood
     # of requests is told "the queue is full" instead of piling up memory.
@@ -111,7 +115,7 @@ def launch(workspace: Workspace, *, host: str | None = None, port: int | None = 
     (call demo.close() to stop it)."""
     check_port(host, port)  # again: the CLI checked before making folders, a caller may not have
     demo = create_app(workspace, device)  # first: it sets the temporary folders, then imports gradio
-    from app.ui import CSS
+    from .ui import CSS
 
     folders = [workspace.adapters, workspace.outputs, workspace.runs]
     try:  # quiet: Gradio's start-up advice names launch() arguments; ours names the flags

@@ -1,7 +1,7 @@
 """The Train tab: pick or upload a dataset, see it, choose a preset or edit the TOML, start a
 background job and follow it (progress, ETA, loss, samples); cancel keeps the last checkpoint.
 
-Jobs live in the runs folder and run in their own processes (`sd_lora.jobs`), so closing the
+Jobs live in the runs folder and run in their own processes (`sd_lora.services.jobs`), so closing the
 page, or restarting the app, loses nothing: the job list is read back from the files.
 """
 
@@ -16,13 +16,14 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from app.common import adapter_choices, format_seconds, friendly
-from sd_lora.data.plan import JobCheck
 from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
-from sd_lora.jobs import PRESETS, JobManager, JobStatus, preset_toml
-from sd_lora.workspace import Workspace, extract_zip, list_bases
+from sd_lora.services.jobs import PRESETS, JobManager, JobStatus, preset_toml
+from sd_lora.services.workspace import Workspace, extract_zip, list_bases
+from sd_lora.train.preflight import JobCheck
 from sd_lora.world.datasets import toy_regularization_folder
+
+from .common import adapter_choices, format_seconds, friendly
 
 DATASET_AREAS = ("datasets", "uploads")  # folders under runs/ whose subfolders are datasets
 PREVIEW_IMAGES = 48

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.compare_tab import CompareTab
-from app.generate_tab import GenerateTab
-from app.train_tab import TrainTab
-from sd_lora.jobs import JobManager
-from sd_lora.session import GenerationSession
-from sd_lora.workspace import Workspace
+from sd_lora.services.jobs import JobManager
+from sd_lora.services.session import GenerationSession
+from sd_lora.services.workspace import Workspace
+
+from .compare_tab import CompareTab
+from .generate_tab import GenerateTab
+from .train_tab import TrainTab
 
 TITLE = "sd-lora"
 CSS = """

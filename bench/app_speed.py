@@ -4,7 +4,7 @@ and the time to switch a blend's weights (what the app does when a slider moves)
     .venv/bin/python bench/app_speed.py                # tiny renders + SD 1.5-architecture merges
     .venv/bin/python bench/app_speed.py --only tiny
 
-Adapters are merged into the base weights (`sd_lora.apply`), so a blend adds no work per
+Adapters are merged into the base weights (`sd_lora.adapters.apply`), so a blend adds no work per
 denoising step by construction; this script measures that claim and the merge cost. Adapters are
 random (values do not change timings): UNet attention r=16 and text-encoder attention r=8, like a
 typical style LoRA. SD 1.5's architecture is built with random weights from the bundled configs.
@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import build_sd15_pipeline  # noqa: E402  (same SD 1.5 builder as the other bench)
 
-from sd_lora.apply import apply_adapters, restore  # noqa: E402
-from sd_lora.inject import add_lora, read_adapter_state  # noqa: E402
-from sd_lora.models import freeze  # noqa: E402
-from sd_lora.sampling import RenderSettings, render  # noqa: E402
-from sd_lora.tiny import build_tiny_pipeline  # noqa: E402
+from sd_lora.adapters.apply import apply_adapters, restore  # noqa: E402
+from sd_lora.generate.render import RenderSettings, render  # noqa: E402
+from sd_lora.lora.inject import add_lora, read_adapter_state  # noqa: E402
+from sd_lora.models.builtin.tiny import build_tiny_pipeline  # noqa: E402
+from sd_lora.models.families import freeze
 
 
 def random_adapters(pipe, count: int = 2) -> list:

@@ -49,13 +49,18 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sd_lora.config import JobConfig, LoraConfig, ModelConfig, TrainConfig
-from sd_lora.inject import lora_parameters
-from sd_lora.models import freeze, prediction_type_of
+from sd_lora.lora.inject import lora_parameters
+from sd_lora.models.families import freeze, prediction_type_of
+from sd_lora.models.text import (
+    default_time_ids,
+    encode_all,
+    text_encoders_of,
+    tokenize_all,
+    tokenizers_of,
+)
+from sd_lora.models.tokenizers import clip_tokenizer, open_clip_tokenizer
 from sd_lora.objective import denoising_loss, sample_noise, sample_timesteps, training_schedule
-from sd_lora.text import default_time_ids, encode_all, text_encoders_of, tokenize_all, tokenizers_of
-from sd_lora.tiny import clip_tokenizer
-from sd_lora.tiny_variants import open_clip_tokenizer
-from sd_lora.train import (
+from sd_lora.train.recipe import (
     WEIGHT_DTYPES,
     TrainingLoop,
     add_adapters,

@@ -6,12 +6,12 @@ Heavy libraries (torch, diffusers) load on first use, so `sd-lora --help` stays 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_pipeline": ("sd_lora.models", "load_pipeline"),
+    "load_pipeline": ("sd_lora.models.load", "load_pipeline"),
     "load_config": ("sd_lora.config", "load_config"),
-    "train": ("sd_lora.train", "train"),
-    "load_adapter": ("sd_lora.adapter_io", "load_adapter"),
-    "save_adapter": ("sd_lora.adapter_io", "save_adapter"),
-    "apply_adapters": ("sd_lora.apply", "apply_adapters"),
+    "train": ("sd_lora.train.recipe", "train"),
+    "load_adapter": ("sd_lora.adapters.files", "load_adapter"),
+    "save_adapter": ("sd_lora.adapters.files", "save_adapter"),
+    "apply_adapters": ("sd_lora.adapters.apply", "apply_adapters"),
 }
 
 __all__ = sorted(_LAZY)

@@ -1,5 +1,5 @@
 import sys
 
-from sd_lora.cli import main
+from sd_lora.cli.main import main
 
 sys.exit(main())

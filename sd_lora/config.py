@@ -15,9 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
+from sd_lora.choices import (
+    DEFAULT_RANGE,
+    LEARNING_RATE_RANGE,
+    TARGET_GROUPS,
+    parse_optimizer_args,
+    parse_patterns,
+)
 from sd_lora.errors import UserError
-from sd_lora.optimizers import DEFAULT_RANGE, LEARNING_RATE_RANGE, parse_optimizer_args
-from sd_lora.words import plural
+from sd_lora.util.words import plural
 
 CONFIG_VERSION = 1
 # report.style: the toy world's styles (sd_lora.world.styles.TOY_STYLES), kept here as names so
@@ -38,7 +44,7 @@ ExportDtype = Literal["fp16", "bf16", "fp32"]
 @dataclass(frozen=True)
 class Marker:
     """What a field lets a job touch, carried by its type (typing.Annotated). The app's job
-    check (sd_lora.job_guard) and --resume's path comparison find the fields by these markers,
+    check (sd_lora.services.job_guard) and --resume's path comparison find the fields by these markers,
     so a new field that names a file or folder is covered once it is declared with one of the
     types below; tests/test_job_guard.py fails on a new text field that is not classified."""
 
@@ -63,7 +69,7 @@ class ConfigError(UserError):
 class ModelConfig:
     base: BaseName = "toy"  # "toy", "tiny", a diffusers folder, a hub id (hf://org/name: never looked up on disk) or a single-file .safetensors
     prediction_type: PredictionType = "auto"  # "auto": what the base's scheduler says
-    # Open a .ckpt/.pt base (a pickle) at all; even then only tensors are read (sd_lora.pickles).
+    # Open a .ckpt/.pt base (a pickle) at all; even then only tensors are read (sd_lora.util.pickles).
     allow_pickle: Unpickles = False
 
 
@@ -163,7 +169,7 @@ class LoraConfig:
     # lora_magnitude_vector. A1111 assumes per-input-column dora_scale; see the README.
     use_dora: bool = False
     dropout: float = 0.0  # LoRA dropout (PEFT's lora_dropout) on every adapted layer's input, in [0, 1)
-    # sd-scripts' dropouts on the adapter's own path, training only (sd_lora/lora_dropouts.py):
+    # sd-scripts' dropouts on the adapter's own path, training only (sd_lora/lora/dropouts.py):
     network_dropout: float = 0.0  # element-wise on the rank-r hidden state (sd-scripts' --network_dropout)
     rank_dropout: float = 0.0  # whole rank dimensions per sample, delta rescaled (network_args rank_dropout)
     module_dropout: float = 0.0  # a module's whole delta left out per step (network_args module_dropout)
@@ -177,7 +183,7 @@ class TrainConfig:
     # The adapter's file name (without .safetensors) and ss_output_name. "": the name of the
     # data folder (data.path), or of the data.dataset_config file.
     name: str = ""
-    max_steps: int = 0  # optimizer steps to train; 0: the base's recommendation (sd_lora.recommended: printed in the plan; 1500 for SD bases)
+    max_steps: int = 0  # optimizer steps to train; 0: the base's recommendation (sd_lora.train.recommended: printed in the plan; 1500 for SD bases)
     batch_size: int = 4  # images per micro-batch (per process)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     learning_rate: float = 0.0  # UNet LoRA; 0: the base's recommendation (the toy base's tuned value; 1e-4 for SD 1.x, 2.x, SDXL)
@@ -194,7 +200,7 @@ class TrainConfig:
     huber_c: float = 0.1  # the Huber losses' c
     # adamw (torch), adamw8bit (bitsandbytes, CUDA only), prodigy (prodigyopt: it sets its own
     # step size, so learning rates are multipliers, 1.0 as advised), adafactor (transformers,
-    # fixed learning rate). See sd_lora.optimizers.
+    # fixed learning rate). See sd_lora.train.optimizers.
     optimizer: OptimizerName = "adamw"
     # More keyword arguments for the optimizer, sd-scripts' optimizer_args: ["d_coef=2"]
     optimizer_args: tuple[str, ...] = ()
@@ -242,7 +248,7 @@ class TrainConfig:
     early_stopping_patience: int = 0  # validations without a new best before stopping; 0: never
     # An exponential moving average of the adapter's weights (e.g. 0.999; 0: off): exported as
     # <name>.safetensors (and used by the final evaluation and report), the raw last weights
-    # as <name>-raw.safetensors. See sd_lora.ema.
+    # as <name>-raw.safetensors. See sd_lora.train.ema.
     ema_decay: float = 0.0
     mixed_precision: MixedPrecision = "no"  # bf16 / fp16 autocast (fp16 needs CUDA), the frozen base in that dtype; LoRA weights stay fp32
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
@@ -446,7 +452,6 @@ def validate(config: JobConfig) -> None:
             f"train.text_encoder_2_learning_rate = {config.train.text_encoder_2_learning_rate!r} "
             f"must be in [0, {high:g}) (0: the same as train.text_encoder_learning_rate)"
         )
-    from sd_lora.inject import TARGET_GROUPS, parse_patterns  # lazily: inject imports PEFT
 
     for component in ("unet", "text_encoder"):  # else a traceback once the base has loaded
         groups = getattr(config.lora, f"{component}_targets")

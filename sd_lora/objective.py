@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from sd_lora.text import Conditioning, unet_forward
+from sd_lora.models.text import Conditioning, unet_forward
 
 
 def training_schedule(scheduler_config: dict, prediction_type: str) -> DDPMScheduler:

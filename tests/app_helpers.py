@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sd_lora.adapter_io import save_adapter
-from sd_lora.inject import add_lora, read_adapter_state
+from sd_lora.adapters.files import save_adapter
+from sd_lora.lora.inject import add_lora, read_adapter_state
 from tests.lora_helpers import fill_lora_B
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "datasets" / "sample_stripes"
@@ -26,11 +26,11 @@ def make_adapter(path: Path, seed: int, family: str = "sd1", tags: dict | None =
                  scale: float = 0.3) -> Path:
     """A kohya adapter for the tiny base (or its SD 2 variant) with random nonzero weights."""
     if family == "sd2":
-        from sd_lora.tiny_variants import build_tiny_sd2_pipeline
+        from sd_lora.models.builtin.tiny_sdxl import build_tiny_sd2_pipeline
 
         pipe = build_tiny_sd2_pipeline()
     else:
-        from sd_lora.tiny import build_tiny_pipeline
+        from sd_lora.models.builtin.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(seed=0)
     add_lora(pipe.unet, "unet", ("attn",), 4, 4.0)
@@ -93,8 +93,9 @@ def process_folders_kept():
 def running_app(root: Path, adapters: Path | None = None, quiet: bool = True):
     """The app on a free port (adapters: root/adapters unless given); yields (url, workspace);
     closes it after."""
-    from app.server import launch
-    from sd_lora.workspace import Workspace
+    from sd_lora_app.server import launch
+
+    from sd_lora.services.workspace import Workspace
 
     workspace = Workspace.create(adapters or root / "adapters", models=root / "models")
     with process_folders_kept():

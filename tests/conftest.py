@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_lora.tiny import build_tiny_pipeline
+from sd_lora.models.builtin.tiny import build_tiny_pipeline
 
 
 def _has_cuda() -> bool:

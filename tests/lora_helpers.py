@@ -18,7 +18,7 @@ def fill_lora_B(models, seed: int = 0, scale: float = 0.1) -> None:
 def train_keeping_loop(config):
     """`train(config)`, and the TrainingLoop that ran (its pipe still holds the trained LoRA
     layers, its optimizer the parameter groups)."""
-    from sd_lora.train import TrainingLoop, train
+    from sd_lora.train.recipe import TrainingLoop, train
 
     kept = {}
     original = TrainingLoop.run

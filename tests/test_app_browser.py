@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_lora.cli import main as cli_main
+from sd_lora.cli.main import main as cli_main
 from tests.app_helpers import PROMPT, make_workspace, running_app
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

@@ -9,10 +9,10 @@ import zipfile
 import numpy as np
 import pytest
 from PIL import Image
+from sd_lora_app.common import NUM_SLOTS
+from sd_lora_app.forms import FORM_PARAMS
 
-from app.common import NUM_SLOTS
-from app.forms import FORM_PARAMS
-from sd_lora.cli import main as cli_main
+from sd_lora.cli.main import main as cli_main
 from tests.app_helpers import PROMPT, make_workspace, running_app
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -234,7 +234,7 @@ def wait_for(client, job_id, states, timeout=240):
 
 
 def job_toml(steps: int, name: str) -> str:
-    from sd_lora.jobs import preset_toml
+    from sd_lora.services.jobs import preset_toml
 
     return preset_toml("quick", "tiny", "", name, [f"train.max_steps={steps}", "train.batch_size=2",
                                                   "sample.steps=2", "train.checkpoint_every=1"])
@@ -277,13 +277,13 @@ def test_cancel_keeps_a_checkpoint(app):
 
 
 def test_weight_changes_never_reload_the_base_and_requests_queue(app, monkeypatch):
-    import sd_lora.session
+    import sd_lora.services.session
 
     client, _, _ = app
     generate(client, form(("style", 1.0, 1.0)))  # the base is loaded now
     loads = []
-    original = sd_lora.session.load_pipeline
-    monkeypatch.setattr(sd_lora.session, "load_pipeline", lambda *a, **k: loads.append(a) or original(*a, **k))
+    original = sd_lora.services.session.load_pipeline
+    monkeypatch.setattr(sd_lora.services.session, "load_pipeline", lambda *a, **k: loads.append(a) or original(*a, **k))
     weights = [0.2, 0.6, 1.0, -0.5]
     # Submitted together: they queue (one model, one at a time) and each gets its own result.
     jobs = [client.submit(*form(("style", w, w), ("detail", 0.5, 0.5)), api_name="/generate")
@@ -301,7 +301,7 @@ def test_auth_and_the_command_line(tmp_path, capsys, monkeypatch):
     import os
     import tempfile
 
-    from app.server import parse_auth
+    from sd_lora_app.server import parse_auth
 
     # launch() points the temporary folders at the workspace, process-wide: put them back after.
     for name in ("GRADIO_TEMP_DIR", "TMPDIR", "MPLCONFIGDIR"):
@@ -313,8 +313,9 @@ def test_auth_and_the_command_line(tmp_path, capsys, monkeypatch):
     assert "--auth 'nopassword': give USER:PASSWORD" in capsys.readouterr().err
     assert cli_main(["app", "--adapters", str(tmp_path / "a"), "--models", str(tmp_path / "none")]) == 2
     assert "models folder" in capsys.readouterr().err
-    from app.server import launch
-    from sd_lora.workspace import Workspace
+    from sd_lora_app.server import launch
+
+    from sd_lora.services.workspace import Workspace
     from tests.app_helpers import free_port
 
     demo, url = launch(Workspace.create(tmp_path / "adapters"), port=free_port(), block=False,
@@ -351,7 +352,7 @@ def test_fifty_concurrent_requests_complete_in_queue_order_with_bounded_memory(a
     import psutil
     from gradio_client.utils import Status
 
-    from sd_lora.session import GenerationSession
+    from sd_lora.services.session import GenerationSession
 
     client, _, _ = app
     generate(client, form(("style", 1.0, 1.0)))  # warm: the base and adapters are loaded
@@ -395,8 +396,8 @@ def component(client, elem_id: str) -> dict:
 
 
 def test_generate_and_the_app_default_to_one_sampler_with_the_same_pixels(app, tmp_path):
-    from sd_lora.cli import build_parser
-    from sd_lora.schedulers import sampler_name
+    from sd_lora.cli.main import build_parser
+    from sd_lora.models.schedulers import sampler_name
 
     client, workspace, paths = app
     app_default = component(client, "gen-sampler")["value"]

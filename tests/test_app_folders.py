@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sd_lora.config import READS, WRITES, marked_fields
-from sd_lora.jobs import preset_toml
+from sd_lora.services.jobs import preset_toml
 from tests.app_helpers import free_port, make_workspace, running_app
 from tests.test_app_client import AppError, form, gradio_client
 
@@ -116,7 +116,7 @@ def test_a_base_named_like_a_local_path_is_a_hub_id_never_read_from_disk(app, tm
 
 
 def test_starting_the_app_writes_nothing_outside_its_folders(tmp_path):
-    """`python -m app` with the system temp folder, HOME and the working directory each an
+    """`python -m sd_lora_app` with the system temp folder, HOME and the working directory each an
     empty folder of their own: after starting and one generation, all three are still empty."""
     root, watched = tmp_path / "app", {name: tmp_path / name for name in ("tmp", "home", "cwd")}
     for folder in [root / "models", *watched.values()]:
@@ -126,7 +126,7 @@ def test_starting_the_app_writes_nothing_outside_its_folders(tmp_path):
     env.update(TMPDIR=str(watched["tmp"]), HOME=str(watched["home"]), PYTHONPATH=str(REPO),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     port = free_port()
-    command = [sys.executable, "-m", "app", "--adapters", str(root / "adapters"),
+    command = [sys.executable, "-m", "sd_lora_app", "--adapters", str(root / "adapters"),
                "--models", str(root / "models"), "--port", str(port)]
     with open(tmp_path / "app.log", "wb") as log:
         process = subprocess.Popen(command, cwd=watched["cwd"], env=env, stdout=log,

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_lora.adapter_io import component_modules
-from sd_lora.apply import (
+from sd_lora.adapters.apply import (
     AdapterApplyError,
     AdapterEntry,
     adapters_applied,
     apply_adapters,
     restore,
 )
-from sd_lora.lora_state import AdapterState, LoraModule
+from sd_lora.adapters.files import component_modules
+from sd_lora.formats.adapter_state import AdapterState, LoraModule
 
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_lora.adapter_io import component_modules
-from sd_lora.apply import AdapterEntry, apply_adapters, restore
-from sd_lora.block_weights import (
+from sd_lora.adapters.apply import AdapterEntry, apply_adapters, restore
+from sd_lora.adapters.block_weights import (
     ALL_BLOCK_NAMES,
     BLOCK_NAMES,
     OTHER,
@@ -17,6 +16,7 @@ from sd_lora.block_weights import (
     format_block_weights,
     parse_block_weights,
 )
+from sd_lora.adapters.files import component_modules
 from sd_lora.errors import UserError
 from tests.test_apply import make_state
 

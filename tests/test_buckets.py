@@ -21,7 +21,7 @@ from sd_lora.data.buckets import (
     bucket_sizes,
     plan_buckets,
 )
-from sd_lora.train import train
+from sd_lora.train.recipe import train
 
 SPEC = BucketSpec(resolution=512, step=64, min_side=256, max_side=1024)
 

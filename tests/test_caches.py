@@ -16,9 +16,15 @@ from sd_lora.data import ImageCaptionDataset, scan_dataset
 from sd_lora.data.buckets import BucketSpec
 from sd_lora.data.images import centre_crop_geometry, load_image_and_geometry
 from sd_lora.data.latent_cache import CachedLatentDataset, LatentCache, item_key, vae_identity
-from sd_lora.text import EmbeddingCache, encode_all, text_encoders_of, tokenize_all, tokenizers_of
-from sd_lora.tiny import build_tiny_pipeline
-from sd_lora.train import train
+from sd_lora.models.builtin.tiny import build_tiny_pipeline
+from sd_lora.models.text import (
+    EmbeddingCache,
+    encode_all,
+    text_encoders_of,
+    tokenize_all,
+    tokenizers_of,
+)
+from sd_lora.train.recipe import train
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 

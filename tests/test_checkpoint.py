@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers.optimization import get_scheduler
 
-from sd_lora.checkpoint import (
+from sd_lora.train.checkpoint import (
     Progress,
     checkpoint_path,
     list_checkpoints,
@@ -87,7 +87,7 @@ def test_listing_ignores_temporary_folders_and_prunes_oldest(tmp_path):
 
 
 def test_a_save_killed_half_way_leaves_a_temporary_folder_the_next_start_removes(tmp_path):
-    from sd_lora.checkpoint import remove_incomplete
+    from sd_lora.train.checkpoint import remove_incomplete
 
     models, optimizer, scheduler = _setup(0)
     save_checkpoint(checkpoint_path(tmp_path, 5), models, optimizer, scheduler,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sd_lora.cli import main
+from sd_lora.cli.main import main
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 FAST = ["--base", "tiny", "--set", "sample.steps=2", "--set", "train.batch_size=2", "--no-progress"]
@@ -108,7 +108,7 @@ def test_fp16_on_cpu_is_refused_with_the_fix(tmp_path, capsys):
 
 
 def test_lora_argument_parsing():
-    from sd_lora.generate import parse_adapter_choice
+    from sd_lora.generate.images import parse_adapter_choice
 
     a = parse_adapter_choice("C:/loras/ink.safetensors:0.5:0.8")  # a ':' inside the path
     assert str(a.path) == "C:/loras/ink.safetensors"
@@ -122,7 +122,7 @@ def test_check_reports_every_problem_and_the_plan_before_any_model_loads(tmp_pat
                                                                          monkeypatch):
     import json
 
-    import sd_lora.models as models
+    import sd_lora.models.load as models
 
     def no_loading(*args, **kwargs):
         raise AssertionError("check must not load a model")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import sd_lora.models
-import sd_lora.train
-from sd_lora.cli import main
+import sd_lora.models.load
+import sd_lora.train.recipe
+from sd_lora.cli.main import main
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 
@@ -20,8 +20,8 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad flag was refused")
 
-    monkeypatch.setattr(sd_lora.models, "load_pipeline", refuse)
-    monkeypatch.setattr(sd_lora.train, "load_training_base", refuse)
+    monkeypatch.setattr(sd_lora.models.load, "load_pipeline", refuse)
+    monkeypatch.setattr(sd_lora.train.recipe, "load_training_base", refuse)
 
 
 def refused_in_one_line(capsys, code: int, message: str) -> None:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import torch
 from safetensors import safe_open
 
-from sd_lora.adapter_io import load_adapter, save_adapter
-from sd_lora.apply import apply_adapters
-from sd_lora.cli import main
-from sd_lora.formats import ldm_checkpoint as ldm
+from sd_lora.adapters.apply import apply_adapters
+from sd_lora.adapters.files import load_adapter, save_adapter
+from sd_lora.cli.main import main
 from sd_lora.formats.metadata import file_hashes
-from sd_lora.models import load_pipeline
-from sd_lora.tiny import build_tiny_pipeline
+from sd_lora.models.builtin.tiny import build_tiny_pipeline
+from sd_lora.models.load import load_pipeline
+from sd_lora.models.single_file import save_single_file
 from tests.test_formats import random_state
 from tests.test_models import assert_same_outputs
 from tests.test_transforms import deltas
@@ -62,7 +62,7 @@ def test_merge_exact_compressed_and_into_a_base(tmp_path, tiny_pipe, capsys):
     text = capsys.readouterr().out
     assert "compressed to rank 2" in text and "largest relative error" in text
 
-    base = ldm.save_single_file(build_tiny_pipeline(), tmp_path / "base.safetensors", torch.float32)
+    base = save_single_file(build_tiny_pipeline(), tmp_path / "base.safetensors", torch.float32)
     baked = tmp_path / "baked.safetensors"
     assert main(["merge", f"{a}:0.7", f"{b}:0.3", "--into", str(base), "--out", str(baked),
                  "--dtype", "fp32"]) == 0
@@ -88,7 +88,7 @@ def test_resize_fixed_and_dynamic(tmp_path, tiny_pipe, capsys):
 
 def test_extract_recovers_an_adapter_baked_into_a_checkpoint(tmp_path, tiny_pipe, capsys):
     a, _ = adapters(tmp_path, tiny_pipe)
-    base = ldm.save_single_file(build_tiny_pipeline(), tmp_path / "base.safetensors", torch.float32)
+    base = save_single_file(build_tiny_pipeline(), tmp_path / "base.safetensors", torch.float32)
     tuned = tmp_path / "tuned.safetensors"
     assert main(["merge", str(a), "--into", str(base), "--out", str(tuned), "--dtype", "fp32"]) == 0
     out = tmp_path / "extracted.safetensors"

@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from sd_lora.cli import build_parser, main
+from sd_lora.cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = ROOT / "datasets" / "sample_stripes"
@@ -81,7 +81,7 @@ def test_train_flags_show_the_config_defaults(capsys, monkeypatch):
 
 def test_run_names_default_to_the_data_and_an_explicit_config_is_kept():
     from sd_lora.config import JobConfig, load_config
-    from sd_lora.run_names import with_run_names
+    from sd_lora.train.run_names import with_run_names
 
     assert (JobConfig().train.output_dir, JobConfig().train.name) == ("", "")
     demo = with_run_names(load_config(ROOT / "examples" / "demo.toml"), resume=False)
@@ -142,7 +142,7 @@ def test_an_a1111_tag_names_an_adapter_in_the_current_folder(tmp_path, monkeypat
 
 def fake_run(run: Path, name: str = "demo") -> Path:
     """A training run folder as `sd-lora train` leaves it, its checkpoint laid out as
-    sd_lora/checkpoint.py writes one (tensors under training names, not an adapter's)."""
+    sd_lora/train/checkpoint.py writes one (tensors under training names, not an adapter's)."""
     from tests.app_helpers import make_adapter
 
     make_adapter(run / f"{name}.safetensors", 1)
@@ -175,8 +175,8 @@ def test_a_training_checkpoint_file_is_refused_naming_the_run_adapter(command, t
 
 
 def test_the_default_sampler_is_the_apps():
-    from sd_lora.schedulers import DEFAULT_SAMPLER, sampler_name
-    from sd_lora.session import GenerateRequest
+    from sd_lora.models.schedulers import DEFAULT_SAMPLER, sampler_name
+    from sd_lora.services.session import GenerateRequest
 
     parsed = build_parser().parse_args(["generate", "--prompt", PROMPT])
     assert sampler_name(parsed.sampler) == DEFAULT_SAMPLER == GenerateRequest().sampler

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_lora.cli import main
+from sd_lora.cli.main import main
 from sd_lora.config import load_config
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
@@ -20,8 +20,8 @@ TOY_DATA = SAMPLE_DATA.parent / "toy" / "pastel"
 
 
 def test_counts_of_one_are_singular(tmp_path, tiny_pipe, capsys):
-    from sd_lora.adapter_io import save_adapter
-    from sd_lora.data.plan import check_job
+    from sd_lora.adapters.files import save_adapter
+    from sd_lora.train.preflight import check_job
     from tests.test_formats import random_state
 
     one = tmp_path / "one"
@@ -46,13 +46,13 @@ def test_a_built_in_base_typed_otherwise_gets_a_suggestion(typed, meant, capsys)
 
 
 def test_no_suggestion_for_a_name_far_from_every_built_in_base():
-    from sd_lora.models import builtin_suggestion
+    from sd_lora.models.bases import builtin_suggestion
 
     assert builtin_suggestion("my-model") == "" and builtin_suggestion("toy") == "; did you mean 'toy'?"
 
 
 def test_a_size_far_above_the_bases_own_is_warned_about_with_its_native_size(monkeypatch):
-    from sd_lora import memory
+    from sd_lora.train import memory
 
     monkeypatch.setattr(memory, "available_gib", lambda: (22.7, "RAM"))
     config = load_config(None, [f'data.path="{TOY_DATA}"', 'model.base="toy"', "data.resolution=512"])
@@ -68,7 +68,7 @@ def test_a_size_far_above_the_bases_own_is_warned_about_with_its_native_size(mon
 
 
 def test_trigger_words_are_recurring_tags_not_whole_captions():
-    from sd_lora.workspace import trigger_words
+    from sd_lora.services.workspace import trigger_words
 
     captions = {f"zkpastel, {n} red circles on a blue background": 1 for n in range(12)}
     metadata = {"modelspec.trigger_phrase": "zkpastel",
@@ -80,7 +80,7 @@ def test_trigger_words_are_recurring_tags_not_whole_captions():
 
 
 def test_resize_by_singular_values_needs_no_rank(tmp_path, tiny_pipe, capsys):
-    from sd_lora.adapter_io import load_adapter
+    from sd_lora.adapters.files import load_adapter
     from tests.test_cli_tools import adapters
 
     a, _ = adapters(tmp_path, tiny_pipe)

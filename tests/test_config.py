@@ -90,7 +90,7 @@ def test_example_configs_load(name):
 
 def test_resume_refuses_changes_to_what_a_step_computes_and_allows_the_rest(tmp_path):
     from sd_lora.config import changes_refused_on_resume, flat_config
-    from sd_lora.recommended import RECOMMENDED, with_recommended
+    from sd_lora.train.recommended import RECOMMENDED, with_recommended
 
     (tmp_path / "data").mkdir()
     # A run records (and a resumed run compares) its learning rates and steps as they ran:
@@ -114,14 +114,14 @@ def test_resume_refuses_changes_to_what_a_step_computes_and_allows_the_rest(tmp_
 
 
 def test_the_readme_documents_every_option_as_config_py_does():
-    """The README's option table is made from config.py (python -m sd_lora.options_doc
+    """The README's option table is made from config.py (python -m sd_lora.cli.options_doc
     README.md): every field, its type, default and comment; none without a description."""
     from pathlib import Path
 
-    from sd_lora.options_doc import table, with_table
+    from sd_lora.cli.options_doc import table, with_table
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    assert with_table(readme) == readme, "run: python -m sd_lora.options_doc README.md"
+    assert with_table(readme) == readme, "run: python -m sd_lora.cli.options_doc README.md"
     rows = [line for line in table().splitlines() if line.startswith("| `")]
     sections = typing.get_type_hints(JobConfig)
     assert len(rows) == sum(len(dataclasses.fields(sections[f.name]))

@@ -10,8 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from sd_lora.adapter_io import AdapterFileError, load_adapter, save_adapter
-from sd_lora.cli import main
+from sd_lora.adapters.files import AdapterFileError, load_adapter, save_adapter
+from sd_lora.cli.main import main
 from tests.test_formats import random_state
 
 

@@ -27,7 +27,7 @@ from sd_lora.data import (
     probe_image,
     scan_dataset,
 )
-from sd_lora.tiny import clip_tokenizer
+from sd_lora.models.tokenizers import clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_STRIPES = REPO / "datasets" / "sample_stripes"

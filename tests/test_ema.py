@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from sd_lora.config import ConfigError, load_config
-from sd_lora.ema import AdapterEMA
-from sd_lora.train import train
+from sd_lora.train.ema import AdapterEMA
+from sd_lora.train.recipe import train
 from tests.test_train import _interrupt_at
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"

@@ -17,11 +17,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from sd_lora.adapter_io import component_modules, load_adapter, save_adapter
-from sd_lora.apply import AdapterApplyError, apply_adapters
-from sd_lora.inject import add_lora, read_adapter_state, target_module_names
-from sd_lora.lora_state import AdapterState, LoraModule
-from sd_lora.tiny import build_tiny_pipeline
+from sd_lora.adapters.apply import AdapterApplyError, apply_adapters
+from sd_lora.adapters.files import component_modules, load_adapter, save_adapter
+from sd_lora.formats.adapter_state import AdapterState, LoraModule
+from sd_lora.lora.inject import add_lora, read_adapter_state, target_module_names
+from sd_lora.models.builtin.tiny import build_tiny_pipeline
 from tests.lora_helpers import fill_lora_B
 
 UNET_R, UNET_ALPHA, TE_R, TE_ALPHA = 4, 8, 4, 2
@@ -223,7 +223,7 @@ def test_we_read_the_files_diffusers_writes(tmp_path, uniform):
     """diffusers' own save (transformers 5: text-encoder names without `text_model.`)."""
     from diffusers import StableDiffusionPipeline
 
-    from sd_lora.inspect_adapter import inspect_adapter
+    from sd_lora.adapters.inspect import inspect_adapter
 
     state, _ = uniform
     pipe = trained_pipe(odd=False)
@@ -300,8 +300,9 @@ def test_full_size_sd15_kohya_layout_equals_the_reference_converter():
     maintained `convert_state_dict_to_kohya` gives for PEFT LoRA on the same layers, once its
     two known departures from sd-scripts' layout are undone (it writes `lora_te1_` and, under
     transformers 5, drops the `text_model.` level; see the test above)."""
+    from sd_lora.formats.adapter_state import canonical_name
     from sd_lora.formats.kohya import to_kohya
-    from sd_lora.inject import canonical_name, target_suffixes
+    from sd_lora.lora.inject import target_suffixes
     from tests.test_models import meta_components
 
     unet, _, text_encoder = meta_components("stable-diffusion-v1-5")

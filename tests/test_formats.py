@@ -8,16 +8,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd_lora.adapter_io import (
+from sd_lora.adapters.files import (
     AdapterFileError,
     load_adapter,
     pipeline_module_paths,
     reference_module_paths,
     save_adapter,
 )
+from sd_lora.formats.adapter_state import AdapterState, LoraModule
 from sd_lora.formats.kohya import KohyaKeyError, from_kohya, parse_kohya_key, to_kohya
 from sd_lora.formats.peft_diffusers import METADATA_KEY, from_diffusers, to_diffusers
-from sd_lora.lora_state import AdapterState, LoraModule
 
 UNET_R, UNET_ALPHA, TE_R, TE_ALPHA = 4, 8.0, 4, 2.0
 Q0 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -145,7 +145,7 @@ def test_kohya_modules_the_base_lacks_are_reported_and_a_foreign_file_refused(ti
     assert back.count() == state.count()
     assert list(back.unmatched) == ["lora_unet_down_blocks_9_attentions_0_proj_in"]
     assert "1 in the file match nothing and are left out (lora_unet_down_blocks_9" in back.coverage()
-    from sd_lora.inspect_adapter import format_inspection, inspect_adapter
+    from sd_lora.adapters.inspect import format_inspection, inspect_adapter
 
     path = tmp_path / "extra.safetensors"
     save_file(tensors, str(path), metadata={"ss_base_model_version": "sd_v1"})
@@ -310,7 +310,7 @@ def test_fuzzed_files_give_a_clear_error_or_load_and_never_crash(tmp_path, state
     AdapterFileError naming the file; `sd-lora inspect` exits 0 or 2, never with a traceback."""
     import random
 
-    from sd_lora.cli import main
+    from sd_lora.cli.main import main
 
     good = save_adapter(state, tmp_path / "good.safetensors").read_bytes()
     header_end = 8 + int.from_bytes(good[:8], "little")

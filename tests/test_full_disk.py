@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sd_lora.checkpoint as checkpoint_module
-import sd_lora.loop as train_module  # the step loop: where checkpoints are saved
-from sd_lora.checkpoint import CheckpointWriteError
-from sd_lora.train import train
+import sd_lora.train.checkpoint as checkpoint_module
+import sd_lora.train.loop as train_module  # the step loop: where checkpoints are saved
+from sd_lora.train.checkpoint import CheckpointWriteError
+from sd_lora.train.recipe import train
 from tests.test_train import job
 
 

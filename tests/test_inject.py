@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_lora.adapter_io import load_adapter, pipeline_module_paths, save_adapter
-from sd_lora.apply import apply_adapters
-from sd_lora.inject import add_lora, read_adapter_state, target_suffixes
-from sd_lora.models import load_pipeline
+from sd_lora.adapters.apply import apply_adapters
+from sd_lora.adapters.files import load_adapter, pipeline_module_paths, save_adapter
+from sd_lora.lora.inject import add_lora, read_adapter_state, target_suffixes
+from sd_lora.models.load import load_pipeline
 from tests.lora_helpers import fill_lora_B
 
 # tiny UNet: 16 transformer blocks (2 attentions x 8 cross-attention blocks), each with attn1 and

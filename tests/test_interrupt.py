@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_lora.checkpoint import list_checkpoints
+from sd_lora.train.checkpoint import list_checkpoints
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 STEPS = 24
@@ -117,7 +117,7 @@ def test_the_first_interrupt_waits_for_the_step_boundary_and_a_second_stops_at_o
     """During the loop, SIGINT/SIGTERM only ask to stop: an interrupt raised between
     `optimizer.step()` and the step counter would save one step's weights under the previous
     step's position (measured: a SIGTERM resume then differed by 1e-3)."""
-    from sd_lora.stop_signals import ImmediateStop, StopSignals
+    from sd_lora.train.stop_signals import ImmediateStop, StopSignals
 
     before = signal.getsignal(signal.SIGINT)
     with StopSignals(notice=False) as stop:

@@ -1,4 +1,4 @@
-"""The app's job check (sd_lora.job_guard): every path field inside the app's folders, relative
+"""The app's job check (sd_lora.services.job_guard): every path field inside the app's folders, relative
 paths taken from the runs folder, the report's default folders looked for inside only, no
 pickles; and a hub id written hf://org/name is never read from disk. The same refusals through
 the running app: tests/test_app_folders.py."""
@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from sd_lora.config import BASE, READS, UNPICKLES, WRITES, JobConfig, marked_fields
-from sd_lora.job_guard import JobRefused
-from sd_lora.jobs import JobManager, preset_toml
-from sd_lora.models import BaseModelError, load_pipeline
-from sd_lora.workspace import Workspace
+from sd_lora.models.bases import BaseModelError
+from sd_lora.models.load import load_pipeline
+from sd_lora.services.job_guard import JobRefused
+from sd_lora.services.jobs import JobManager, preset_toml
+from sd_lora.services.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 # Text fields that name no file or folder. A new text field must be added here or declared

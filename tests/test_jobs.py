@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_lora.checkpoint import list_checkpoints
 from sd_lora.config import ConfigError, load_config, load_config_text
-from sd_lora.jobs import PRESETS, JobError, JobManager, preset_toml
-from sd_lora.recommended import RECOMMENDED, with_recommended
-from sd_lora.session import AdapterSetting, GenerateRequest, GenerationSession
-from sd_lora.workspace import PathOutsideError, Workspace, WorkspaceError, list_adapters
+from sd_lora.services.jobs import PRESETS, JobError, JobManager, preset_toml
+from sd_lora.services.session import AdapterSetting, GenerateRequest, GenerationSession
+from sd_lora.services.workspace import PathOutsideError, Workspace, WorkspaceError, list_adapters
+from sd_lora.train.checkpoint import list_checkpoints
+from sd_lora.train.recommended import RECOMMENDED, with_recommended
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the job shares 2 cores with pytest (and maybe more)
@@ -204,7 +204,7 @@ def test_the_apps_job_on_the_toy_base_trains_with_the_toy_worlds_plain_scenes(sp
     prompts without the trigger word (off-style +75%). The app writes the toy world's plain
     scenes into its own folders (a job reads nothing outside them) and names them."""
     pytest.importorskip("gradio")
-    from app.train_tab import TrainTab
+    from sd_lora_app.train_tab import TrainTab
 
     tab = TrainTab(space, JobManager(space))
     fields = [None] * 4  # the number fields left empty: the preset's values

@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from sd_lora.config import ConfigError, load_config
-from sd_lora.inject import ADAPTER_NAME
-from sd_lora.lora_dropouts import AdapterDropouts, add_dropouts
+from sd_lora.lora.dropouts import AdapterDropouts, add_dropouts
+from sd_lora.lora.inject import ADAPTER_NAME
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 WIDTH = 16  # features of the probe layer, and its rank: lora_A = lora_B = identity
@@ -109,7 +109,7 @@ def test_a_run_with_the_dropouts_differs_resumes_exactly_and_records_them(tmp_pa
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from sd_lora.train import train
+    from sd_lora.train.recipe import train
     from tests.test_train import _interrupt_at
 
     def job(out, *dropouts):

@@ -9,8 +9,8 @@ from safetensors import safe_open
 
 from sd_lora.config import ConfigError, load_config
 from sd_lora.errors import UserError
-from sd_lora.tiny import build_tiny_pipeline
-from sd_lora.train import add_adapters, make_optimizer, train
+from sd_lora.models.builtin.tiny import build_tiny_pipeline
+from sd_lora.train.recipe import add_adapters, make_optimizer, train
 from tests.lora_helpers import train_keeping_loop
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
@@ -77,8 +77,8 @@ def test_a_dora_run_exports_files_that_reproduce_the_trained_model(tmp_path):
     text-encoder and UNet outputs to 1e-5."""
     import torch
 
-    from sd_lora.adapter_io import load_adapter, pipeline_module_paths
-    from sd_lora.apply import apply_adapters
+    from sd_lora.adapters.apply import apply_adapters
+    from sd_lora.adapters.files import load_adapter, pipeline_module_paths
 
     config = load_config(None, [
         'model.base="tiny"', f'data.path="{SAMPLE_DATA}"', f'train.output_dir="{tmp_path}"',

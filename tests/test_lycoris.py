@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_lora.adapter_io import AdapterFileError, component_modules, load_adapter, save_adapter
-from sd_lora.apply import adapters_applied
+from sd_lora.adapters.apply import adapters_applied
+from sd_lora.adapters.files import AdapterFileError, component_modules, load_adapter, save_adapter
+from sd_lora.adapters.inspect import format_inspection, inspect_adapter
+from sd_lora.adapters.transforms import resize
+from sd_lora.formats.adapter_state import AdapterState, LohaModule, LokrModule
 from sd_lora.formats.kohya import kohya_module_name
-from sd_lora.inspect_adapter import format_inspection, inspect_adapter
-from sd_lora.lora_state import AdapterState, LohaModule, LokrModule
-from sd_lora.tiny import build_tiny_pipeline
-from sd_lora.transforms import resize
+from sd_lora.models.builtin.tiny import build_tiny_pipeline
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 CONV = "down_blocks.0.resnets.0.conv1"
@@ -220,7 +220,7 @@ def test_dora_modules_apply_as_the_formula_says(tmp_path):
     back = load_adapter(saved)
     torch.testing.assert_close(back.modules["text_encoder"][TE_FC1].dora_scale,
                                t[f"{fc1}.dora_scale"], atol=0, rtol=0)
-    from sd_lora.transforms import TransformError, merge
+    from sd_lora.adapters.transforms import TransformError, merge
     with pytest.raises(TransformError, match="DoRA.*--into"):
         resize(state, rank=2)
     with pytest.raises(TransformError, match="DoRA"):

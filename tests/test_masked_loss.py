@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 from sd_lora.config import ConfigError, load_config
 from sd_lora.data import ImageCaptionDataset, scan_dataset
+from sd_lora.models.builtin.tiny import sd1_scheduler_config
 from sd_lora.objective import denoising_loss, training_schedule
-from sd_lora.tiny import sd1_scheduler_config
-from sd_lora.train import train
+from sd_lora.train.recipe import train
 from tests.test_objective import _Oracle
 
 

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from sd_lora.config import load_config
-from sd_lora.memory import ParameterCounts, count_folder, count_single_file, estimate, plan_line
-from sd_lora.single_file import bundled_folder
+from sd_lora.models.single_file import bundled_folder
+from sd_lora.train.memory import (
+    ParameterCounts,
+    count_folder,
+    count_single_file,
+    estimate,
+    plan_line,
+)
 
 SD15 = count_folder(bundled_folder("stable-diffusion-v1-5"))
 SDXL = count_folder(bundled_folder("stable-diffusion-xl-base-1.0"))
@@ -20,8 +26,8 @@ def test_parameter_counts_come_from_the_configs():
 
 
 def test_a_single_files_counts_come_from_its_header(tmp_path):
-    from sd_lora.formats.ldm_checkpoint import save_single_file
-    from sd_lora.tiny import build_tiny_pipeline
+    from sd_lora.models.builtin.tiny import build_tiny_pipeline
+    from sd_lora.models.single_file import save_single_file
 
     pipe = build_tiny_pipeline()
     path = save_single_file(pipe, tmp_path / "t.safetensors", torch.float32)
@@ -43,7 +49,7 @@ def test_the_estimate_is_within_15_percent_of_the_measured_peaks(counts, resolut
 
 
 def test_a_job_that_will_not_fit_is_warned_about_with_the_fixes(monkeypatch):
-    from sd_lora import memory
+    from sd_lora.train import memory
 
     monkeypatch.setattr(memory, "count_base", lambda base: SDXL)
     monkeypatch.setattr(memory, "available_gib", lambda: (8.0, "RAM"))

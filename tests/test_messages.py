@@ -11,9 +11,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from sd_lora.adapter_io import save_adapter
-from sd_lora.cli import build_parser, main
-from sd_lora.pickles import ALLOW_FLAG, PickleRefused, load_tensors
+from sd_lora.adapters.files import save_adapter
+from sd_lora.cli.main import build_parser, main
+from sd_lora.util.pickles import ALLOW_FLAG, PickleRefused, load_tensors
 from tests.test_formats import random_state
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
@@ -107,8 +107,8 @@ def test_a_folder_given_as_an_adapter_is_called_a_folder(tmp_path, capsys):
 
 
 def test_the_app_refuses_a_pickled_base_without_advising_a_flag_it_lacks(tmp_path):
-    from sd_lora.session import GenerateRequest, GenerationSession, RequestError
-    from sd_lora.workspace import Workspace
+    from sd_lora.services.session import GenerateRequest, GenerationSession, RequestError
+    from sd_lora.services.workspace import Workspace
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "old.ckpt").write_bytes(b"never opened")

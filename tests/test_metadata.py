@@ -11,10 +11,10 @@ import safetensors
 import safetensors.torch
 import torch
 
-from sd_lora.adapter_io import load_adapter, reference_module_paths, save_adapter
+from sd_lora.adapters.files import load_adapter, reference_module_paths, save_adapter
+from sd_lora.adapters.inspect import format_inspection, inspect_adapter
+from sd_lora.formats.adapter_state import AdapterState, LoraModule
 from sd_lora.formats.metadata import TrainingInfo, build_metadata, short_hash
-from sd_lora.inspect_adapter import format_inspection, inspect_adapter
-from sd_lora.lora_state import AdapterState, LoraModule
 
 INFO = TrainingInfo(
     name="cat-style",
@@ -232,7 +232,7 @@ def test_a_runs_recipe_lands_in_the_keys_sd_scripts_uses():
 
     from sd_lora.config import load_config
     from sd_lora.data import scan_dataset
-    from sd_lora.run_outputs import training_info
+    from sd_lora.train.outputs import training_info
 
     sample = Path(__file__).resolve().parents[1] / "datasets" / "sample_stripes"
     config = load_config(None, ['train.lr_scheduler="cosine_with_restarts"', "train.lr_warmup_steps=50",

@@ -28,11 +28,14 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sd_lora.formats import ldm_checkpoint as ldm
-from sd_lora.formats.ldm_header import Header, expected_shapes
-from sd_lora.models import BaseModelError, load_pipeline, model_family, prediction_type_of
-from sd_lora.single_file import bundled_configs, choose_configs
-from sd_lora.tiny import build_tiny_pipeline, clip_tokenizer, sd1_scheduler_config
-from sd_lora.tiny_variants import build_tiny_sd2_pipeline, open_clip_tokenizer
+from sd_lora.models.bases import BaseModelError
+from sd_lora.models.builtin.tiny import build_tiny_pipeline, sd1_scheduler_config
+from sd_lora.models.builtin.tiny_sdxl import build_tiny_sd2_pipeline
+from sd_lora.models.families import model_family, prediction_type_of
+from sd_lora.models.load import load_pipeline
+from sd_lora.models.single_file import bundled_configs, choose_configs, save_single_file
+from sd_lora.models.single_file_header import Header, expected_shapes
+from sd_lora.models.tokenizers import clip_tokenizer, open_clip_tokenizer
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -223,7 +226,7 @@ def test_sdxl_folder_loads_with_both_text_encoders(tmp_path):
     same as the pipeline that wrote it."""
     from diffusers import StableDiffusionXLPipeline
 
-    from sd_lora.text import (
+    from sd_lora.models.text import (
         default_time_ids,
         encode_all,
         text_encoders_of,
@@ -374,9 +377,9 @@ def test_single_file_round_trip_is_bit_identical(tmp_path, build, no_network, ca
     original = build()
     for name in ("unet", "vae", "text_encoder"):
         getattr(original, name).eval()
-    path = ldm.save_single_file(original, tmp_path / "tiny.safetensors", torch.float32)
+    path = save_single_file(original, tmp_path / "tiny.safetensors", torch.float32)
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.safetensors"]  # no temp file left
-    with caplog.at_level(logging.INFO, logger="sd_lora.single_file"):
+    with caplog.at_level(logging.INFO, logger="sd_lora.models.single_file"):
         loaded = load_pipeline(str(path))
     assert "metadata" in caplog.text
     assert_frozen(loaded)
@@ -388,7 +391,7 @@ def test_single_file_round_trip_is_bit_identical(tmp_path, build, no_network, ca
 
 def test_single_file_sd2_layout(tmp_path):
     pipe = build_tiny_sd2_pipeline()
-    path = ldm.save_single_file(pipe, tmp_path / "sd2.safetensors", torch.float32)
+    path = save_single_file(pipe, tmp_path / "sd2.safetensors", torch.float32)
     with safe_open(str(path), "pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
         fused = f.get_slice("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight")
@@ -404,9 +407,9 @@ def test_single_file_sd2_layout(tmp_path):
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_single_file_without_metadata_is_inferred_from_shapes(tmp_path, family, no_network, caplog):
     original = conventional_pipeline(family)
-    path = ldm.save_single_file(original, tmp_path / "plain.safetensors", torch.float32)
+    path = save_single_file(original, tmp_path / "plain.safetensors", torch.float32)
     strip_metadata(path)
-    with caplog.at_level(logging.INFO, logger="sd_lora.single_file"):
+    with caplog.at_level(logging.INFO, logger="sd_lora.models.single_file"):
         loaded = load_pipeline(str(path))
     assert "inferred from the tensor shapes" in caplog.text
     assert_same_outputs(original, loaded)
@@ -414,11 +417,11 @@ def test_single_file_without_metadata_is_inferred_from_shapes(tmp_path, family, 
 
 
 def test_sd2_prediction_type_without_metadata(tmp_path, caplog):
-    path = ldm.save_single_file(
+    path = save_single_file(
         conventional_pipeline("sd2"), tmp_path / "p.safetensors", torch.float32
     )
     strip_metadata(path)
-    with caplog.at_level(logging.WARNING, logger="sd_lora.single_file"):
+    with caplog.at_level(logging.WARNING, logger="sd_lora.models.single_file"):
         assert prediction_type_of(load_pipeline(str(path))) == "v_prediction"
     assert "prediction_type='epsilon'" in caplog.text
     pipe = load_pipeline(str(path), prediction_type="epsilon")
@@ -429,7 +432,7 @@ def test_sd2_prediction_type_without_metadata(tmp_path, caplog):
 
 
 def test_single_file_honours_dtype_and_override(tmp_path):
-    path = ldm.save_single_file(
+    path = save_single_file(
         build_tiny_sd2_pipeline(), tmp_path / "t.safetensors", torch.float32
     )
     pipe = load_pipeline(str(path), dtype=torch.bfloat16, prediction_type="epsilon")
@@ -439,7 +442,7 @@ def test_single_file_honours_dtype_and_override(tmp_path):
 
 def test_uninferable_single_file_names_file_and_reason(tmp_path):
     """A tiny SD 2 UNet's 32-channel blocks cannot hold 64-channel heads: no config fits."""
-    path = ldm.save_single_file(
+    path = save_single_file(
         build_tiny_sd2_pipeline(), tmp_path / "tiny2.safetensors", torch.float32
     )
     strip_metadata(path)
@@ -450,7 +453,7 @@ def test_uninferable_single_file_names_file_and_reason(tmp_path):
 
 def test_save_single_file_writes_safetensors_only(tmp_path, tiny_pipe):
     with pytest.raises(ValueError, match=".safetensors only"):
-        ldm.save_single_file(tiny_pipe, tmp_path / "model.ckpt", torch.float32)
+        save_single_file(tiny_pipe, tmp_path / "model.ckpt", torch.float32)
 
 
 # --- families and full-size layouts (meta device) -------------------------------------------
@@ -558,7 +561,7 @@ def test_unet_table_gives_sdxl_ldm_names():
 
 def test_a_folder_with_pickled_weights_is_refused(tmp_path):
     """`.bin` weights are pickles: the loader never falls back to them."""
-    from sd_lora.tiny import build_tiny_pipeline
+    from sd_lora.models.builtin.tiny import build_tiny_pipeline
 
     folder = tmp_path / "pickled"
     build_tiny_pipeline().save_pretrained(folder, safe_serialization=False)

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from sd_lora.config import load_config
-from sd_lora.data.plan import check_job
-from sd_lora.train import train
+from sd_lora.train.preflight import check_job
+from sd_lora.train.recipe import train
 from tests.test_train import SAMPLE_DATA, job
 
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sd_lora.loop as train_module  # the step loop: where the loss is computed
-from sd_lora.nonfinite import (
+import sd_lora.train.loop as train_module  # the step loop: where the loss is computed
+from sd_lora.train.nonfinite import (
     NonFiniteGuard,
     StepSnapshot,
     TrainingDiverged,
     count_nonfinite,
     gradients_finite,
 )
-from sd_lora.train import train
+from sd_lora.train.recipe import train
 from tests.test_train import adapter_tensors, job
 
 
@@ -70,7 +70,7 @@ def test_guard_counts_and_stops_after_the_limit_naming_the_causes():
 @pytest.mark.slow
 def test_a_nan_step_is_skipped_and_counted_and_the_run_finishes(tmp_path, monkeypatch, caplog):
     calls = nan_on_calls(monkeypatch, lambda n: n == 3, gradient_only_calls=lambda n: n == 4)
-    with caplog.at_level("WARNING", logger="sd_lora.nonfinite"):
+    with caplog.at_level("WARNING", logger="sd_lora.train.nonfinite"):
         result = train(job(tmp_path, "train.max_steps=6"), show_progress=False)
     assert calls["n"] == 8  # 6 real updates, 2 batches skipped
     assert "step 3 skipped: the loss is nan (loss nan)" in caplog.text
@@ -176,7 +176,7 @@ def test_an_update_that_is_always_nan_stops_the_run_saving_no_nan(tmp_path, monk
     # The reported case: Adam with epsilon 0 (the config now refuses it, so it is set on the
     # built optimizer). At step 1 every lora_A gradient is 0 (lora_B starts at 0), and 0 / 0
     # made those weights NaN; they were checkpointed and the run claimed the checkpoint intact.
-    import sd_lora.train as train_steps
+    import sd_lora.train.recipe as train_steps
 
     real = train_steps.build_optimizer
 
@@ -189,7 +189,7 @@ def test_an_update_that_is_always_nan_stops_the_run_saving_no_nan(tmp_path, monk
     monkeypatch.setattr(train_steps, "build_optimizer", epsilon_zero)
     config = job(tmp_path, "train.max_steps=4", "train.checkpoint_every=1",
                  "train.max_nonfinite_steps=3")
-    with caplog.at_level("WARNING", logger="sd_lora.nonfinite"), \
+    with caplog.at_level("WARNING", logger="sd_lora.train.nonfinite"), \
             pytest.raises(TrainingDiverged) as err:
         train(config, show_progress=False)
     text = str(err.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sd_lora.models.builtin.tiny import sd1_scheduler_config
 from sd_lora.objective import (
     denoising_loss,
     min_snr_weights,
@@ -11,7 +12,6 @@ from sd_lora.objective import (
     target,
     training_schedule,
 )
-from sd_lora.tiny import sd1_scheduler_config
 
 
 def test_epsilon_target_is_the_noise():

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sd_lora.choices import OptimizerError, parse_optimizer_args
 from sd_lora.config import ConfigError, TrainConfig, load_config
-from sd_lora.optimizers import OptimizerError, build_optimizer, parse_optimizer_args
-from sd_lora.train import train
+from sd_lora.train.optimizers import build_optimizer
+from sd_lora.train.recipe import train
 from tests.test_train import _interrupt_at
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"

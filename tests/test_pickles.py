@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_lora.adapter_io import AdapterFileError, load_adapter, save_adapter
-from sd_lora.cli import main
-from sd_lora.formats import ldm_checkpoint as ldm
-from sd_lora.models import BaseModelError, load_pipeline
-from sd_lora.pickles import PickleRefused, load_tensors
+from sd_lora.adapters.files import AdapterFileError, load_adapter, save_adapter
+from sd_lora.cli.main import main
+from sd_lora.models.bases import BaseModelError
+from sd_lora.models.load import load_pipeline
+from sd_lora.models.single_file import save_single_file
+from sd_lora.util.pickles import PickleRefused, load_tensors
 from tests.test_formats import assert_same_state, random_state
 from tests.test_models import assert_same_outputs, conventional_pipeline
 
@@ -67,7 +68,7 @@ def test_pickled_base_checkpoint_loads_like_its_safetensors_twin_when_allowed(tm
     original = conventional_pipeline("sd1")
     for name in ("unet", "vae", "text_encoder"):
         getattr(original, name).eval()
-    single = ldm.save_single_file(original, tmp_path / "tiny.safetensors", torch.float32)
+    single = save_single_file(original, tmp_path / "tiny.safetensors", torch.float32)
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": load_file(single), "global_step": 1}, ckpt)  # the LDM layout
     with pytest.raises(BaseModelError, match="pass --allow-pickle"):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sd_lora.generate import AdapterChoice, lora_tag
-from sd_lora.png_info import (
+from sd_lora.generate.images import AdapterChoice, lora_tag
+from sd_lora.generate.png_info import (
     ParsedParameters,
     PngInfoError,
     format_lora_tag,
@@ -16,7 +16,7 @@ from sd_lora.png_info import (
     parse_parameters,
     read_png_parameters,
 )
-from sd_lora.sampling import RenderSettings, a1111_parameters, save_png
+from sd_lora.generate.render import RenderSettings, a1111_parameters, save_png
 
 
 def _written(tmp_path: Path, prompt: str, choices: list[AdapterChoice], **kwargs) -> Path:

@@ -15,9 +15,9 @@ import torch
 from sd_lora.config import ConfigError, load_config
 from sd_lora.data import ImageCaptionDataset, scan_dataset
 from sd_lora.data.dataset import shuffled_tags
+from sd_lora.models.builtin.tiny import sd1_scheduler_config
 from sd_lora.objective import denoising_loss, element_loss, min_snr_weights, training_schedule
-from sd_lora.tiny import sd1_scheduler_config
-from sd_lora.train import make_lr_scheduler, style_samples
+from sd_lora.train.recipe import make_lr_scheduler, style_samples
 from tests.test_world import TOY_DATA
 
 
@@ -142,7 +142,7 @@ def test_a_zero_terminal_snr_run_trains_samples_and_says_so(tmp_path):
 
     from safetensors import safe_open
 
-    from sd_lora.train import train
+    from sd_lora.train.recipe import train
 
     data = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
     config = load_config(None, [
@@ -211,7 +211,7 @@ def test_noise_and_weighting_options_train_resume_exactly_and_are_recorded(tmp_p
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from sd_lora.train import train
+    from sd_lora.train.recipe import train
     from tests.test_train import _interrupt_at
 
     data = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"

@@ -1,5 +1,5 @@
 """Learning rates and steps left at 0 (the defaults): the base's recommendation, printed in the
-plan (sd_lora.recommended)."""
+plan (sd_lora.train.recommended)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from sd_lora.config import ConfigError, load_config
-from sd_lora.data.plan import check_job
-from sd_lora.recommended import RECOMMENDED, plan_line, recommended_for, with_recommended
+from sd_lora.train.preflight import check_job
+from sd_lora.train.recommended import RECOMMENDED, plan_line, recommended_for, with_recommended
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from sd_lora.inject import add_lora, lora_weight
-from sd_lora.report import detect_trigger, strip_trigger
+from sd_lora.data.captions import detect_trigger, strip_trigger
+from sd_lora.lora.inject import add_lora, lora_weight
 from tests.lora_helpers import fill_lora_B
 
 
@@ -57,9 +57,9 @@ def test_lora_weight_scales_the_trained_layers_and_restores_them(tiny_pipe):
 
 @pytest.mark.slow
 def test_every_run_writes_a_report_even_without_held_out_sets(tmp_path, monkeypatch):
-    from sd_lora import report as report_module
     from sd_lora.config import load_config
-    from sd_lora.train import train
+    from sd_lora.train import report as report_module
+    from sd_lora.train.recipe import train
     from tests.test_train import SAMPLE_DATA
 
     # The tiny base's images are noise and its report renders nothing (tests/test_run_console.py);

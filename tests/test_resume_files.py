@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_lora.train import train
+from sd_lora.train.recipe import train
 from tests.test_train import job
 
 STEPS = 6
@@ -40,7 +40,7 @@ def killed_while_writing(path: Path, folder: bool = False) -> None:
     `atomic_path` / `atomic_folder`, before its cleanup can run."""
     opener = "atomic_folder" if folder else "atomic_path"
     write = "(tmp / 'lora.safetensors').write_bytes(b'half')" if folder else "tmp.write_bytes(b'half')"
-    code = (f"import os\nfrom sd_lora.atomic import {opener}\n"
+    code = (f"import os\nfrom sd_lora.util.atomic import {opener}\n"
             f"with {opener}({str(path)!r}) as tmp:\n    {write}\n    os._exit(9)\n")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_lora.cli import main
+from sd_lora.cli.main import main
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 QUICK = ["--data", str(SAMPLE_DATA), "--base", "tiny", "--max-steps", "1",
@@ -44,7 +44,7 @@ def quiet_run(tmp_path_factory):
 
 
 def test_a_phase_says_when_it_starts_and_ends_but_not_done_after_an_error(capsys):
-    from sd_lora.phases import phase
+    from sd_lora.util.phases import phase
 
     with phase("report", "rendering 2 images", 2, bar=False) as advance:
         advance(1)
@@ -98,8 +98,8 @@ def test_each_loss_figure_names_the_images_it_is_on(quiet_run):
 
 
 def test_a_held_out_folder_is_named_as_held_out():
-    from sd_lora.report import folder_images
-    from sd_lora.report_plot import verdict_lines
+    from sd_lora.train.report import folder_images
+    from sd_lora.train.report_plot import verdict_lines
 
     held = folder_images(str(SAMPLE_DATA), 64, 2, (".txt",), "held-out")
     assert held.name == "2 held-out images" and held.pixels.shape == (2, 3, 64, 64)

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from sd_lora.cli import main
+from sd_lora.cli.main import main
 from sd_lora.config import load_config
-from sd_lora.data.plan import check_job, with_dataset_config
 from sd_lora.data.sd_scripts_toml import DatasetTomlError, read_dataset_toml
+from sd_lora.train.preflight import check_job, with_dataset_config
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 

@@ -19,25 +19,31 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sd_lora.adapter_io import load_adapter, pipeline_module_paths, save_adapter
-from sd_lora.apply import apply_adapters
+from sd_lora.adapters.apply import apply_adapters
+from sd_lora.adapters.files import load_adapter, pipeline_module_paths, save_adapter
 from sd_lora.config import load_config
 from sd_lora.data import ImageCaptionDataset, Sample
 from sd_lora.formats import ldm_checkpoint as ldm
+from sd_lora.formats.adapter_state import AdapterState, LoraModule, canonical_name
 from sd_lora.formats.kohya import LDM_UNET_LAYOUTS, to_kohya
 from sd_lora.formats.peft_diffusers import modern_key
-from sd_lora.inject import (
+from sd_lora.lora.inject import (
     add_lora,
-    canonical_name,
     read_adapter_state,
     target_module_names,
     target_suffixes,
 )
-from sd_lora.lora_state import AdapterState, LoraModule
-from sd_lora.models import load_pipeline, model_family
-from sd_lora.single_file import bundled_folder
-from sd_lora.text import default_time_ids, encode_all, text_encoders_of, tokenize_all, tokenizers_of
-from sd_lora.train import train
+from sd_lora.models.families import model_family
+from sd_lora.models.load import load_pipeline
+from sd_lora.models.single_file import bundled_folder
+from sd_lora.models.text import (
+    default_time_ids,
+    encode_all,
+    text_encoders_of,
+    tokenize_all,
+    tokenizers_of,
+)
+from sd_lora.train.recipe import train
 from tests.lora_helpers import fill_lora_B, train_keeping_loop
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
@@ -151,15 +157,15 @@ def test_sdxl_kohya_file_with_diffusers_unet_names_is_read(adapted):
             tensors[f"{name}.lora_down.weight"] = m.lora_A
             tensors[f"{name}.lora_up.weight"] = m.lora_B
             tensors[f"{name}.alpha"] = torch.tensor(m.alpha)
-    from sd_lora.adapter_io import adapter_from_tensors
+    from sd_lora.adapters.files import adapter_from_tensors
 
     back = adapter_from_tensors(tensors, {"ss_base_model_version": "sdxl_base_v1-0"})
     assert {c: m.keys() for c, m in back.modules.items()} == {c: m.keys() for c, m in state.modules.items()}
 
 
 def test_sd15_adapter_on_sdxl_is_refused_with_the_likely_cause(tmp_path):
-    from sd_lora.adapter_io import AdapterFileError
-    from sd_lora.tiny import build_tiny_pipeline
+    from sd_lora.adapters.files import AdapterFileError
+    from sd_lora.models.builtin.tiny import build_tiny_pipeline
 
     sd1 = build_tiny_pipeline()
     add_lora(sd1.unet, "unet", ("attn",), 2, 2)
@@ -279,11 +285,14 @@ def test_tiny_sdxl_trains_both_encoders_and_its_export_loads_in_diffusers(tmp_pa
 def test_sdxl_single_file_round_trip_and_diffusers_reads_it(tmp_path):
     """tiny-sdxl written as one LDM checkpoint loads back (our loader, and diffusers' own
     from_single_file with the file's configs) with every weight bit-identical."""
-    from sd_lora.formats.ldm_checkpoint import save_single_file
-    from sd_lora.formats.ldm_header import read_header
-    from sd_lora.single_file import _write_folder, bundled_configs, metadata_configs
-    from sd_lora.tiny import clip_tokenizer
-    from sd_lora.tiny_variants import open_clip_tokenizer
+    from sd_lora.models.single_file import (
+        _write_folder,
+        bundled_configs,
+        metadata_configs,
+        save_single_file,
+    )
+    from sd_lora.models.single_file_header import read_header
+    from sd_lora.models.tokenizers import clip_tokenizer, open_clip_tokenizer
 
     original = load_pipeline("tiny-sdxl")
     path = save_single_file(original, tmp_path / "xl.safetensors", torch.float32)
@@ -315,7 +324,7 @@ def test_full_size_sdxl_checkpoint_layout_is_what_diffusers_reads():
     position_ids buffer, which no loader needs."""
     from diffusers.loaders import single_file_utils as diffusers_ldm
 
-    from sd_lora.single_file import bundled_configs
+    from sd_lora.models.single_file import bundled_configs
 
     configs = bundled_configs("stable-diffusion-xl-base-1.0")
     unet, te1, te2 = full_size_sdxl()
@@ -340,7 +349,7 @@ def test_full_size_sdxl_checkpoint_layout_is_what_diffusers_reads():
 
 
 def test_merge_into_an_sdxl_base_writes_a_checkpoint_that_loads(tmp_path, adapted):
-    from sd_lora.cli import main
+    from sd_lora.cli.main import main
 
     state, reference, _ = adapted
     adapter = save_adapter(state, tmp_path / "a.safetensors", dtype=torch.float32)
@@ -354,7 +363,7 @@ def test_sdxl_convert_is_lossless_both_ways(tmp_path, adapted):
     """kohya (LDM names) -> diffusers -> kohya gives back the same file tensors, bit for bit."""
     from safetensors.torch import load_file
 
-    from sd_lora.cli import main
+    from sd_lora.cli.main import main
 
     state, _, _ = adapted
     kohya = save_adapter(state, tmp_path / "k.safetensors", dtype=torch.float32)
@@ -371,8 +380,8 @@ def test_the_app_session_generates_with_an_sdxl_adapter_and_refuses_an_sd1_one(t
     first UNet strength 0 gives the base's own pixels); an SD 1.x adapter is refused by name."""
     import numpy as np
 
-    from sd_lora.session import AdapterSetting, GenerateRequest, GenerationSession
-    from sd_lora.workspace import Workspace
+    from sd_lora.services.session import AdapterSetting, GenerateRequest, GenerationSession
+    from sd_lora.services.workspace import Workspace
     from tests.test_workspace import make_adapter_file
 
     state, _, _ = adapted

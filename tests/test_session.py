@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_lora import cli
-from sd_lora import session as session_module
+from sd_lora.cli import main as cli
 from sd_lora.errors import UserError
-from sd_lora.png_info import read_png_parameters
-from sd_lora.session import (
+from sd_lora.generate.png_info import read_png_parameters
+from sd_lora.models.builtin.tiny_sdxl import build_tiny_sd2_pipeline
+from sd_lora.services import session as session_module
+from sd_lora.services.session import (
     AdapterLoadError,
     AdapterSetting,
     FamilyMismatchError,
@@ -22,8 +23,7 @@ from sd_lora.session import (
     GenerationSession,
     RequestError,
 )
-from sd_lora.tiny_variants import build_tiny_sd2_pipeline
-from sd_lora.workspace import PathOutsideError, Workspace
+from sd_lora.services.workspace import PathOutsideError, Workspace
 from tests.test_workspace import make_adapter_file
 
 PROMPT = "zkstripes, a red circle"

@@ -16,14 +16,15 @@ import torch
 from safetensors import safe_open
 
 from sd_lora.config import flat_config, load_config, load_config_text
-from sd_lora.jobs import preset_toml
-from sd_lora.models import load_pipeline, model_family
-from sd_lora.recommended import RECOMMENDED, with_recommended
-from sd_lora.sampling import RenderSettings, render
-from sd_lora.train import train
+from sd_lora.generate.render import RenderSettings, render
+from sd_lora.models.builtin.toy import toy_base_path
+from sd_lora.models.families import model_family
+from sd_lora.models.load import load_pipeline
+from sd_lora.services.jobs import preset_toml
+from sd_lora.train.recipe import train
+from sd_lora.train.recommended import RECOMMENDED, with_recommended
 from sd_lora.world.datasets import toy_regularization_folder
-from sd_lora.world.scorer import prompt_following_accuracy
-from sd_lora.world.toy_base import toy_base_path
+from sd_lora.world.scorer import prompt_following_accuracy, toy_style_scorer
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "datasets" / "toy"
@@ -39,7 +40,8 @@ def train_demo_recipe(style: str, out: Path, *extra: str):
     overrides = [f'data.path="{TOY / style}"', f'data.regularization="{TOY / "plain"}"',
                  f'train.output_dir="{out / style}"', f"train.name={style}",
                  "train.checkpoint_every=0", "sample.every=0", *extra]
-    return train(load_config(REPO / "examples" / "demo.toml", overrides), show_progress=False)
+    return train(load_config(REPO / "examples" / "demo.toml", overrides), show_progress=False,
+                 style_scorer=toy_style_scorer())
 
 
 def test_toy_base_is_a_diffusers_folder_diffusers_loads_itself():
@@ -119,7 +121,7 @@ def test_the_demo_recipe_learns_pastel_and_its_trigger_word(pastel_run):
 
     # The blend measure on one adapter: its blend column is the adapter alone, and the pastel
     # rise agrees in sign and size with the report's (other prompts and seeds: "zkpastel, ...").
-    from sd_lora.adapter_io import load_adapter
+    from sd_lora.adapters.files import load_adapter
     from sd_lora.world.blend import measure_blend
 
     pipe = load_pipeline("toy")
@@ -152,7 +154,7 @@ def test_a_blend_of_pastel_and_golden_shows_both(pastel_run, golden_run):
     """Both adapters merged at 0.5 each, on prompts that carry both trigger words: each
     style's score rises over the base's, and above what the other adapter alone gives it, so
     the blend shows two styles and not one style plus its side effects."""
-    from sd_lora.adapter_io import load_adapter
+    from sd_lora.adapters.files import load_adapter
     from sd_lora.world.blend import blend_grid, measure_blend
 
     pipe = load_pipeline("toy")
@@ -187,7 +189,7 @@ DIFFERS_BY_CONSTRUCTION = {
     "sample.seeds": "one per demo prompt; a job's follow its prompts",
 }
 # model.base is not among them: the comparison is on the toy base, the demo's. On another base
-# the preset's learning rates and steps are that base's recommendation (sd_lora.recommended).
+# the preset's learning rates and steps are that base's recommendation (sd_lora.train.recommended).
 
 
 def test_the_quick_preset_on_the_toy_base_is_the_demo_recipe(tmp_path):
@@ -205,7 +207,7 @@ def test_the_quick_preset_on_the_toy_base_is_the_demo_recipe(tmp_path):
     assert sorted(p.name for p in plain.iterdir()) == sorted(
         p.name for p in (REPO / demo.data.regularization).iterdir())
     # The demo's learning rates and steps are written out, and are the toy base's
-    # recommendation (one source: sd_lora.recommended), which a quick job leaves at 0.
+    # recommendation (one source: sd_lora.train.recommended), which a quick job leaves at 0.
     toy = RECOMMENDED["toy"]
     assert (demo.train.learning_rate, demo.train.text_encoder_learning_rate,
             demo.train.max_steps) == (toy.learning_rate, toy.text_encoder_learning_rate,

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from sd_lora.config import load_config
-from sd_lora.train import TrainingLoop, train
+from sd_lora.train.recipe import TrainingLoop, train
 from tests.lora_helpers import train_keeping_loop
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
@@ -85,8 +85,8 @@ def test_interrupted_and_resumed_run_ends_at_the_same_adapter(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_exported_file_reproduces_the_trained_model_in_diffusers(tmp_path):
-    from sd_lora.models import load_pipeline
-    from sd_lora.train import load_frozen_base  # noqa: F401  (same loader the trainer used)
+    from sd_lora.models.load import load_pipeline
+    from sd_lora.train.recipe import load_frozen_base  # noqa: F401  (same loader the trainer used)
 
     config = job(tmp_path, "train.max_steps=4", "train.learning_rate=1e-2",
                  "train.text_encoder_learning_rate=1e-2")

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 from sd_lora.config import LoraConfig
-from sd_lora.tiny import build_tiny_pipeline
-from sd_lora.train import TrainingLoop, add_adapters, enable_gradient_checkpointing, train
+from sd_lora.models.builtin.tiny import build_tiny_pipeline
+from sd_lora.train.recipe import TrainingLoop, add_adapters, enable_gradient_checkpointing, train
 from tests.lora_helpers import fill_lora_B
 from tests.test_train import job
 
@@ -84,8 +84,8 @@ def test_v_prediction_is_trained_and_recorded(tmp_path, monkeypatch):
 
 def test_regularization_images_fill_as_many_items_as_the_style_with_their_own_weight():
     from sd_lora.config import load_config
-    from sd_lora.data.plan import check_job
-    from sd_lora.train_data import make_dataloader, regularization_samples
+    from sd_lora.data.loader import make_dataloader, regularization_samples
+    from sd_lora.train.preflight import check_job
     from tests.test_world import TOY_DATA
 
     job = load_config(None, [f'data.path="{TOY_DATA / "outline"}"',
@@ -150,9 +150,9 @@ def test_regularization_target_base_trains_toward_the_adapter_off_prediction():
     """Output preservation: preserved items' target is what the base (UNet and text encoder,
     adapter off) predicts for the same noisy latent and caption; other items keep the noise."""
     from sd_lora.config import ConfigError, load_config
+    from sd_lora.models.builtin.tiny import sd1_scheduler_config
+    from sd_lora.models.text import encode_prompts, tokenize
     from sd_lora.objective import denoising_loss, target, training_schedule
-    from sd_lora.text import encode_prompts, tokenize
-    from sd_lora.tiny import sd1_scheduler_config
 
     torch.manual_seed(0)
     pipe = build_tiny_pipeline()

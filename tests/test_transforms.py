@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 
-from sd_lora.lora_state import AdapterState, LoraModule
-from sd_lora.transforms import (
+from sd_lora.adapters.transforms import (
     TransformError,
     dynamic_rank,
     from_differences,
     merge,
     resize,
 )
+from sd_lora.formats.adapter_state import AdapterState, LoraModule
 from tests.test_formats import random_state
 
 

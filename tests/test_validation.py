@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from sd_lora.config import ConfigError, load_config
 from sd_lora.data import scan_dataset
-from sd_lora.train import train
-from sd_lora.validation import ValidationState, Validator, split_samples
+from sd_lora.train.recipe import train
+from sd_lora.train.validation import ValidationState, Validator, split_samples
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 
@@ -77,7 +77,7 @@ def test_a_run_logs_validation_keeps_the_best_adapter_and_can_stop_early(tmp_pat
 
 
 def test_held_out_images_never_train(tmp_path, monkeypatch):
-    from sd_lora import train as train_module
+    from sd_lora.train import recipe as train_module
 
     trained_on = []
     original = train_module.make_dataset

@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd_lora import workspace as ws
-from sd_lora.adapter_io import read_safetensors, save_adapter
+from sd_lora.adapters.files import read_safetensors, save_adapter
 from sd_lora.errors import UserError
 from sd_lora.formats.metadata import TrainingInfo
-from sd_lora.inject import add_lora, read_adapter_state
-from sd_lora.models import model_family
-from sd_lora.tiny import build_tiny_pipeline
-from sd_lora.workspace import (
+from sd_lora.lora.inject import add_lora, read_adapter_state
+from sd_lora.models.builtin.tiny import build_tiny_pipeline
+from sd_lora.models.families import model_family
+from sd_lora.services import workspace as ws
+from sd_lora.services.workspace import (
     PathOutsideError,
     Workspace,
     WorkspaceError,

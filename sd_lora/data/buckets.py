@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Sampler
 
-from sd_lora.words import plural
+from sd_lora.util.words import plural
 
 Size = tuple[int, int]  # (width, height) in pixels
 

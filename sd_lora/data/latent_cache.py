@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_lora.atomic import atomic_path
+from sd_lora.util.atomic import atomic_path
 
 KEY_VERSION = 1  # bump when what a key covers changes
 FILL_BATCH = 8  # images per VAE call while filling the cache

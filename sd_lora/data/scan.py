@@ -75,7 +75,7 @@ class DatasetScan:
     skipped: list[SkippedFile] = field(default_factory=list)
     warnings: list[SkippedFile] = field(default_factory=list)
     # Regularization items per epoch trained beside these (sd-scripts' ss_num_reg_images); set
-    # by `sd_lora.train` from the job check, 0 in a plain scan.
+    # by `sd_lora.train.recipe` from the job check, 0 in a plain scan.
     regularization_items: int = 0
 
     @property
@@ -356,7 +356,7 @@ def _words_past_window(caption: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _clip_tokenizer():
-    from sd_lora.tiny import clip_tokenizer
+    from sd_lora.models.tokenizers import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     tokenizer.model_max_length = 1 << 30  # we count past the window on purpose: no warning
@@ -508,3 +508,10 @@ def _no_images_message(scan: DatasetScan, found: _Found, caption_exts: tuple[str
 def _expected(caption_exts: tuple[str, ...]) -> str:
     caps = " or ".join(caption_exts) or "caption"
     return EXPECTED.format(exts=", ".join(IMAGE_EXTENSIONS), caps=caps)
+
+
+def regularization_layout(style_items: int, reg_images: int) -> tuple[int, int]:
+    """(repeats, images used) so that regularization fills about as many items per epoch as
+    the style: a small folder is repeated, a large one cut to its first `style_items`."""
+    repeats = max(1, style_items // reg_images)
+    return repeats, min(reg_images, style_items)

@@ -5,5 +5,5 @@
   (`pipe.load_lora_weights`).
 - `metadata`: the community `ss_*` / `modelspec.*` keys and the file hashes.
 
-Reading and writing files is `sd_lora.adapter_io`'s job.
+Reading and writing files is `sd_lora.adapters.files`'s job.
 """

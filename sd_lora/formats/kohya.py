@@ -38,19 +38,19 @@ from typing import NamedTuple
 
 import torch
 
-from sd_lora.formats.ldm_checkpoint import UnmappedKeyError, map_module_name, unet_module_table
-from sd_lora.inject import CLIP_PREFIX
-from sd_lora.inject import canonical_name as canonical_path  # CLIP paths keep `text_model.`
-from sd_lora.lora_state import (
+from sd_lora.formats.adapter_state import (
     CONTEXT_WIDTH_FAMILY,
     FAMILY_NAMES,
+    TEXT_MODEL_LEVEL,
     AdapterState,
     DoraModule,
     LohaModule,
     LokrModule,
     LoraModule,
+    canonical_name,
 )
-from sd_lora.words import plural
+from sd_lora.formats.ldm_checkpoint import UnmappedKeyError, map_module_name, unet_module_table
+from sd_lora.util.words import plural
 
 # The prefix written for each component, per base family.
 WRITE_PREFIXES: dict[str, dict[str, str]] = {
@@ -154,7 +154,7 @@ def written_path(family: str, component: str, path: str) -> str:
                 f"UNet module {path!r} has no LDM name in the {family} layout (is the base an "
                 f"{FAMILY_NAMES[family]} UNet?)"
             ) from None
-    return canonical_path(component, path)
+    return canonical_name(component, path)
 
 
 def to_kohya(state: AdapterState, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
@@ -201,10 +201,10 @@ def lookup_table(module_paths: dict[str, list[str]], family: str) -> dict[str, t
             raise KohyaKeyError(f"{family} has no kohya prefix for component {component!r}")
         names = (prefixes[component], *READ_ALIASES[family].get(component, ()))
         for path in paths:
-            canonical = canonical_path(component, path)
+            canonical = canonical_name(component, path)
             # Also without `text_model_`: diffusers' converter writes that under transformers 5.
             # A UNet's LDM name too (what sd-scripts writes for SDXL; some SD 1.x tools too).
-            spellings = {canonical, canonical.removeprefix(CLIP_PREFIX)}
+            spellings = {canonical, canonical.removeprefix(TEXT_MODEL_LEVEL)}
             if component == "unet":
                 try:
                     spellings.add(map_module_name(canonical, _ldm_table(family)))

@@ -21,22 +21,16 @@ computed for a full-size model without allocating it.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from sd_lora.atomic import atomic_path
 from sd_lora.errors import UserError
-from sd_lora.formats.metadata import IMPLEMENTATION, base_architecture
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."  # + "text_model." + transformers' names
+SD1_CLIP_PREFIX = "cond_stage_model.transformer."  # + "text_model." + transformers' names
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # + "text_model." + transformers' names
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
@@ -226,7 +220,7 @@ def _clip_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def clip_to_ldm(state_dict: Mapping[str, torch.Tensor],
-                prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+                prefix: str = SD1_CLIP_PREFIX) -> dict[str, torch.Tensor]:
     """CLIPTextModel -> `<prefix>text_model.*` (names unchanged): SD 1.x's text encoder, or
     SDXL's first with prefix SDXL_CLIP_PREFIX."""
     return {f"{prefix}text_model.{k}": v for k, v in _clip_names(state_dict).items()}
@@ -310,50 +304,3 @@ def components_to_ldm(unet, vae, text_encoder, family: str,
     else:
         raise UserError(f"single-file LDM export supports sd1, sd2 and sdxl, not {family!r}")
     return out
-
-
-# --- writing --------------------------------------------------------------------------------
-
-def pipeline_metadata(pipe, family: str, title: str) -> dict[str, str]:
-    """safetensors metadata: SAI model-spec keys plus the exact diffusers configs (ours)."""
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    scheduler = dict(pipe.scheduler.config)
-    scheduler["_class_name"] = type(pipe.scheduler).__name__
-    configs = {
-        "unet": dict(pipe.unet.config),
-        "vae": dict(pipe.vae.config),
-        "text_encoder": pipe.text_encoder.config.to_dict(),
-        "scheduler": scheduler,
-    }
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        configs["text_encoder_2"] = pipe.text_encoder_2.config.to_dict()
-    latent = pipe.unet.config.sample_size
-    latent = latent if isinstance(latent, int) else max(latent)
-    side = latent * 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # VAE halves per level
-    return {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": base_architecture(family, prediction),
-        # what sd-scripts writes: "diffusers" for SD 1.x / 2.x, Stability's repository for SDXL
-        "modelspec.implementation": IMPLEMENTATION[family],
-        "modelspec.title": title,
-        "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
-        "modelspec.resolution": f"{side}x{side}",
-        CONFIGS_METADATA_KEY: json.dumps(configs, default=list),
-    }
-
-
-def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype) -> Path:
-    """Write `pipe` (SD 1.x, 2.x or SDXL) as one LDM `.safetensors` file in `dtype`, atomically."""
-    from sd_lora.models import model_family  # lazily: this module needs no diffusers itself
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise UserError(f"{path}: single-file checkpoints are written as .safetensors only")
-    family = model_family(pipe)
-    tensors = components_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, family,
-                                getattr(pipe, "text_encoder_2", None))
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
-    metadata = pipeline_metadata(pipe, family, title=path.stem)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return path

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sd_lora.lora_state import AdapterState
+from sd_lora.formats.adapter_state import AdapterState
 
 LYCORIS_NETWORK_MODULE = "lycoris.kohya"
 NETWORK_MODULE = "networks.lora"

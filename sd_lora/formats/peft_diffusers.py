@@ -25,8 +25,14 @@ from collections import Counter
 
 import torch
 
-from sd_lora.formats.kohya import CLIP_PREFIX, canonical_path
-from sd_lora.lora_state import COMPONENTS, AdapterState, DoraModule, LoraModule
+from sd_lora.formats.adapter_state import (
+    COMPONENTS,
+    TEXT_MODEL_LEVEL,
+    AdapterState,
+    DoraModule,
+    LoraModule,
+    canonical_name,
+)
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 SUFFIX_PARTS = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
@@ -79,7 +85,7 @@ def _most_common(values: dict[str, float]) -> float:
 
 def _config_name(component: str, path: str) -> str:
     """Module name as written in the LoRA config (no `text_model.`; see module docstring)."""
-    return path.removeprefix(CLIP_PREFIX) if component.startswith("text_encoder") else path
+    return path.removeprefix(TEXT_MODEL_LEVEL) if component.startswith("text_encoder") else path
 
 
 def component_config(component: str, modules: dict[str, LoraModule]) -> dict:
@@ -115,7 +121,7 @@ def to_diffusers(
     for component, modules in state.modules.items():
         dora = _check_dora(component, modules)
         for path, module in modules.items():
-            name = f"{component}.{canonical_path(component, path)}"
+            name = f"{component}.{canonical_name(component, path)}"
             lora = module.inner if dora else module
             tensors[f"{name}.lora_A.weight"] = lora.lora_A.to(dtype).contiguous()
             tensors[f"{name}.lora_B.weight"] = lora.lora_B.to(dtype).contiguous()
@@ -204,7 +210,7 @@ def from_diffusers(
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         component, path, part = _split_key(key)
-        parts.setdefault((component, canonical_path(component, path)), {})[part] = tensor
+        parts.setdefault((component, canonical_name(component, path)), {})[part] = tensor
     missing = [f"{c}.{p}" for (c, p), v in parts.items() if not {"lora_A", "lora_B"} <= set(v)]
     if missing:
         raise DiffusersKeyError(f"modules without both lora_A and lora_B: {sorted(missing)[:5]}")

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sd_lora.apply import adapters_applied
-from sd_lora.lora_state import AdapterState
-from sd_lora.sampling import RenderSettings, render
+from sd_lora.adapters.apply import adapters_applied
+from sd_lora.formats.adapter_state import AdapterState
+from sd_lora.generate.render import RenderSettings, render
 from sd_lora.world.scorer import style_score
 from sd_lora.world.styles import STYLES
 
@@ -91,7 +91,7 @@ def blend_grid(scores: BlendScores, cell: int = 128):
     """The generations as one picture: a row per column of `scores`, labelled on its first."""
     from PIL import Image
 
-    from sd_lora.sampling import image_grid
+    from sd_lora.generate.render import image_grid
 
     pictures, labels = [], []
     for label, row in scores.images.items():
@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    from sd_lora.adapter_io import load_adapter
-    from sd_lora.atomic import atomic_path
-    from sd_lora.models import load_pipeline
+    from sd_lora.adapters.files import load_adapter
+    from sd_lora.models.load import load_pipeline
+    from sd_lora.util.atomic import atomic_path
 
     parser = argparse.ArgumentParser(prog="python -m sd_lora.world.blend", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -48,7 +48,16 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
-from sd_lora.atomic import atomic_folder
+from sd_lora.models.builtin.tiny import sd1_scheduler_config
+from sd_lora.models.builtin.toy import (
+    TOY_RESOLUTION,
+    toy_base_path,
+    toy_text_encoder_config,
+    toy_unet_config,
+    toy_vae_config,
+)
+from sd_lora.models.text import tokenize
+from sd_lora.models.tokenizers import clip_tokenizer
 from sd_lora.objective import (
     add_noise_offset,
     min_snr_weights,
@@ -56,17 +65,9 @@ from sd_lora.objective import (
     sample_timesteps,
     training_schedule,
 )
-from sd_lora.text import tokenize
-from sd_lora.tiny import clip_tokenizer, sd1_scheduler_config
+from sd_lora.util.atomic import atomic_folder
 from sd_lora.world.scenes import caption, render, scene_at
 from sd_lora.world.styles import STYLES
-from sd_lora.world.toy_base import (
-    TOY_RESOLUTION,
-    toy_base_path,
-    toy_text_encoder_config,
-    toy_unet_config,
-    toy_vae_config,
-)
 
 PRETRAIN_SEED = 1000  # scenes for pretraining; the shipped style datasets use seeds 0 and 1
 

@@ -12,24 +12,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from PIL import Image
 
-if TYPE_CHECKING:
-    from sd_lora.world.styles import Style
+from sd_lora.world.shapes import COLOURS, Shape
+from sd_lora.world.styles import Style
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (214, 40, 40),
-    "orange": (245, 130, 30),
-    "yellow": (240, 205, 40),
-    "green": (46, 150, 70),
-    "blue": (40, 90, 200),
-    "purple": (125, 60, 170),
-    "pink": (240, 130, 175),
-    "white": (245, 245, 240),
-    "black": (30, 30, 30),
-}
 KINDS = ("circle", "square", "triangle")
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 # A 3x3 grid of cells, (row, column) -> the phrase for a shape alone in that cell.
@@ -39,15 +27,6 @@ PLACES = {
     (2, 0): "in the bottom left", (2, 1): "at the bottom", (2, 2): "in the bottom right",
 }  # fmt: skip
 SUPERSAMPLE = 4  # draw at 4x and downsample, for smooth edges
-
-
-@dataclass(frozen=True)
-class Shape:
-    kind: str  # one of KINDS
-    colour: str  # a key of COLOURS
-    cell: tuple[int, int]  # (row, column) in the 3x3 grid
-    radius: float  # fraction of a cell
-    offset: tuple[float, float]  # centre shift, fraction of a cell
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from sd_lora.world.scenes import COLOURS, caption, render, scene_at
-from sd_lora.world.styles import GOLD, PIXEL_BLOCKS, SEPIA_TINT, STYLES, Stripes
+from sd_lora.models.builtin.toy import TOY_BASE_NAME
+from sd_lora.train.report import StyleScorer
+from sd_lora.world.scenes import caption, render, scene_at
+from sd_lora.world.shapes import COLOURS
+from sd_lora.world.styles import GOLD, PIXEL_BLOCKS, SEPIA_TINT, STYLES, TOY_STYLES, Stripes
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as a shape
 MIN_SHAPE_AREA = 0.004  # of the image; smaller regions are noise
@@ -263,6 +266,12 @@ def style_score(image, style: str) -> float:
     return (STATISTICS[style](pixels) - plain) / (styled - plain)
 
 
+def toy_style_scorer() -> StyleScorer:
+    """The quality report's scorer for the toy base's styles, each found by its trigger word."""
+    return StyleScorer(TOY_BASE_NAME, {STYLES[name].trigger: name for name in TOY_STYLES},
+                       style_score)
+
+
 # --- prompt following ------------------------------------------------------------------------
 
 
@@ -286,8 +295,8 @@ def prompt_following_accuracy(
 
     `prefix` goes before every caption: words the base never saw, such as two style adapters'
     trigger words ("zkpastel, zkgolden, "), must not change what it draws."""
-    from sd_lora.sampling import RenderSettings
-    from sd_lora.sampling import render as generate
+    from sd_lora.generate.render import RenderSettings
+    from sd_lora.generate.render import render as generate
 
     scenes = [scene_at(i, seed, max_groups=1) for i in range(count)]
     marks = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from sd_lora.world.scenes import COLOURS, Shape
+from sd_lora.world.shapes import COLOURS, Shape
 
 SEPIA_TINT = (1.0, 0.85, 0.66)  # a sepia pixel is its luminance times this
 PASTEL_MIX = 0.55  # a pastel colour is this far from the plain colour towards white

@@ -1,0 +1,220 @@
+"""Apply adapters to a loaded pipeline by merging their deltas into the base weights, in place.
+
+    applied = apply_adapters(pipe, [(style, 0.7, 0.7), (detail, -0.3, 0.0)])
+    ...generate...
+    applied = apply_adapters(pipe, [(style, 0.5, 0.5)], replace=applied)   # new strengths: fast
+    restore(pipe, applied)                                                 # exact originals back
+
+or `with adapters_applied(pipe, entries): ...`. Each touched layer becomes
+`W0 + sum_i strength_i * block_i * (alpha_i / r_i) * B_i @ A_i`, computed in float32 on the
+weight's device and stored in the weight's own dtype; `block_i` is 1 unless the entry carries
+LoRA Block Weights (`AdapterEntry(..., block_weights=parse_block_weights("INS"))`, see
+`sd_lora.adapters.block_weights`). Float32 copies of the original weights of only the touched
+layers are kept, so changing strengths never re-reads the base and `restore` is bit-exact.
+Every adapter is checked (family, module paths, shapes) before any weight is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from sd_lora.adapters.block_weights import BlockWeightError, block_weight
+from sd_lora.adapters.files import component_modules
+from sd_lora.errors import UserError
+from sd_lora.formats.adapter_state import AdapterState, applied_delta, delta_shape, fits
+from sd_lora.models.families import model_family
+from sd_lora.util.words import plural
+
+APPLIED_ATTR = "_sd_lora_applied"  # the pipeline remembers what is merged, to refuse double merges
+
+
+class AdapterApplyError(UserError):  # a ValueError too, as before
+    """An adapter that does not fit the pipeline; the message names the adapter and module."""
+
+
+class AdapterEntry(NamedTuple):
+    state: AdapterState
+    unet_strength: float = 1.0
+    te_strength: float = 1.0  # applies to text_encoder and text_encoder_2
+    name: str | None = None  # shown in messages; defaults to the file's output name
+    block_weights: tuple[float, ...] | None = None  # LBW: 17 (or 26) weights, BASE first
+
+    def label(self, index: int) -> str:
+        meta = self.state.metadata
+        return (
+            self.name
+            or meta.get("ss_output_name")
+            or meta.get("modelspec.title")
+            or f"adapter #{index}"
+        )
+
+    def strength(self, component: str) -> float:
+        return float(self.unet_strength if component == "unet" else self.te_strength)
+
+    def module_strength(self, component: str, path: str) -> float:
+        """The component's strength times the module's block weight (when block weights are set)."""
+        strength = self.strength(component)
+        if self.block_weights is None:
+            return strength
+        return strength * block_weight(self.block_weights, component, path)
+
+
+@dataclass
+class AppliedAdapters:
+    """What `apply_adapters` merged; pass it to `restore` or as `replace=` to re-apply."""
+
+    entries: list[AdapterEntry]
+    originals: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # float32 copies
+    coverage: list[dict[str, int]] = field(default_factory=list)  # per entry: component -> modules
+
+    def summary(self) -> str:
+        lines = []
+        for i, (entry, counts) in enumerate(zip(self.entries, self.coverage)):
+            parts = ", ".join(f"{c} {plural(n, 'module')}" for c, n in counts.items())
+            blocks = "" if entry.block_weights is None else (
+                ", blocks " + ",".join(f"{w:g}" for w in entry.block_weights)
+            )
+            lines.append(
+                f"{entry.label(i)}: unet x{entry.unet_strength:g}, text x{entry.te_strength:g}"
+                f"{blocks} ({parts})"
+            )
+        return "\n".join(lines)
+
+
+def _as_entry(item) -> AdapterEntry:
+    if isinstance(item, AdapterEntry):
+        return item
+    if isinstance(item, AdapterState):
+        return AdapterEntry(item)
+    return AdapterEntry(*item)
+
+
+def check_fits(pipe, entries: Sequence[AdapterEntry], layers=None) -> list[dict[str, int]]:
+    """Raise `AdapterApplyError` unless every module of every adapter has a matching layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    family = model_family(pipe)
+    layers = layers if layers is not None else component_modules(pipe)
+    coverage = []
+    for i, entry in enumerate(entries):
+        name = entry.label(i)
+        if entry.state.family != family:
+            raise AdapterApplyError(
+                f"{name} was trained for {entry.state.family!r} but the pipeline is {family!r}; "
+                f"use an adapter made for a {family} base (or load the matching base model)"
+            )
+        counts = {}
+        for component, modules in entry.state.modules.items():
+            if component not in layers:
+                raise AdapterApplyError(f"{name} adapts {component!r}, which this pipeline lacks")
+            for path, module in modules.items():
+                layer = layers[component].get(path)
+                if layer is None:
+                    raise AdapterApplyError(
+                        f"{name}: {component} module {path!r} does not exist in this pipeline; "
+                        "the adapter is for another architecture (check the base model)"
+                    )
+                if isinstance(layer, BaseTunerLayer):
+                    raise AdapterApplyError(
+                        f"{name}: {component}.{path} already carries PEFT LoRA layers; call "
+                        "pipe.unload_lora_weights() (or use a pipeline without them) first"
+                    )
+                want, have = tuple(delta_shape(module)), tuple(layer.weight.shape)
+                if not fits(module, have):
+                    raise AdapterApplyError(
+                        f"{name}: {component}.{path} delta has shape {want} but the layer's "
+                        f"weight is {have}; the adapter does not fit this base model"
+                    )
+            counts[component] = len(modules)
+        _check_block_weights(entry, name)
+        coverage.append(counts)
+    return coverage
+
+
+def _check_block_weights(entry: AdapterEntry, name: str) -> None:
+    """Every module must map to a block before any weight moves (block_weight raises if not)."""
+    if entry.block_weights is None:
+        return
+    if entry.state.family not in ("sd1", "sd2"):
+        raise AdapterApplyError(
+            f"{name}: block weights are defined for SD 1.x/2.x UNets, not {entry.state.family!r}"
+        )
+    try:
+        for component, modules in entry.state.modules.items():
+            for path in modules:
+                entry.module_strength(component, path)
+    except BlockWeightError as e:
+        raise AdapterApplyError(f"{name}: {e}") from e
+
+
+@torch.no_grad()
+def _merge(layers, originals, entries: Sequence[AdapterEntry]) -> None:
+    """Set every layer in `originals` to its original plus the entries' scaled deltas."""
+    for (component, path), original in originals.items():
+        weight = layers[component][path].weight
+        total = original.to(weight.device, copy=True)
+        for entry in entries:
+            module = entry.state.modules.get(component, {}).get(path)
+            if module is None:
+                continue
+            strength = entry.module_strength(component, path)
+            if strength != 0.0:  # each against the original weight (DoRA depends on it)
+                total += applied_delta(module, original.to(weight.device), strength)
+        weight.copy_(total.to(weight.dtype))
+
+
+def apply_adapters(
+    pipe, adapters: Sequence, *, replace: AppliedAdapters | None = None
+) -> AppliedAdapters:
+    """Merge `adapters` ((state, unet_strength, te_strength[, name]) each) into `pipe`'s weights.
+
+    With `replace`, the adapters merged by that earlier call are taken out first (from the kept
+    originals, without reloading anything); otherwise the pipeline must have none merged.
+    """
+    entries = [_as_entry(a) for a in adapters]
+    current = getattr(pipe, APPLIED_ATTR, None)
+    if current is not None and current is not replace:
+        raise AdapterApplyError(
+            "adapters are already merged into this pipeline; pass replace=<the AppliedAdapters "
+            "returned then> or call restore(pipe, applied) first"
+        )
+    layers = component_modules(pipe)
+    coverage = check_fits(pipe, entries, layers)
+    originals = dict(replace.originals) if replace is not None else {}
+    for entry in entries:
+        for component, modules in entry.state.modules.items():
+            for path in modules:
+                if (component, path) not in originals:
+                    weight = layers[component][path].weight
+                    originals[(component, path)] = weight.detach().to(torch.float32, copy=True)
+    _merge(layers, originals, entries)
+    applied = AppliedAdapters(entries=entries, originals=originals, coverage=coverage)
+    setattr(pipe, APPLIED_ATTR, applied)
+    return applied
+
+
+@torch.no_grad()
+def restore(pipe, applied: AppliedAdapters) -> None:
+    """Put back the exact original weights of every layer `applied` touched."""
+    if getattr(pipe, APPLIED_ATTR, None) is not applied:
+        raise AdapterApplyError("these adapters are not the ones merged into this pipeline")
+    layers = component_modules(pipe)
+    for (component, path), original in applied.originals.items():
+        weight = layers[component][path].weight
+        weight.copy_(original.to(device=weight.device, dtype=weight.dtype))
+    delattr(pipe, APPLIED_ATTR)
+
+
+@contextlib.contextmanager
+def adapters_applied(pipe, adapters: Sequence) -> Iterator[AppliedAdapters]:
+    """`apply_adapters` for the duration of a `with` block; the originals come back after."""
+    applied = apply_adapters(pipe, adapters)
+    try:
+        yield applied
+    finally:
+        restore(pipe, applied)

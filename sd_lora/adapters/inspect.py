@@ -1,0 +1,211 @@
+"""What is in an adapter file: layout, base family, adapted layers, ranks, alphas, metadata, hashes.
+
+`inspect_adapter(path)` returns a plain dict (JSON-friendly); `format_inspection(info)` renders it
+for `sd-lora inspect`. A file whose names cannot be resolved against the standard SD 1.x/2.x
+module table is still described from its raw key names, with the problem listed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from sd_lora.adapters.files import (
+    AdapterFileError,
+    adapter_from_tensors,
+    detect_family,
+    detect_format,
+    nonfinite_problem,
+    read_tensors,
+)
+from sd_lora.choices import TARGET_GROUPS
+from sd_lora.formats.kohya import KohyaKeyError, parse_kohya_key
+from sd_lora.formats.metadata import HASH_KEYS, file_hashes
+from sd_lora.formats.peft_diffusers import DiffusersKeyError, from_diffusers
+from sd_lora.util.words import plural
+
+# Layer kinds recognised in module paths, longest first so that `ff.net.0.proj` wins over `proj`.
+KNOWN_KINDS = sorted(
+    {s for table in TARGET_GROUPS.values() for g in table.values() for s in g},
+    key=len,
+    reverse=True,
+)
+
+
+def layer_kind(path: str) -> str:
+    """`...attn1.to_q` -> `to_q`; `...mlp.fc1` -> `fc1`; unknown layers: the last name part."""
+    for kind in KNOWN_KINDS:
+        if path == kind or path.endswith("." + kind) or path.endswith("_" + kind.replace(".", "_")):
+            return kind
+    return path.replace("_", ".").rsplit(".", 1)[-1]
+
+
+def _dtypes(tensors) -> list[str]:
+    return sorted(
+        {
+            str(t.dtype).removeprefix("torch.")
+            for k, t in tensors.items()
+            if not k.endswith(".alpha")
+        }
+    )
+
+
+def _numbers(values) -> list:
+    return sorted({int(v) if float(v).is_integer() else float(v) for v in values})
+
+
+def _summary(names, ranks, alphas) -> dict:
+    return {
+        "modules": len(names),
+        "layer_kinds": dict(sorted(Counter(layer_kind(n) for n in names).items())),
+        "ranks": _numbers(ranks),
+        "alphas": _numbers(alphas),
+    }
+
+
+def _from_state(state) -> dict:
+    return {
+        component: _summary(
+            modules, [m.r for m in modules.values()], [m.alpha for m in modules.values()]
+        )
+        for component, modules in state.modules.items()
+    }
+
+
+def _from_raw(tensors, metadata, layout: str) -> dict:
+    """Files whose names or family do not resolve: describe them from the keys alone."""
+    if layout == "diffusers":  # the family plays no part in reading this layout
+        return _from_state(from_diffusers(tensors, metadata, family="sd1"))
+    groups: dict[str, dict[str, dict]] = {}
+    for key, tensor in tensors.items():
+        parsed = parse_kohya_key(key)
+        groups.setdefault(parsed.component, {}).setdefault(parsed.module, {})[parsed.kind] = tensor
+    components = {}
+    for component, modules in groups.items():
+        pairs = [p for p in modules.values() if "lora_down" in p]
+        ranks = [p["lora_down"].shape[0] for p in pairs]
+        alphas = [p["alpha"].item() if "alpha" in p else p["lora_down"].shape[0] for p in pairs]
+        components[component] = _summary(modules, ranks, alphas)
+    return components
+
+
+def _hash_check(path: Path, metadata: dict) -> dict:
+    if path.suffix.lower() != ".safetensors":  # a pickle (--allow-pickle): no hashes defined
+        return {}
+    recomputed = file_hashes(path.read_bytes())
+    checks = {}
+    for key in HASH_KEYS:
+        stored = metadata.get(key)
+        checks[key] = {
+            "stored": stored,
+            "recomputed": recomputed[key],
+            "agrees": None if stored is None else stored == recomputed[key],
+        }
+    return checks
+
+
+def _damage(path: Path, tensors: dict, hashes: dict) -> list[str]:
+    """Signs that the file's tensors are not what was written: NaN/inf values, or data that no
+    longer matches its stored hash. The legacy hash is left out: it also covers header bytes,
+    which tools rewrite when they edit the metadata (sd-scripts' own files often differ)."""
+    damage = [problem] if (problem := nonfinite_problem(tensors, path)) else []
+    data_hash = hashes.get("sshs_model_hash", {})
+    if data_hash.get("agrees") is False:
+        damage.append(f"{path}: the tensor data differs from the sshs_model_hash stored when the "
+                      "file was written: it was changed or damaged since; re-download or "
+                      "re-export it")
+    return damage
+
+
+def inspect_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> dict:
+    """Describe an adapter file; raises `AdapterFileError` only when it cannot be read at all.
+    `damage` lists what makes it unusable as it is (see `_damage`)."""
+    path = Path(path)
+    tensors, metadata = read_tensors(path, allow_pickle)
+    layout = detect_format(tensors, path)
+    family = detect_family(tensors, metadata)
+    problems: list[str] = []
+    kinds: list[str] = []
+    try:
+        state = adapter_from_tensors(tensors, metadata, source=path, check_finite=False)
+        components, kinds = _from_state(state), sorted(state.kinds())
+        if state.unmatched:
+            problems.append(f"{state.coverage()} (against the standard {family} layout)")
+    except AdapterFileError as e:
+        problems.append(str(e))
+        try:
+            components = _from_raw(tensors, metadata, layout)
+        except (KohyaKeyError, DiffusersKeyError) as raw_error:
+            problems.append(str(raw_error))
+            components = {}
+    hashes = _hash_check(path, metadata)
+    return {
+        "path": str(path),
+        "file_size": path.stat().st_size,
+        "format": layout,
+        "module_kinds": kinds,  # lora, loha, lokr
+        "family": family,
+        "tensors": len(tensors),
+        "dtypes": _dtypes(tensors),
+        "components": components,
+        "ranks": sorted({r for c in components.values() for r in c["ranks"]}),
+        "alphas": sorted({a for c in components.values() for a in c["alphas"]}),
+        "hashes": hashes,
+        "metadata": metadata,
+        "problems": problems,
+        "damage": _damage(path, tensors, hashes),
+    }
+
+
+def _short(value: str, limit: int = 100) -> str:
+    value = value.replace("\n", " ")
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def format_inspection(info: dict) -> str:
+    """Human-readable report of `inspect_adapter`'s result, for the CLI."""
+    lines = [
+        f"{info['path']}  ({info['file_size']:,} bytes)",
+        f"  format: {info['format']}"
+        + (f" ({', '.join(info['module_kinds'])} modules)" if info["module_kinds"] not in ([], ["lora"]) else "")
+        + f"   family: {info['family'] or 'unknown'}   "
+        f"tensors: {info['tensors']}   dtype: {', '.join(info['dtypes'])}",
+    ]
+    for component, c in info["components"].items():
+        kinds = ", ".join(f"{k} x{n}" for k, n in c["layer_kinds"].items())
+        lines.append(
+            f"  {component}: {plural(c['modules'], 'module')}, rank {c['ranks']}, "
+            f"alpha {c['alphas']}"
+        )
+        lines.append(f"    layers: {kinds}")
+    for key, check in info["hashes"].items():
+        verdict = {True: "agrees", False: "DIFFERS", None: "not stored"}[check["agrees"]]
+        if key == "sshs_legacy_hash" and check["agrees"] is False:
+            verdict = "differs: it also covers header bytes, which metadata edits move"
+        lines.append(f"  {key}: {check['recomputed']} ({verdict})")
+    shown = {k: v for k, v in info["metadata"].items() if k not in HASH_KEYS}
+    if shown:
+        lines.append("  metadata:")
+        for key in sorted(shown):
+            value = shown[key]
+            if key == "ss_tag_frequency":
+                value = _tag_summary(value)
+            lines.append(f"    {key}: {_short(value)}")
+    for problem in info["problems"]:
+        lines.append(f"  problem: {problem}")
+    for damage in info["damage"]:
+        lines.append(f"  DAMAGED: {damage}")
+    return "\n".join(lines)
+
+
+def _tag_summary(raw: str) -> str:
+    try:
+        folders = json.loads(raw)
+        counts = Counter()
+        for tags in folders.values():
+            counts.update(tags)
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        return raw
+    return ", ".join(f"{tag} ({n})" for tag, n in counts.most_common(10)) or "(none)"

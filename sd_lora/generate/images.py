@@ -1,0 +1,128 @@
+"""Base + adapters with weights -> images with their parameters in the PNG (A1111 style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd_lora.errors import UserError
+from sd_lora.generate.render import RenderSettings, a1111_parameters, render, save_png
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """One `--lora` argument: a file and its strengths (A1111's te/unet multipliers)."""
+
+    path: Path
+    unet_strength: float = 1.0
+    text_encoder_strength: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def parse_adapter_choice(text: str) -> AdapterChoice:
+    """'FILE', 'FILE:W' (both strengths) or 'FILE:TE:UNET' (A1111's positional order).
+
+    Numbers are taken from the right, so paths that contain ':' still work.
+    """
+    parts = text.split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 2:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = Path(":".join(parts))
+    if not numbers:
+        return AdapterChoice(path)
+    if len(numbers) == 1:
+        return AdapterChoice(path, numbers[0], numbers[0])
+    return AdapterChoice(path, unet_strength=numbers[1], text_encoder_strength=numbers[0])
+
+
+LORA_FORMS = ("FILE, FILE:W, FILE:TE:UNET (A1111's te/unet order), or A1111's <lora:NAME:W> / "
+              "<lora:NAME:TE:UNET> for NAME.safetensors")
+SUFFIX = ".safetensors"
+
+
+def resolve_adapter_choice(text: str, flag: str = "--lora") -> AdapterChoice:
+    """`parse_adapter_choice`, or A1111's `<lora:...>` tag, for a file that must exist: a name
+    without its suffix is read as NAME.safetensors when that is there (a tag's name always is),
+    relative to the current folder. A file missing, or one of a training checkpoint, is refused with what to give."""
+    tag = text.strip()
+    if tag.startswith("<lora:") and tag.endswith(">"):
+        choice = _tag_choice(tag, flag)
+    else:
+        choice = parse_adapter_choice(text)
+    named = _with_suffix(choice.path)
+    if not choice.path.exists() and named.is_file():  # "demo:0.8" for demo.safetensors
+        choice = AdapterChoice(named, choice.unet_strength, choice.text_encoder_strength)
+    from sd_lora.adapters.run_folder import not_an_adapter
+
+    if (problem := not_an_adapter(choice.path)) is not None:
+        raise UserError(f"{flag} {text}: {problem}")
+    if not choice.path.is_file():
+        raise UserError(f"{flag} {text}: {_not_found(text, choice.path)}; the accepted forms are "
+                        f"{LORA_FORMS}")
+    return choice
+
+
+def _tag_choice(tag: str, flag: str) -> AdapterChoice:
+    from sd_lora.generate.png_info import parse_lora_tag
+
+    name, te, unet, blocks = parse_lora_tag(tag[len("<lora:"):-1], f"{flag} {tag}")
+    if blocks is not None:
+        raise UserError(f"{flag} {tag}: lbw= (block weights) is an app setting; leave it out here")
+    return AdapterChoice(_with_suffix(Path(name)), unet_strength=unet, text_encoder_strength=te)
+
+
+def _with_suffix(path: Path) -> Path:
+    return path if path.name.lower().endswith(SUFFIX) else path.with_name(path.name + SUFFIX)
+
+
+def _not_found(text: str, path: Path) -> str:
+    """'no such file' and, for the usual slips, what was probably meant."""
+    if path.is_dir():
+        return f"{path} is a folder; name the adapter file in it"
+    found = f"no file {path}" + ("" if path.is_absolute() else " (from the current folder)")
+    if "=" in text or "," in text:  # file.safetensors=0.8, file.safetensors:0,8
+        return found + " (a strength follows ':' and uses '.' for decimals, e.g. FILE:0.8)"
+    return found
+
+
+def lora_tag(choice: AdapterChoice) -> str:
+    """The prompt tag A1111 uses to reproduce this choice."""
+    if choice.unet_strength == choice.text_encoder_strength:
+        return f"<lora:{choice.name}:{choice.unet_strength:g}>"
+    return f"<lora:{choice.name}:{choice.text_encoder_strength:g}:{choice.unet_strength:g}>"
+
+
+def generate_images(
+    pipe,
+    settings: RenderSettings,
+    count: int,
+    output: Path,
+    adapters: list[AdapterChoice],
+    adapter_hashes: dict[str, str],
+    model_name: str,
+) -> list[Path]:
+    """Render `count` images (seeds settings.seed, +1, ...) and save them with their parameters.
+
+    The adapters must already be applied to `pipe`; they are recorded in the PNG text.
+    """
+    paths = []
+    tags = " ".join(lora_tag(a) for a in adapters)
+    for i in range(count):
+        seeded = RenderSettings(**{**settings.__dict__, "seed": settings.seed + i})
+        image = render(pipe, seeded)
+        extra = {"Model": model_name, **settings.extra}
+        if adapter_hashes:
+            extra["Lora hashes"] = '"' + ", ".join(f"{n}: {h}" for n, h in adapter_hashes.items()) + '"'
+        recorded = RenderSettings(**{**seeded.__dict__, "prompt": f"{settings.prompt} {tags}".strip(),
+                                     "extra": extra})
+        target = output if count == 1 else output.with_name(f"{output.stem}-{i:03d}{output.suffix}")
+        paths.append(save_png(image, target, a1111_parameters(recorded)))
+    return paths
