@@ -22,8 +22,13 @@ demo: setup
 	$(BIN)/sd-lora inspect runs/demo/demo.safetensors
 	@printf '\nquality report: runs/demo/report.png\ntry it in the browser: $(BIN)/sd-lora app --adapters runs/demo\n'
 
+# One pytest worker per core (pytest-xdist); a test file's tests stay on one worker, so its
+# module-scoped fixtures (the toy-world trainings) are built once; files start in the order
+# tests/conftest.py gives them (the longest first).
+TEST_WORKERS ?= 2
+
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The app's browser tests drive Debian's chromium through the playwright package (which cannot
 # download its own browsers here). Install it when missing and apt-get can (root, or sudo

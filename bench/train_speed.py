@@ -59,16 +59,16 @@ from sd_lora.models.text import (
     tokenizers_of,
 )
 from sd_lora.models.tokenizers import clip_tokenizer, open_clip_tokenizer
-from sd_lora.objective import denoising_loss, sample_noise, sample_timesteps, training_schedule
+from sd_lora.objective import Objective, training_schedule
+from sd_lora.train.loop import RunSetup, Trainee, TrainingLoop
 from sd_lora.train.recipe import (
-    WEIGHT_DTYPES,
-    TrainingLoop,
     add_adapters,
     enable_gradient_checkpointing,
     load_frozen_base,
     make_lr_scheduler,
     make_optimizer,
 )
+from sd_lora.util.dtypes import weight_dtype
 
 RESULT_TAG = "BENCH_RESULT "  # the child's one line of stdout that the parent reads
 DEFAULT_RESOLUTION = {"tiny": 64, "sd15": 256, "sdxl": 512}  # tiny at its native size
@@ -147,7 +147,7 @@ def build_sd15_pipeline(precision: str):
 
     # Built directly in the weight dtype, as from_pretrained(dtype=...) loads: building in fp32
     # and casting would put a 3.4 GB fp32 UNet into every bf16 row's peak memory.
-    with default_dtype(WEIGHT_DTYPES[MIXED_PRECISION[precision]]):
+    with default_dtype(weight_dtype(MIXED_PRECISION[precision])):
         unet = UNet2DConditionModel.from_config(config("unet"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder")))
     vae = AutoencoderKL.from_config(config("vae"))  # the trainer keeps the VAE in fp32
@@ -164,13 +164,13 @@ def build_sdxl_pipeline(precision: str):
     def config(component: str) -> dict:
         return json.loads((SDXL_CONFIGS / component / "config.json").read_text())
 
-    with default_dtype(WEIGHT_DTYPES[MIXED_PRECISION[precision]]):
+    with default_dtype(weight_dtype(MIXED_PRECISION[precision])):
         unet = UNet2DConditionModel.from_config(config("unet"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder")))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config("text_encoder_2")))
     # SDXL's text-encoder configs say torch_dtype float16, which transformers builds them in.
-    text_encoder.to(WEIGHT_DTYPES[MIXED_PRECISION[precision]])
-    text_encoder_2.to(WEIGHT_DTYPES[MIXED_PRECISION[precision]])
+    text_encoder.to(weight_dtype(MIXED_PRECISION[precision]))
+    text_encoder_2.to(weight_dtype(MIXED_PRECISION[precision]))
     vae = AutoencoderKL.from_config(config("vae"))
     scheduler_config = json.loads((SDXL_CONFIGS / "scheduler/scheduler_config.json").read_text())
     return StableDiffusionXLPipeline(
@@ -209,10 +209,11 @@ def make_training_loop(case: Case, accelerator, pipe):
     optimizer, lr_scheduler = prepared[len(trained):]
     for model in models.values():
         model.train()  # as TrainingLoop.run; diffusers checkpoints only in training mode
-    schedule = training_schedule(pipe.scheduler.config, prediction_type_of(pipe))
-    return TrainingLoop(config, accelerator, pipe, models, trained, optimizer, lr_scheduler,
-                        schedule, torch.Generator().manual_seed(0), log=None, output_dir=None,
-                        resolution=case.resolution, prompts=())
+    objective = Objective.from_config(
+        config.train, training_schedule(pipe.scheduler.config, prediction_type_of(pipe)))
+    return TrainingLoop(Trainee(pipe, trained, models, optimizer, lr_scheduler),
+                        RunSetup(config, accelerator, objective, torch.Generator().manual_seed(0),
+                                 case.resolution, []))
 
 
 def full_step(loop, pixels, captions):
@@ -226,27 +227,27 @@ def full_step(loop, pixels, captions):
 
 def cached_step(loop, pixels, captions):
     """train_micro_batch without the VAE and text encoder: their outputs are computed once here."""
-    accelerator, unet = loop.accelerator, loop.models["unet"]
+    trainee, setup = loop.trainee, loop.setup
+    accelerator, unet = setup.accelerator, trainee.models["unet"]
     latents = loop.encode_images(pixels)  # (B, 4, H/8, W/8)
     with torch.no_grad():
-        input_ids = tokenize_all(tokenizers_of(loop.pipe), captions).to(accelerator.device)
+        input_ids = tokenize_all(tokenizers_of(trainee.pipe), captions).to(accelerator.device)
         size = pixels.shape[-1]
-        embeddings = encode_all(text_encoders_of(loop.pipe), input_ids,  # (B, 77, 768 or 2048)
+        embeddings = encode_all(text_encoders_of(trainee.pipe), input_ids,  # (B, 77, 768 or 2048)
                                 default_time_ids(len(captions), size, size))
 
     def step() -> float:
         # Same order and extras (clipping, schedule) as train_micro_batch, so the difference
         # between the rows is only the encoders.
         with accelerator.accumulate(unet):
-            noise = sample_noise(latents, loop.noise_generator)
-            timesteps = sample_timesteps(latents.shape[0],
-                                         loop.schedule.config.num_train_timesteps, loop.noise_generator)
-            loss = denoising_loss(unet, loop.schedule, latents, embeddings, noise, timesteps)
+            noise, timesteps = setup.objective.draw(latents, setup.noise_generator)
+            loss = setup.objective.loss(unet, latents, embeddings, noise, timesteps,
+                                        setup.objective.weights(timesteps))
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(lora_parameters(unet), loop.config.train.max_grad_norm)
-            loop.optimizer.step()
-            loop.lr_scheduler.step()
-            loop.optimizer.zero_grad(set_to_none=True)
+            accelerator.clip_grad_norm_(lora_parameters(unet), setup.config.train.max_grad_norm)
+            trainee.optimizer.step()
+            trainee.lr_scheduler.step()
+            trainee.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())  # float() waits for the device, so the timing is complete
 
     return step

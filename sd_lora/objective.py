@@ -1,16 +1,84 @@
-"""The denoising objective, as small pure functions: timesteps, noise, targets, loss.
+"""The denoising objective: timesteps, noise, targets, loss weights and the loss.
 
-`loss = denoising_loss(unet, schedule, latents, text_embeddings, noise, timesteps)`; nothing here
-knows about optimizers, files or Accelerate.
+`Objective` gathers one run's choices (from the train config and the base's scheduler) so that
+the training loop, `bench/train_speed.py` and the toy world's pretraining draw and weigh the
+same way:
+
+    objective = Objective.from_config(cfg.train, training_schedule(scheduler_config, "epsilon"))
+    noise, timesteps = objective.draw(latents, generator)
+    loss = objective.loss(unet, latents, conditioning, noise, timesteps,
+                          objective.weights(timesteps))
+
+Below it, the small pure functions it is made of. Nothing here knows about optimizers, files or
+Accelerate. A family with another objective (SD3's rectified flow) is another `Objective`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from sd_lora.config import LossKind, TrainConfig
 from sd_lora.models.text import Conditioning, unet_forward
+
+Share = tuple[int, int] | None  # (this process, processes) when several draw one global batch
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How one run draws noise and timesteps, weighs each sample and measures the loss."""
+
+    schedule: DDPMScheduler  # the base's forward process, with the prediction type to train
+    noise_offset: float = 0.0  # see add_noise_offset
+    adaptive_noise_scale: float = 0.0
+    multires_noise_iterations: int = 0  # see add_multires_noise
+    multires_noise_discount: float = 0.3
+    min_snr_gamma: float = 0.0  # 0: off; see min_snr_weights
+    debiased_estimation: bool = False  # see debiased_weights
+    loss_kind: LossKind = "l2"  # see element_loss
+    huber_c: float = 0.1
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, schedule: DDPMScheduler) -> Objective:
+        return cls(schedule, cfg.noise_offset, cfg.adaptive_noise_scale,
+                   cfg.multires_noise_iterations, cfg.multires_noise_discount, cfg.min_snr_gamma,
+                   cfg.debiased_estimation, cfg.loss, cfg.huber_c)
+
+    def draw(self, latents: torch.Tensor, generator: torch.Generator,
+             share: Share = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise like `latents`, timesteps (B,)), drawn from `generator` in a fixed order (a
+        resumed run draws exactly what an uninterrupted one would)."""
+        noise = sample_noise(latents, generator, share)
+        noise = add_multires_noise(noise, self.multires_noise_iterations,
+                                   self.multires_noise_discount, generator, share)
+        noise = add_noise_offset(noise, self.noise_offset, generator, share, latents,
+                                 self.adaptive_noise_scale)
+        timesteps = sample_timesteps(latents.shape[0], self.schedule.config.num_train_timesteps,
+                                     generator, share)
+        return noise, timesteps
+
+    def weights(self, timesteps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss weights: `weights` (the data's, e.g. regularization; default 1)
+        times Min-SNR and debiased-estimation factors where they are on. (B,) float32"""
+        weights = (torch.ones(timesteps.shape[0], device=timesteps.device) if weights is None
+                   else weights.float())  # on the caller's device
+        if self.min_snr_gamma:
+            weights = weights * min_snr_weights(self.schedule, timesteps,
+                                                self.min_snr_gamma).to(weights.device)
+        if self.debiased_estimation:
+            weights = weights * debiased_weights(self.schedule, timesteps).to(weights.device)
+        return weights
+
+    def loss(self, unet: torch.nn.Module, latents: torch.Tensor,
+             conditioning: torch.Tensor | Conditioning, noise: torch.Tensor,
+             timesteps: torch.Tensor, weights: torch.Tensor | None = None,
+             wanted: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`denoising_loss` with this run's loss kind."""
+        return denoising_loss(unet, self.schedule, latents, conditioning, noise, timesteps,
+                              weights, wanted, self.loss_kind, self.huber_c, mask)
 
 
 def training_schedule(scheduler_config: dict, prediction_type: str) -> DDPMScheduler:

@@ -68,7 +68,7 @@ def test_a_size_far_above_the_bases_own_is_warned_about_with_its_native_size(mon
 
 
 def test_trigger_words_are_recurring_tags_not_whole_captions():
-    from sd_lora.services.workspace import trigger_words
+    from sd_lora.adapters.inspect import trigger_words
 
     captions = {f"zkpastel, {n} red circles on a blue background": 1 for n in range(12)}
     metadata = {"modelspec.trigger_phrase": "zkpastel",

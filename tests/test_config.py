@@ -113,15 +113,17 @@ def test_resume_refuses_changes_to_what_a_step_computes_and_allows_the_rest(tmp_
     assert len(changes_refused_on_resume(saved, changed)) == 3
 
 
-def test_the_readme_documents_every_option_as_config_py_does():
-    """The README's option table is made from config.py (python -m sd_lora.cli.options_doc
-    README.md): every field, its type, default and comment; none without a description."""
+def test_the_configuration_page_documents_every_option_as_config_py_does():
+    """docs/configuration.md's option table is made from config.py (python -m
+    sd_lora.cli.options_doc docs/configuration.md): every field, its type, default and comment;
+    none without a description."""
     from pathlib import Path
 
     from sd_lora.cli.options_doc import table, with_table
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    assert with_table(readme) == readme, "run: python -m sd_lora.cli.options_doc README.md"
+    page = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    text = page.read_text(encoding="utf-8")
+    assert with_table(text) == text, "run: python -m sd_lora.cli.options_doc docs/configuration.md"
     rows = [line for line in table().splitlines() if line.startswith("| `")]
     sections = typing.get_type_hints(JobConfig)
     assert len(rows) == sum(len(dataclasses.fields(sections[f.name]))

@@ -157,7 +157,7 @@ def test_diffusers_gives_a_kohya_file_one_alpha_per_component(tmp_path, patterne
     """A diffusers 0.42.1 limitation, not a file defect: its kohya reader mangles the names of
     per-module alphas, so every module gets the component's most common alpha. Our own loader
     (and A1111 / ComfyUI, which read `.alpha` per module) apply them right; if this test starts
-    failing, diffusers has fixed it and the caveat in the README can go."""
+    failing, diffusers has fixed it and the caveat in docs/formats.md can go."""
     state, _ = patterned
     pipe, _ = save_and_load_with_diffusers(tmp_path, state, "kohya")
     pipe.fuse_lora()

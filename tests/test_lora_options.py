@@ -97,7 +97,7 @@ def test_a_dora_run_exports_files_that_reproduce_the_trained_model(tmp_path):
             text = pipe.text_encoder(ids)[0]
             return text, pipe.unet(latents, torch.tensor([300]), text).sample
 
-    want = outputs(loop.pipe)
+    want = outputs(loop.trainee.pipe)
     theirs = build_tiny_pipeline()
     theirs.load_lora_weights(str(result.adapter_files["diffusers"]))
     ours = build_tiny_pipeline()

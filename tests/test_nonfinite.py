@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sd_lora.train.loop as train_module  # the step loop: where the loss is computed
+from sd_lora.objective import Objective
 from sd_lora.train.nonfinite import (
     NonFiniteGuard,
     StepSnapshot,
@@ -24,20 +24,20 @@ from tests.test_train import adapter_tensors, job
 
 
 def nan_on_calls(monkeypatch, bad_calls, gradient_only_calls=lambda n: False):
-    """Make denoising_loss NaN on the given (1-based) calls: the NaN goes through backward
-    into every LoRA gradient, as an fp16 overflow or a corrupt batch would. On
+    """Make the training loss (`Objective.loss`) NaN on the given (1-based) calls: the NaN goes
+    through backward into every LoRA gradient, as an fp16 overflow or a corrupt batch would. On
     `gradient_only_calls` the loss stays finite and only its gradient is NaN (0 * d sqrt(0))."""
-    real = train_module.denoising_loss
+    real = Objective.loss
     calls = {"n": 0}
 
-    def loss(*args, **kwargs):
+    def loss(self, *args, **kwargs):
         calls["n"] += 1
-        value = real(*args, **kwargs)
+        value = real(self, *args, **kwargs)
         if gradient_only_calls(calls["n"]):
             return value + 0.0 * torch.sqrt(value * 0.0)
         return value * float("nan") if bad_calls(calls["n"]) else value
 
-    monkeypatch.setattr(train_module, "denoising_loss", loss)
+    monkeypatch.setattr(Objective, "loss", loss)
     return calls
 
 

@@ -42,7 +42,8 @@ def test_notebook_is_committed_without_outputs():
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs(tmp_path):
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUICKSTART_STEPS", "30")  # every cell still runs; the figures matter less
     work = tmp_path / "repo"
     shutil.copytree(REPO / "datasets" / "toy", work / "datasets" / "toy")
     shutil.copytree(REPO / "examples", work / "examples")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sd_lora.world import pretrain
 from sd_lora.world.styles import STYLES, TOY_STYLES
+from tests.lora_helpers import TEST_THREADS
 
 
 def test_made_up_words_are_never_a_trigger_word():
@@ -43,12 +44,12 @@ def test_a_stage_needs_its_start_weights(tmp_path):
 
 def test_every_stage_runs_and_the_base_is_written(tmp_path):
     """A few steps of each stage, chained as the real recipe is, into a loadable toy base."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     work = tmp_path / "work"
     small = ["--vae-images", "16", "--vae-steps", "2", "--vae-batch", "4",
              "--unet-images", "16", "--unet-steps", "2", "--unet-batch", "4",
              "--unet-warmup", "1", "--finetune-steps", "2", "--unknown-words-steps", "2",
-             "--eval-prompts", "2"]
+             "--eval-prompts", "2", "--threads", str(TEST_THREADS)]
     assert pretrain.main(["--work", str(work), *small]) == 0
     record = json.loads((work / "toy" / "recipe.json").read_text())
     for stage in ("vae", "unet", "offset_noise_finetune", "unknown_words_finetune", "evaluation"):

@@ -265,8 +265,8 @@ def test_tiny_sdxl_trains_both_encoders_and_its_export_loads_in_diffusers(tmp_pa
         "train.text_encoder_2_learning_rate=2e-2", "report.enabled=false",
     ])
     result, loop = train_keeping_loop(config)
-    assert [g["lr"] for g in loop.optimizer.param_groups] == [1e-2, 1e-2, 2e-2]  # unet, text_encoder, text_encoder_2
-    want = sdxl_outputs(loop.pipe)
+    assert [g["lr"] for g in loop.trainee.optimizer.param_groups] == [1e-2, 1e-2, 2e-2]  # unet, text_encoder, text_encoder_2
+    want = sdxl_outputs(loop.trainee.pipe)
     assert max_diff(want, sdxl_outputs(load_pipeline("tiny-sdxl"))) > 1e-3  # it learned something
     with safe_open(str(result.adapter_files["kohya"]), "pt") as f:
         metadata = f.metadata()

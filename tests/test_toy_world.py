@@ -3,7 +3,7 @@
 Everything here runs on the shipped `toy` base with fixed seeds and the recipe of
 examples/demo.toml (the app's "quick" preset plus the toy world's regularization images). The
 margins are stated next to each assertion, with the figures measured on a 2-core CPU; the
-README has the same figures.
+docs/toy-world.md and the README have the same figures.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sd_lora.train.recipe import train
 from sd_lora.train.recommended import RECOMMENDED, with_recommended
 from sd_lora.world.datasets import toy_regularization_folder
 from sd_lora.world.scorer import prompt_following_accuracy, toy_style_scorer
+from tests.lora_helpers import TEST_THREADS
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "datasets" / "toy"
@@ -32,7 +33,7 @@ TOY = REPO / "datasets" / "toy"
 
 @pytest.fixture(scope="module", autouse=True)
 def two_threads():
-    torch.set_num_threads(2)  # the toy UNet is large enough for a second thread to pay
+    torch.set_num_threads(TEST_THREADS)  # the toy UNet is large enough for a second thread to pay
 
 
 def train_demo_recipe(style: str, out: Path, *extra: str):
@@ -71,7 +72,7 @@ def test_render_sizes_latents_by_the_vaes_own_factor():
 
 @pytest.mark.slow
 def test_toy_base_draws_what_the_prompt_says():
-    """Colour and shape of the main object right in most generations (measured: see README)."""
+    """Colour and shape of the main object right in most generations (measured: see docs/toy-world.md)."""
     pipe = load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
     accuracy = prompt_following_accuracy(pipe, count=30, seed=23)
@@ -166,7 +167,7 @@ def test_a_blend_of_pastel_and_golden_shows_both(pastel_run, golden_run):
     assert blend.prompts[0] == "zkpastel, zkgolden, " + captions[0]
     # Measured: pastel 0.16 -> 0.49 (golden alone 0.11, pastel alone 0.35); golden 0.04 -> 0.59
     # (pastel alone 0.27, golden alone 0.42). At 0.7 + 0.7 pastel takes over: its paleness
-    # reads as a weak golden grade (pastel alone 0.31, the blend 0.22; README).
+    # reads as a weak golden grade (pastel alone 0.31, the blend 0.22; docs/toy-world.md).
     for style, other in (("pastel", "golden"), ("golden", "pastel")):
         assert blend.rise(style) >= 0.1, blend.as_dict()
         assert blend.blend[style] >= blend.alone[other][style] + 0.08, blend.as_dict()

@@ -91,7 +91,7 @@ def test_exported_file_reproduces_the_trained_model_in_diffusers(tmp_path):
     config = job(tmp_path, "train.max_steps=4", "train.learning_rate=1e-2",
                  "train.text_encoder_learning_rate=1e-2")
     result, loop = train_keeping_loop(config)
-    trained = loop.pipe
+    trained = loop.trainee.pipe
     torch.manual_seed(0)
     latents = torch.randn(1, 4, 8, 8)
     ids = trained.tokenizer(["zkstripes, a red circle"], padding="max_length", max_length=77,

@@ -49,7 +49,7 @@ def _capture_pipe(monkeypatch):
     original = TrainingLoop.run
 
     def run(self, *args, **kwargs):
-        captured["pipe"] = self.pipe
+        captured["pipe"] = self.trainee.pipe
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(TrainingLoop, "run", run)
@@ -152,7 +152,8 @@ def test_regularization_target_base_trains_toward_the_adapter_off_prediction():
     from sd_lora.config import ConfigError, load_config
     from sd_lora.models.builtin.tiny import sd1_scheduler_config
     from sd_lora.models.text import encode_prompts, tokenize
-    from sd_lora.objective import denoising_loss, target, training_schedule
+    from sd_lora.objective import Objective, denoising_loss, target, training_schedule
+    from sd_lora.train.loop import RunSetup, Trainee
 
     torch.manual_seed(0)
     pipe = build_tiny_pipeline()
@@ -160,8 +161,8 @@ def test_regularization_target_base_trains_toward_the_adapter_off_prediction():
     pipe.text_encoder.requires_grad_(False)
     trained = add_adapters(pipe, LoraConfig())
     schedule = training_schedule(sd1_scheduler_config(), "epsilon")
-    loop = TrainingLoop(None, None, pipe, dict(trained), trained, None, None, schedule,
-                        None, None, None, 64, [])
+    loop = TrainingLoop(Trainee(pipe, trained, dict(trained), None, None),
+                        RunSetup(None, None, Objective(schedule), None, 64, []))
     g = torch.Generator().manual_seed(1)
     latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([50, 400, 900])

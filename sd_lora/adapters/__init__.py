@@ -1,0 +1,3 @@
+"""Adapter files in every layout: read, written, applied to a pipeline, merged, resized, extracted,
+inspected.
+"""

@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+
+import safetensors
+import torch
 
 from sd_lora.adapters.files import (
     AdapterFileError,
@@ -32,6 +36,7 @@ KNOWN_KINDS = sorted(
     key=len,
     reverse=True,
 )
+MAX_TRIGGER_WORDS = 5  # what the app shows of a file's trigger words
 
 
 def layer_kind(path: str) -> str:
@@ -209,3 +214,87 @@ def _tag_summary(raw: str) -> str:
     except (json.JSONDecodeError, AttributeError, TypeError):
         return raw
     return ", ".join(f"{tag} ({n})" for tag, n in counts.most_common(10)) or "(none)"
+
+
+@dataclass(frozen=True)
+class HeaderSummary:
+    """What an adapter file's header tells without reading its tensors (the app's lists)."""
+
+    family: str | None
+    layout: str | None  # "kohya" or "diffusers"
+    rank: int | None
+    alpha: float | None
+    trigger_words: list[str]
+    problem: str | None  # why it cannot be used, or None
+
+
+def summarize_header(path: Path) -> HeaderSummary:
+    """The header's description of one adapter file; problems are reported, never raised."""
+    try:
+        metadata, shapes = _read_header(path)
+    except Exception as e:  # safetensors raises several types for damaged files
+        return HeaderSummary(None, None, None, None, [],
+                             f"not a readable safetensors file ({type(e).__name__}: {e})")
+    problem = None
+    try:
+        layout = detect_format(shapes, path)
+    except AdapterFileError as e:
+        layout, problem = None, str(e)
+    family = _family_from_shapes(metadata, shapes)
+    if family is None and problem is None:
+        problem = "the file states no base family and its shapes do not tell"
+    rank, alpha = _rank_alpha(path, metadata, shapes)
+    return HeaderSummary(family, layout, rank, alpha, trigger_words(metadata), problem)
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    return metadata, shapes
+
+
+def _family_from_shapes(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """`adapter_io.detect_family` on shape-only stand-ins: meta tensors hold no data."""
+    return detect_family({k: torch.empty(s, device="meta") for k, s in shapes.items()}, metadata)
+
+
+def _rank_alpha(path, metadata, shapes) -> tuple[int | None, float | None]:
+    """`ss_network_dim`/`ss_network_alpha`, else the most common over the modules (as those
+    keys are defined); a kohya module without `.alpha` has alpha = rank."""
+    try:
+        rank = int(metadata["ss_network_dim"]) if "ss_network_dim" in metadata else None
+        alpha = float(metadata["ss_network_alpha"]) if "ss_network_alpha" in metadata else None
+    except ValueError:
+        rank = alpha = None
+    downs = [k for k in shapes if k.endswith(".lora_down.weight")]
+    if downs and (rank is None or alpha is None):
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            pairs = []
+            for key in downs:
+                r, alpha_key = int(shapes[key][0]), key.replace(".lora_down.weight", ".alpha")
+                pairs.append((r, float(f.get_tensor(alpha_key).item()) if alpha_key in keys else r))
+        rank = rank if rank is not None else Counter(r for r, _ in pairs).most_common(1)[0][0]
+        alpha = alpha if alpha is not None else Counter(a for _, a in pairs).most_common(1)[0][0]
+    elif rank is None:
+        ranks = [int(shape[0]) for key, shape in shapes.items() if key.endswith(".lora_A.weight")]
+        rank = Counter(ranks).most_common(1)[0][0] if ranks else None
+    return rank, alpha
+
+
+def trigger_words(metadata: dict[str, str]) -> list[str]:
+    """The trigger phrase the trainer recorded (`modelspec.trigger_phrase`), then the most
+    frequent tags of `ss_tag_frequency` over all dataset folders that recur (at most 5 in all).
+    A tag of one image only is no trigger word: with sentence captions ("zkpastel, two red
+    circles on ...") ss_tag_frequency counts each whole sentence once."""
+    phrase = (metadata.get("modelspec.trigger_phrase") or "").strip()
+    try:
+        folders = json.loads(metadata.get("ss_tag_frequency") or "{}")
+        counts: Counter = Counter()
+        for tags in folders.values():
+            counts.update({str(tag): int(n) for tag, n in tags.items()})
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        counts = Counter()  # display only: a malformed value must not hide the adapter
+    recurring = [tag for tag, n in counts.most_common() if n > 1 and tag != phrase.lower()]
+    return (([phrase] if phrase else []) + recurring)[:MAX_TRIGGER_WORDS]

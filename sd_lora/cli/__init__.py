@@ -1,0 +1,1 @@
+"""The `sd-lora` command: argument parsing over the library."""

@@ -1,10 +1,11 @@
 """The table of every config option, made from `sd_lora.config` itself, so it cannot go stale.
 
-    python -m sd_lora.cli.options_doc README.md    # rewrite the README's table in place
+    python -m sd_lora.cli.options_doc docs/configuration.md    # rewrite the table in place
+    python -m sd_lora.cli.options_doc                          # print the table
 
 Each row: the dotted name, its type (or accepted values), its default, and the comment written
-beside or above the field in config.py. The README holds the table between two markers;
-`tests/test_config.py` checks that it is what this makes.
+beside or above the field in config.py. docs/configuration.md holds the table between two
+markers; `tests/test_config.py` checks that it is what this makes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import get_args, get_origin, get_type_hints
 
 from sd_lora import config as config_module
 
-BEGIN = "<!-- options: made by `python -m sd_lora.cli.options_doc README.md`; edit sd_lora/config.py -->"
+BEGIN = ("<!-- options: made by `python -m sd_lora.cli.options_doc docs/configuration.md`; "
+         "edit sd_lora/config.py -->")
 END = "<!-- end of options -->"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from sd_lora.errors import UserError
 from sd_lora.util.words import plural
 
-EXPORT_DTYPES = ("fp16", "bf16", "fp32")
+EXPORT_DTYPES = ("fp16", "bf16", "fp32")  # sd_lora.util.dtypes.DTYPES, without importing torch
 
 
 def add_commands(commands) -> None:
@@ -79,7 +79,7 @@ def _dtype_flag(parser, default: str | None) -> None:
 
 
 def _torch_dtype(name: str | None, like=None):
-    from sd_lora.train.outputs import EXPORT_DTYPES as TORCH_DTYPES  # the export's own table
+    from sd_lora.util.dtypes import DTYPES as TORCH_DTYPES
 
     if name is None:  # as the source stored it
         return like if like in TORCH_DTYPES.values() else TORCH_DTYPES["fp32"]

@@ -89,9 +89,9 @@ class LatentCache:
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):
-    """An `ImageCaptionDataset` whose items carry a cache key instead of pixels:
-    {"cache_key": str, "caption", "index", "loss_weight", "preserve", "time_ids"}. Call
-    `fill(encode)` once first; then every item's latent is in `cache.entries`."""
+    """An `ImageCaptionDataset` whose items carry their cached VAE posterior instead of pixels:
+    {"latent_mean", "latent_std" (4, h, w), "cache_key", "caption", "index", "loss_weight",
+    "preserve", "time_ids"}. Call `fill(encode)` once first."""
 
     def __init__(self, dataset, cache: LatentCache, vae_id: str) -> None:
         if not dataset.center_crop:
@@ -121,9 +121,11 @@ class CachedLatentDataset(torch.utils.data.Dataset):
             i = (index + offset) % len(self)
             flip = self.dataset.flipped(i)
             key = self.key(i, flip)
-            if key in self.cache.entries:
+            entry = self.cache.entries.get(key)
+            if entry is not None:
                 geometry = self._geometry(i)
-                item = {"cache_key": key, **self.dataset.describe(i, self.dataset.time_ids(geometry, i))}
+                item = {"latent_mean": entry[0], "latent_std": entry[1], "cache_key": key,
+                        **self.dataset.describe(i, self.dataset.time_ids(geometry, i))}
                 mask = self.dataset.mask_for(i, geometry, flip)
                 if mask is not None:
                     item["mask"] = mask

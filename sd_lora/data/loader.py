@@ -17,6 +17,7 @@ from sd_lora.data.latent_cache import CachedLatentDataset, LatentCache, vae_iden
 from sd_lora.data.order import EpochSampler
 from sd_lora.data.scan import regularization_layout
 from sd_lora.errors import UserError
+from sd_lora.models.vae import encode_posterior
 from sd_lora.util.phases import phase
 from sd_lora.util.processes import say
 from sd_lora.util.words import plural
@@ -71,17 +72,15 @@ def make_dataset(samples: list[Sample], resolution: int, data: DataConfig,
 
 
 def cache_latents(dataset: ImageCaptionDataset, vae, data: DataConfig, output_dir: Path,
-                  device, show_progress: bool) -> CachedLatentDataset:
+                  show_progress: bool) -> CachedLatentDataset:
     """data.cache_latents: every image variant encoded once (or read from the disk cache)."""
     folder = None
     if data.cache_latents == "disk":
         folder = Path(data.cache_dir) if data.cache_dir else output_dir / "latent-cache"
     cached = CachedLatentDataset(dataset, LatentCache(folder), vae_identity(vae))
 
-    @torch.no_grad()
     def encode(pixels: torch.Tensor):
-        posterior = vae.encode(pixels.to(device, torch.float32)).latent_dist
-        return posterior.mean, posterior.std
+        return encode_posterior(vae, pixels)
 
     where = f"{data.cache_latents}{f', {folder}' if folder else ''}"
     variants = plural(len(cached.variants()), "image variant")
@@ -118,10 +117,15 @@ def dataset_buckets(dataset: ImageCaptionDataset, data: DataConfig) -> dict | No
     return bucket_info([s for s, _ in first.values()], [b for _, b in first.values()])
 
 
-def eval_images(scan: DatasetScan, resolution: int, count: int = 4):
-    """The first `count` images of the dataset at their center crop, with their captions."""
-    samples = scan.samples[:count]
+def centre_crop_batch(samples: list[Sample], resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """(pixels (n, 3, r, r) in [-1, 1], captions) of `samples`, each centre-cropped: the fixed
+    images that evaluation, validation and the quality report measure on."""
     pixels = torch.stack([load_image(s.image, resolution, center_crop=True) for s in samples])
     return pixels, [s.caption for s in samples]
+
+
+def eval_images(scan: DatasetScan, resolution: int, count: int = 4):
+    """The first `count` images of the dataset at their centre crop, with their captions."""
+    return centre_crop_batch(scan.samples[:count], resolution)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sd_lora.adapters.run_folder import not_an_adapter
 from sd_lora.errors import UserError
+from sd_lora.generate.png_info import format_lora_tag, parse_lora_tag
 from sd_lora.generate.render import RenderSettings, a1111_parameters, render, save_png
 
 
@@ -60,8 +62,6 @@ def resolve_adapter_choice(text: str, flag: str = "--lora") -> AdapterChoice:
     named = _with_suffix(choice.path)
     if not choice.path.exists() and named.is_file():  # "demo:0.8" for demo.safetensors
         choice = AdapterChoice(named, choice.unet_strength, choice.text_encoder_strength)
-    from sd_lora.adapters.run_folder import not_an_adapter
-
     if (problem := not_an_adapter(choice.path)) is not None:
         raise UserError(f"{flag} {text}: {problem}")
     if not choice.path.is_file():
@@ -71,8 +71,6 @@ def resolve_adapter_choice(text: str, flag: str = "--lora") -> AdapterChoice:
 
 
 def _tag_choice(tag: str, flag: str) -> AdapterChoice:
-    from sd_lora.generate.png_info import parse_lora_tag
-
     name, te, unet, blocks = parse_lora_tag(tag[len("<lora:"):-1], f"{flag} {tag}")
     if blocks is not None:
         raise UserError(f"{flag} {tag}: lbw= (block weights) is an app setting; leave it out here")
@@ -95,9 +93,7 @@ def _not_found(text: str, path: Path) -> str:
 
 def lora_tag(choice: AdapterChoice) -> str:
     """The prompt tag A1111 uses to reproduce this choice."""
-    if choice.unet_strength == choice.text_encoder_strength:
-        return f"<lora:{choice.name}:{choice.unet_strength:g}>"
-    return f"<lora:{choice.name}:{choice.text_encoder_strength:g}:{choice.unet_strength:g}>"
+    return format_lora_tag(choice.name, choice.text_encoder_strength, choice.unet_strength)
 
 
 def generate_images(

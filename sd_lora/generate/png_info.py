@@ -177,8 +177,8 @@ def parse_lora_tag(body: str, source: str = "prompt") -> tuple[str, float, float
 
 
 def format_lora_tag(name: str, te: float, unet: float, blocks: str | None = None) -> str:
-    """A1111's tag for these strengths; the same text as `sd_lora.generate.images.lora_tag`, plus
-    `lbw=` when block weights are set."""
+    """A1111's tag for these strengths (one weight when they are equal), with `lbw=` when block
+    weights are set."""
     weights = f"{unet:g}" if te == unet else f"{te:g}:{unet:g}"
     lbw = f":lbw={blocks}" if blocks else ""
     return f"<lora:{name}:{weights}{lbw}>"

@@ -1,0 +1,1 @@
+"""LoRA layers injected through PEFT into a pipeline's models, and sd-scripts' dropouts."""

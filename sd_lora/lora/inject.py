@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.utils.other import get_pattern_key
 
 from sd_lora.choices import CONV_GROUPS, TARGET_GROUPS
 from sd_lora.formats.adapter_state import AdapterState, DoraModule, LoraModule, canonical_name
@@ -63,9 +64,9 @@ def target_module_names(model: torch.nn.Module, suffixes: list[str],
 
 
 def pattern_matches(pattern: str, module_name: str) -> bool:
-    """PEFT's rule for rank_pattern / alpha_pattern keys: the regex matches the name's end,
-    starting at a dot."""
-    return re.match(rf"(.*\.)?({pattern})$", module_name) is not None
+    """Whether PEFT applies a rank_pattern / alpha_pattern key to this module: asked of PEFT's
+    own matcher, so that our checks (unused patterns, conv ranks) agree with what it injects."""
+    return get_pattern_key([pattern], module_name) == pattern
 
 
 def add_lora(

@@ -1,0 +1,3 @@
+"""Base models: what a `--base` names, loading it from every source, its text conditioning, and the
+built-in bases.
+"""

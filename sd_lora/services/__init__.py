@@ -1,0 +1,3 @@
+"""What the browser app drives: its folders and path checks, a generation session, background
+training jobs.
+"""

@@ -38,6 +38,7 @@ from sd_lora.train.recipe import train
 from sd_lora.train.recommended import with_recommended
 from sd_lora.train.report import StyleScorer
 from sd_lora.train.stop_signals import stop_on_sigterm
+from sd_lora.util.atomic import atomic_path, write_bytes_atomically
 
 # Dotted overrides of sd_lora.config defaults, per preset. Learning rates and steps left out
 # are the base's recommendation (sd_lora.train.recommended). The data.regularization_* settings apply
@@ -125,12 +126,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Atomically: a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomically(path, text.encode("utf-8"))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -391,7 +387,7 @@ def _first_cell(grid_path: Path):
 
 def _publish_copy(source: Path, target: Path) -> None:
     """Copy without ever replacing an existing file: link a finished temp copy into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         shutil.copyfile(source, tmp)
@@ -420,10 +416,8 @@ def publish(run_dir: Path, adapters_dir: Path) -> dict:
     grid = run_dir / "samples" / "final.png"
     if grid.is_file():
         preview = adapters_dir / f"{name}.preview.png"
-        fd, tmp = tempfile.mkstemp(prefix=".preview.", suffix=".png", dir=adapters_dir)
-        os.close(fd)
-        _first_cell(grid).save(tmp)
-        os.replace(tmp, preview)
+        with atomic_path(preview) as tmp:
+            _first_cell(grid).save(tmp, format="PNG")
         record["preview"] = str(preview)
     return record
 

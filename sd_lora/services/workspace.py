@@ -8,23 +8,19 @@ file is listed with `problem` set, so one damaged download does not hide the oth
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
 import tempfile
 import zipfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-import safetensors
-
+from sd_lora.adapters.inspect import summarize_header
 from sd_lora.errors import UserError
 
 AREAS = ("adapters", "outputs", "runs", "models", "datasets")  # models, datasets: read only
 PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg")  # A1111's order: .preview.png first
-MAX_TRIGGER_WORDS = 5
 ZIP_MAX_BYTES = 2 * 1024**3
 ZIP_MAX_FILES = 10_000
 
@@ -183,24 +179,9 @@ def adapter_info(workspace: Workspace, path: Path) -> AdapterInfo:
                            f"{path} is a symlink to {path.resolve()}, outside {root}")
     if (problem := checkpoint_problem(workspace, path)) is not None:  # chosen by name
         return AdapterInfo(name, path, None, None, None, None, [], preview, problem)
-    try:
-        metadata, shapes = _read_header(path)
-    except Exception as e:  # safetensors raises several types for damaged files
-        return AdapterInfo(name, path, None, None, None, None, [], preview,
-                           f"not a readable safetensors file ({type(e).__name__}: {e})")
-    from sd_lora.adapters.files import AdapterFileError, detect_format
-
-    problem = None
-    try:
-        layout = detect_format(shapes, path)
-    except AdapterFileError as e:
-        layout, problem = None, str(e)
-    family = _family_from_shapes(metadata, shapes)
-    if family is None and problem is None:
-        problem = "the file states no base family and its shapes do not tell"
-    rank, alpha = _rank_alpha(path, metadata, shapes)
-    return AdapterInfo(name, path, family, layout, rank, alpha, trigger_words(metadata),
-                       preview, problem)
+    s = summarize_header(path)
+    return AdapterInfo(name, path, s.family, s.layout, s.rank, s.alpha, s.trigger_words, preview,
+                       s.problem)
 
 
 def chosen_adapter_info(workspace: Workspace, path: Path) -> AdapterInfo:
@@ -215,63 +196,6 @@ def chosen_adapter_info(workspace: Workspace, path: Path) -> AdapterInfo:
     if info.problem is None and (problem := nonfinite_in_file(path)) is not None:
         info = replace(info, problem=problem)
     return info
-
-
-def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    return metadata, shapes
-
-
-def _family_from_shapes(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """`adapter_io.detect_family` on shape-only stand-ins: meta tensors hold no data."""
-    import torch
-
-    from sd_lora.adapters.files import detect_family
-
-    return detect_family({k: torch.empty(s, device="meta") for k, s in shapes.items()}, metadata)
-
-
-def _rank_alpha(path, metadata, shapes) -> tuple[int | None, float | None]:
-    """`ss_network_dim`/`ss_network_alpha`, else the most common over the modules (as those
-    keys are defined); a kohya module without `.alpha` has alpha = rank."""
-    try:
-        rank = int(metadata["ss_network_dim"]) if "ss_network_dim" in metadata else None
-        alpha = float(metadata["ss_network_alpha"]) if "ss_network_alpha" in metadata else None
-    except ValueError:
-        rank = alpha = None
-    downs = [k for k in shapes if k.endswith(".lora_down.weight")]
-    if downs and (rank is None or alpha is None):
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            pairs = []
-            for key in downs:
-                r, alpha_key = int(shapes[key][0]), key.replace(".lora_down.weight", ".alpha")
-                pairs.append((r, float(f.get_tensor(alpha_key).item()) if alpha_key in keys else r))
-        rank = rank if rank is not None else Counter(r for r, _ in pairs).most_common(1)[0][0]
-        alpha = alpha if alpha is not None else Counter(a for _, a in pairs).most_common(1)[0][0]
-    elif rank is None:
-        ranks = [int(shape[0]) for key, shape in shapes.items() if key.endswith(".lora_A.weight")]
-        rank = Counter(ranks).most_common(1)[0][0] if ranks else None
-    return rank, alpha
-
-
-def trigger_words(metadata: dict[str, str]) -> list[str]:
-    """The trigger phrase the trainer recorded (`modelspec.trigger_phrase`), then the most
-    frequent tags of `ss_tag_frequency` over all dataset folders that recur (at most 5 in all).
-    A tag of one image only is no trigger word: with sentence captions ("zkpastel, two red
-    circles on ...") ss_tag_frequency counts each whole sentence once."""
-    phrase = (metadata.get("modelspec.trigger_phrase") or "").strip()
-    try:
-        folders = json.loads(metadata.get("ss_tag_frequency") or "{}")
-        counts: Counter = Counter()
-        for tags in folders.values():
-            counts.update({str(tag): int(n) for tag, n in tags.items()})
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        counts = Counter()  # display only: a malformed value must not hide the adapter
-    recurring = [tag for tag, n in counts.most_common() if n > 1 and tag != phrase.lower()]
-    return (([phrase] if phrase else []) + recurring)[:MAX_TRIGGER_WORDS]
 
 
 def _preview(path: Path) -> Path | None:

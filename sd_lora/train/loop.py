@@ -1,8 +1,9 @@
 """The training loop itself: optimizer steps until max_steps, with checkpoints, samples,
 validation and the NaN guard on the way; an interrupt stops it between two steps.
 
-`train.train` builds everything and hands it to `TrainingLoop`; nothing here loads models or
-reads the config file.
+`sd_lora.train.recipe.train` builds what is trained (`Trainee`) and how the run goes (`RunSetup`)
+and hands both to `TrainingLoop`; nothing here loads models or reads the config file. Each step
+draws and weighs through the run's `Objective`.
 """
 
 from __future__ import annotations
@@ -10,23 +11,26 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate import Accelerator
+from diffusers import DiffusionPipeline
 from tqdm import tqdm
 
-from sd_lora.config import flat_config
+from sd_lora.config import JobConfig, flat_config
 from sd_lora.lora.inject import lora_parameters, lora_weight
-from sd_lora.models.text import encode_all, text_encoders_of, tokenize_all, tokenizers_of
-from sd_lora.objective import (
-    add_multires_noise,
-    add_noise_offset,
-    debiased_weights,
-    denoising_loss,
-    min_snr_weights,
-    preserved_target,
-    sample_noise,
-    sample_timesteps,
+from sd_lora.models.text import (
+    EmbeddingCache,
+    encode_all,
+    text_encoders_of,
+    tokenize_all,
+    tokenizers_of,
 )
+from sd_lora.models.vae import encode_posterior
+from sd_lora.objective import Objective, preserved_target, sample_noise
 from sd_lora.train.checkpoint import (
     WRITE_ERRORS,
     Progress,
@@ -35,6 +39,7 @@ from sd_lora.train.checkpoint import (
     save_checkpoint,
     write_failed,
 )
+from sd_lora.train.ema import AdapterEMA
 from sd_lora.train.nonfinite import (
     NonFiniteGuard,
     StepSnapshot,
@@ -43,7 +48,7 @@ from sd_lora.train.nonfinite import (
     describe_update,
     gradients_finite,
 )
-from sd_lora.train.outputs import adapter_path, render_sample_grid
+from sd_lora.train.outputs import RunLog, adapter_path, render_sample_grid
 from sd_lora.train.stop_signals import ImmediateStop, StopSignals
 from sd_lora.train.validation import Validator
 from sd_lora.util.processes import say
@@ -52,57 +57,76 @@ from sd_lora.util.words import plural
 PROGRESS_LINES = 10  # without a bar, a line every tenth of the run
 
 
+@dataclass
+class Trainee:
+    """What is trained: the pipeline, its models that carry LoRA layers, and what updates them."""
+
+    pipe: DiffusionPipeline
+    trained: dict[str, torch.nn.Module]  # component -> its model with LoRA layers
+    models: dict[str, torch.nn.Module]  # the same models as Accelerate prepared them
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any  # a torch LR scheduler (Accelerate-prepared)
+    ema: AdapterEMA | None = None  # with train.ema_decay
+
+
+@dataclass
+class RunSetup:
+    """How the run goes: its config and processes, the objective and its random draws, and
+    where it writes."""
+
+    config: JobConfig
+    accelerator: Accelerator
+    objective: Objective
+    noise_generator: torch.Generator  # every draw of the run: noise, timesteps, latents
+    resolution: int
+    prompts: list[str]  # the sample grids'
+    output_dir: Path | None = None  # checkpoints and samples (None: nothing is written)
+    log: RunLog | None = None
+    text_cache: EmbeddingCache | None = None  # with data.cache_text_encoder_outputs
+
+
 class TrainingLoop:
     """Runs optimizer steps until max_steps, checkpointing and sampling on the way."""
 
-    def __init__(self, config, accelerator, pipe, models, trained, optimizer, lr_scheduler,
-                 schedule, noise_generator, log, output_dir, resolution, prompts):
-        self.config, self.accelerator, self.pipe = config, accelerator, pipe
-        self.models, self.trained = models, trained
-        self.optimizer, self.lr_scheduler, self.schedule = optimizer, lr_scheduler, schedule
-        self.noise_generator, self.log = noise_generator, log
-        self.output_dir, self.resolution, self.prompts = output_dir, resolution, prompts
-        train = config.train if config is not None else None
+    def __init__(self, trainee: Trainee, setup: RunSetup, validator: Validator | None = None):
+        self.trainee, self.setup, self.validator = trainee, setup, validator
+        train = setup.config.train if setup.config is not None else None
         self.guard = NonFiniteGuard(train.max_nonfinite_steps if train else 0,
                                     train.mixed_precision if train else "no",
                                     train.learning_rate if train else 0.0)
         self.window_bad_loss = None  # the first NaN/inf loss of the current accumulation
         self.problem = ""
         self.problem_is_update = False  # the loss and gradients were finite, the update not
-        self.latent_cache = None  # data.latent_cache.LatentCache when data.cache_latents is on
-        self.text_cache = None  # text.EmbeddingCache when data.cache_text_encoder_outputs is on
-        self.validator: Validator | None = None  # with held-out images
-        self.ema = None  # ema.AdapterEMA when train.ema_decay is set
         self.stopped_early = False
 
     def run(self, loader, dataset, progress: Progress, show_progress: bool) -> Progress:
-        cfg = self.config.train
+        cfg = self.setup.config.train
         bar = tqdm(total=cfg.max_steps, initial=progress.global_step, desc="training",
-                   unit="step", disable=not (show_progress and self.accelerator.is_main_process))
+                   unit="step", disable=not (show_progress and self.setup.accelerator.is_main_process))
         step, epoch, skip = progress.global_step, progress.epoch, progress.batches_done_in_epoch
         started = time.time()
         done_in_epoch = skip
-        for model in self.models.values():
+        for model in self.trainee.models.values():
             model.train()
         try:
             with StopSignals() as stop:
                 while step < cfg.max_steps:
                     loader.set_epoch(epoch)  # sets the sampler's epoch (and Accelerate's counter)
                     dataset.set_epoch(epoch)
-                    batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
+                    batches = self.setup.accelerator.skip_first_batches(loader, skip) if skip else loader
                     done_in_epoch = skip
                     for batch in batches:
                         loss, applied = self.train_micro_batch(batch)
                         done_in_epoch += 1
-                        if not self.accelerator.sync_gradients:
+                        if not self.setup.accelerator.sync_gradients:
                             continue
                         if applied:
                             step += 1
                             self.guard.good()
                             bar.update(1)
                             bar.set_postfix(loss=f"{loss:.4f}",
-                                            lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                            self.log.step(step, loss, self.lr_scheduler.get_last_lr()[0], epoch)
+                                            lr=f"{self.trainee.lr_scheduler.get_last_lr()[0]:.2e}")
+                            self.setup.log.step(step, loss, self.trainee.lr_scheduler.get_last_lr()[0], epoch)
                             if bar.disable:
                                 self.tell(step, progress.global_step, loss, started)
                             self.after_step(Progress(step, epoch, done_in_epoch))
@@ -133,7 +157,7 @@ class TrainingLoop:
     def tell(self, step: int, first: int, loss: float, started: float) -> None:
         """Without a bar (--no-progress, the app's log), a line every tenth of the run: the
         step, the loss and the time left."""
-        steps = self.config.train.max_steps
+        steps = self.setup.config.train.max_steps
         if step % max(1, steps // PROGRESS_LINES) and step != steps:
             return
         elapsed = time.time() - started
@@ -145,47 +169,38 @@ class TrainingLoop:
     def share(self) -> tuple[int, int] | None:
         """(this process, processes) when several train: the random draws are shared (see
         objective._rows), so the run equals one process with the same global batch."""
-        n = self.accelerator.num_processes
-        return None if n == 1 else (self.accelerator.process_index, n)
+        n = self.setup.accelerator.num_processes
+        return None if n == 1 else (self.setup.accelerator.process_index, n)
 
-    def train_micro_batch(self, batch) -> float:
-        accelerator = self.accelerator
-        unet = self.models["unet"]
-        with accelerator.accumulate(*self.models.values()):
+    def train_micro_batch(self, batch) -> tuple[float, bool]:
+        """One micro-batch: draw, encode, loss, backward; at the end of an accumulation window
+        the optimizer step (undone if it makes a weight non-finite). (loss, step kept)"""
+        accelerator, pipe = self.setup.accelerator, self.trainee.pipe
+        unet = self.trainee.models["unet"]
+        with accelerator.accumulate(*self.trainee.models.values()):
             latents = self.latents_of(batch)
-            share = self.share
-            noise = sample_noise(latents, self.noise_generator, share)
-            cfg = self.config.train
-            noise = add_multires_noise(noise, cfg.multires_noise_iterations,
-                                       cfg.multires_noise_discount, self.noise_generator, share)
-            noise = add_noise_offset(noise, cfg.noise_offset, self.noise_generator, share,
-                                     latents, cfg.adaptive_noise_scale)
-            timesteps = sample_timesteps(latents.shape[0], self.schedule.config.num_train_timesteps,
-                                         self.noise_generator, share)
-            input_ids = tokenize_all(tokenizers_of(self.pipe), batch["caption"]).to(accelerator.device)
-            if self.text_cache is not None:  # the encoders are frozen (the config checks)
-                embeddings = self.text_cache.conditioning(
-                    tokenizers_of(self.pipe), text_encoders_of(self.pipe), list(batch["caption"]),
+            objective = self.setup.objective
+            noise, timesteps = objective.draw(latents, self.setup.noise_generator, self.share)
+            input_ids = tokenize_all(tokenizers_of(pipe), batch["caption"]).to(accelerator.device)
+            if self.setup.text_cache is not None:  # the encoders are frozen (the config checks)
+                embeddings = self.setup.text_cache.conditioning(
+                    tokenizers_of(pipe), text_encoders_of(pipe), list(batch["caption"]),
                     batch.get("time_ids"), accelerator.device)
             else:
-                with torch.set_grad_enabled(len(self.models) > 1):  # a text encoder trains
+                with torch.set_grad_enabled(len(self.trainee.models) > 1):  # a text encoder trains
                     embeddings = self.encode(input_ids, batch.get("time_ids"))
-            weights = batch["loss_weight"].to(accelerator.device, torch.float32)
-            if cfg.min_snr_gamma:
-                weights = weights * min_snr_weights(self.schedule, timesteps, cfg.min_snr_gamma)
-            if cfg.debiased_estimation:
-                weights = weights * debiased_weights(self.schedule, timesteps).to(weights.device)
+            weights = objective.weights(timesteps, batch["loss_weight"].to(accelerator.device))
             wanted = self.preserved_targets(batch, latents, noise, timesteps, input_ids,
                                             embeddings)
-            loss = denoising_loss(unet, self.schedule, latents, embeddings, noise, timesteps,
-                                  weights, wanted, cfg.loss, cfg.huber_c, batch.get("mask"))
+            loss = objective.loss(unet, latents, embeddings, noise, timesteps, weights, wanted,
+                                  batch.get("mask"))
             accelerator.backward(loss)
             loss_value = float(accelerator.gather(loss.detach()).mean())  # NaN if any process's is
             if not math.isfinite(loss_value) and self.window_bad_loss is None:
                 self.window_bad_loss = loss_value
             applied = True
             if accelerator.sync_gradients:
-                params = [p for m in self.trained.values() for p in lora_parameters(m)]
+                params = [p for m in self.trainee.trained.values() for p in lora_parameters(m)]
                 # Under fp16 the loss scaler skips inf gradients itself; otherwise we do.
                 grads_ok = accelerator.scaler is not None or gradients_finite(params)
                 applied = self.window_bad_loss is None and grads_ok
@@ -195,25 +210,25 @@ class TrainingLoop:
                 self.window_bad_loss = None
                 if applied:
                     applied = self.optimizer_step(params)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.trainee.optimizer.zero_grad(set_to_none=True)
         return loss_value, applied
 
     def optimizer_step(self, params: list[torch.nn.Parameter]) -> bool:
         """Clip, step, and keep the update only if every weight is still finite (else the
         weights and optimizer state are put back, see nonfinite.StepSnapshot); then the
         schedule and the EMA follow. False when the update was undone."""
-        if self.config.train.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(params, self.config.train.max_grad_norm)
-        before = StepSnapshot(self.optimizer, params)
-        self.optimizer.step()
+        if self.setup.config.train.max_grad_norm > 0:
+            self.setup.accelerator.clip_grad_norm_(params, self.setup.config.train.max_grad_norm)
+        before = StepSnapshot(self.trainee.optimizer, params)
+        self.trainee.optimizer.step()
         bad, total = count_nonfinite(params)
         if bad:
             before.restore()
             self.problem, self.problem_is_update = describe_update(bad, total), True
             return False
-        self.lr_scheduler.step()
-        if self.ema is not None:
-            self.ema.update()
+        self.trainee.lr_scheduler.step()
+        if self.trainee.ema is not None:
+            self.trainee.ema.update()
         return True
 
     def preserved_targets(self, batch, latents, noise, timesteps, input_ids, embeddings=None):
@@ -223,89 +238,84 @@ class TrainingLoop:
         preserve = batch["preserve"]
         if not bool(preserve.any()):
             return None
-        unet = self.models["unet"]
-        with torch.no_grad(), lora_weight(self.trained.values(), 0.0):
-            frozen = len(self.models) == 1 and embeddings is not None
+        unet = self.trainee.models["unet"]
+        with torch.no_grad(), lora_weight(self.trainee.trained.values(), 0.0):
+            frozen = len(self.trainee.models) == 1 and embeddings is not None
             base_embeddings = embeddings if frozen else self.encode(input_ids, batch.get("time_ids"))
-            return preserved_target(unet, self.schedule, latents, base_embeddings, noise,
+            return preserved_target(unet, self.setup.objective.schedule, latents, base_embeddings, noise,
                                     timesteps, preserve)
 
     def encode(self, input_ids: torch.Tensor, time_ids: torch.Tensor | None):
         """Token ids (B, E, 77) -> the UNet's conditioning, through the encoders that train
         (Accelerate-prepared) and the frozen ones; `time_ids` (B, 6) is SDXL's (see data.dataset)."""
-        encoders = text_encoders_of(self.pipe, self.models)
+        encoders = text_encoders_of(self.trainee.pipe, self.trainee.models)
         if time_ids is not None:
-            time_ids = time_ids.to(self.accelerator.device)
+            time_ids = time_ids.to(self.setup.accelerator.device)
         return encode_all(encoders, input_ids, time_ids)
 
     @torch.no_grad()
     def latents_of(self, batch: dict) -> torch.Tensor:
         """The batch's scaled latents, sampled from the VAE posterior: encoded now from
-        `pixel_values`, or (data.cache_latents) the cached posteriors of `cache_key`."""
-        if "cache_key" not in batch:
+        `pixel_values`, or (data.cache_latents) from the cached posterior the batch carries."""
+        if "latent_mean" not in batch:
             return self.encode_images(batch["pixel_values"])
-        device = self.accelerator.device
-        entries = [self.latent_cache.entries[key] for key in batch["cache_key"]]
-        mean = torch.stack([m for m, _ in entries]).to(device)
-        std = torch.stack([s for _, s in entries]).to(device)
-        return self._sample_latents(mean, std)
+        device = self.setup.accelerator.device
+        return self._sample_latents(batch["latent_mean"].to(device), batch["latent_std"].to(device))
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) scaled latents, sampled from the VAE."""
-        pixels = pixel_values.to(self.accelerator.device, torch.float32)
-        posterior = self.pipe.vae.encode(pixels).latent_dist
-        return self._sample_latents(posterior.mean, posterior.std)
+        return self._sample_latents(*encode_posterior(self.trainee.pipe.vae, pixel_values))
 
     def _sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        latents = mean + std * sample_noise(mean, self.noise_generator, self.share)
-        unet_dtype = next(self.pipe.unet.parameters()).dtype
-        return (latents * self.pipe.vae.config.scaling_factor).to(unet_dtype)
+        latents = mean + std * sample_noise(mean, self.setup.noise_generator, self.share)
+        unet_dtype = next(self.trainee.pipe.unet.parameters()).dtype
+        return (latents * self.trainee.pipe.vae.config.scaling_factor).to(unet_dtype)
 
     def after_step(self, progress: Progress) -> None:
-        cfg, sample = self.config.train, self.config.sample
+        cfg, sample = self.setup.config.train, self.setup.config.sample
         step = progress.global_step
         if self.validator is not None and self.validator.due(step, step >= cfg.max_steps):
             # With EMA the average is what an export at this step would hold: measure (and
             # keep as <name>-best) that, not the raw weights.
-            with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            with self.trainee.ema.swapped_in() if self.trainee.ema is not None else contextlib.nullcontext():
                 loss, self.stopped_early = self.validator.validate(step)
-            self.accelerator.log({"validation/loss": loss}, step=step)
+            self.setup.accelerator.log({"validation/loss": loss}, step=step)
             if self.stopped_early:
                 state = self.validator.state
-                self.accelerator.print(
+                self.setup.accelerator.print(
                     f"early stop at step {step}: {plural(state.since_best, 'validation')} "
                     "without a new best "
                     f"(best {state.best_loss:.4f} at step {state.best_step})")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             self.save(progress)
         if sample.every and step % sample.every == 0 and step < cfg.max_steps:
-            if self.accelerator.is_main_process:
-                path = self.output_dir / "samples" / f"step-{step:06d}.png"
-                with eval_mode(self.models.values()):
-                    render_sample_grid(self.pipe, sample, self.prompts, self.resolution, path)
+            if self.setup.accelerator.is_main_process:
+                path = self.setup.output_dir / "samples" / f"step-{step:06d}.png"
+                with eval_mode(self.trainee.models.values()):
+                    render_sample_grid(self.trainee.pipe, sample, self.setup.prompts, self.setup.resolution, path)
 
     def validation_summary(self) -> dict | None:
         if self.validator is None:
             return None
-        state, name = self.validator.state, f"{self.config.train.name}-best"
-        paths = {fmt: adapter_path(self.output_dir, name, fmt) for fmt in self.config.export.formats}
+        state, name = self.validator.state, f"{self.setup.config.train.name}-best"
+        paths = {fmt: adapter_path(self.setup.output_dir, name, fmt) for fmt in self.setup.config.export.formats}
         return {"best_loss": state.best_loss, "best_step": state.best_step,  # (written before a resume too)
                 "best_adapters": {fmt: str(p) for fmt, p in paths.items() if p.is_file()},
                 "stopped_early": self.stopped_early}
 
     def save(self, progress: Progress) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            folder = checkpoint_path(self.output_dir, progress.global_step)
+        self.setup.accelerator.wait_for_everyone()
+        if self.setup.accelerator.is_main_process:
+            folder = checkpoint_path(self.setup.output_dir, progress.global_step)
             try:
-                save_checkpoint(folder, self.trained, self.optimizer, self.lr_scheduler, progress,
-                                self.noise_generator, flat_config(self.config),
-                                extra=self.ema.tensors() if self.ema is not None else None)
+                save_checkpoint(folder, self.trainee.trained, self.trainee.optimizer, self.trainee.lr_scheduler, progress,
+                                self.setup.noise_generator, flat_config(self.setup.config),
+                                extra=self.trainee.ema.tensors() if self.trainee.ema is not None else None)
             except WRITE_ERRORS as e:  # the older checkpoints are untouched: prune runs after
-                raise write_failed(folder, e, self.output_dir) from e
-            prune_checkpoints(self.output_dir, self.config.train.checkpoints_keep)
-        self.accelerator.wait_for_everyone()
+                raise write_failed(folder, e, self.setup.output_dir) from e
+            prune_checkpoints(self.setup.output_dir, self.setup.config.train.checkpoints_keep)
+        self.setup.accelerator.wait_for_everyone()
 
 
 class eval_mode:

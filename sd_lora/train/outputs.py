@@ -10,8 +10,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
 from sd_lora.adapters.files import save_adapter
 from sd_lora.config import JobConfig, SampleConfig
 from sd_lora.data.captions import detect_trigger
@@ -20,9 +18,9 @@ from sd_lora.generate.render import RenderSettings, image_grid, render, save_png
 from sd_lora.lora.inject import read_adapter_state
 from sd_lora.train.optimizers import optimizer_label
 from sd_lora.util.atomic import write_bytes_atomically
+from sd_lora.util.dtypes import DTYPES
 
 logger = logging.getLogger(__name__)
-EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class RunLog:
@@ -123,7 +121,7 @@ def export_adapters(trained, family: str, prediction_type: str, config: JobConfi
     bucket plan (data.buckets.bucket_info) when training was bucketed."""
     state = read_adapter_state(trained, family)
     info = training_info(config, family, prediction_type, scan, resolution, started_at, buckets)
-    dtype = EXPORT_DTYPES[config.export.dtype]
+    dtype = DTYPES[config.export.dtype]
     files = {}
     for fmt in config.export.formats:
         path = adapter_path(output_dir, config.train.name, fmt)

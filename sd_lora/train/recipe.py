@@ -29,10 +29,11 @@ from sd_lora.config import (
     changes_refused_on_resume,
     to_toml,
 )
-from sd_lora.data import DatasetScan, Sample, load_image
+from sd_lora.data import DatasetScan, Sample
 from sd_lora.data.buckets import describe as describe_buckets
 from sd_lora.data.loader import (
     cache_latents,
+    centre_crop_batch,
     dataset_buckets,
     eval_images,
     make_dataset,
@@ -47,7 +48,7 @@ from sd_lora.lora.inject import add_lora, lora_named_parameters, pattern_matches
 from sd_lora.models.families import model_family, prediction_type_of
 from sd_lora.models.load import load_pipeline
 from sd_lora.models.text import EmbeddingCache, text_encoders_of, tokenizers_of
-from sd_lora.objective import training_schedule, zero_terminal_snr_scheduler
+from sd_lora.objective import Objective, training_schedule, zero_terminal_snr_scheduler
 from sd_lora.train.checkpoint import (
     WRITE_ERRORS,
     Progress,
@@ -66,7 +67,7 @@ from sd_lora.train.evaluate import (
     eval_loss,
     make_eval_batch,
 )
-from sd_lora.train.loop import TrainingLoop, eval_mode
+from sd_lora.train.loop import RunSetup, Trainee, TrainingLoop, eval_mode
 from sd_lora.train.optimizers import build_optimizer, optimizer_class
 from sd_lora.train.outputs import (
     RunLog,
@@ -81,11 +82,11 @@ from sd_lora.train.recommended import with_recommended
 from sd_lora.train.report import StyleScorer, write_quality_report
 from sd_lora.train.run_names import with_run_names
 from sd_lora.train.validation import Validator, split_samples
+from sd_lora.util.dtypes import weight_dtype
 from sd_lora.util.phases import phase
 from sd_lora.util.processes import is_main_process, say
 from sd_lora.util.words import plural
 
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VALIDATION_MAX_IMAGES = 32  # x 5 timesteps per validation
 
 
@@ -141,8 +142,7 @@ def _train(config: JobConfig, resume: bool, show_progress: bool,
     lr_scheduler = make_lr_scheduler(optimizer, config.train, accelerator.num_processes)
     dataset = make_dataset(training_samples, resolution, config.data, config.train)
     if config.data.cache_latents != "none":  # each process its own (disk writes are atomic)
-        dataset = cache_latents(dataset, pipe.vae, config.data, output_dir, accelerator.device,
-                                show_progress)
+        dataset = cache_latents(dataset, pipe.vae, config.data, output_dir, show_progress)
     loader = make_loader(dataset, config.data, config.train, accelerator.num_processes)
     buckets = dataset_buckets(dataset, config.data)
     if buckets is not None:
@@ -150,7 +150,9 @@ def _train(config: JobConfig, resume: bool, show_progress: bool,
     prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
     models = dict(zip(trained, prepared[: len(trained)]))
     optimizer, loader, lr_scheduler = prepared[len(trained) :]
-    schedule = training_schedule(pipe.scheduler.config, prediction_type_of(pipe))
+    objective = Objective.from_config(
+        config.train, training_schedule(pipe.scheduler.config, prediction_type_of(pipe)))
+    schedule = objective.schedule
     noise_generator = torch.Generator().manual_seed(config.train.seed)
     progress = Progress(global_step=0, epoch=0, batches_done_in_epoch=0)
     ema = AdapterEMA(named_trainable(trained), config.train.ema_decay) if config.train.ema_decay else None
@@ -167,14 +169,13 @@ def _train(config: JobConfig, resume: bool, show_progress: bool,
     log = RunLog(output_dir, accelerator, resumed_at=progress.global_step)
     started = time.time()
     prompts = sample_prompts(config.sample, [s.caption for s in scan.samples])
-    loop = TrainingLoop(config, accelerator, pipe, models, trained, optimizer, lr_scheduler,
-                        schedule, noise_generator, log, output_dir, resolution, prompts)
-    loop.latent_cache = getattr(dataset, "cache", None)
-    loop.ema = ema
-    loop.text_cache = EmbeddingCache() if config.data.cache_text_encoder_outputs else None
-    if held_out:
-        loop.validator = make_validator(loop, held_out, scan, buckets, started,
-                                        resumed=progress.global_step > 0)
+    trainee = Trainee(pipe, trained, models, optimizer, lr_scheduler, ema)
+    setup = RunSetup(config, accelerator, objective, noise_generator, resolution, prompts,
+                     output_dir, log,
+                     EmbeddingCache() if config.data.cache_text_encoder_outputs else None)
+    validator = (make_validator(trainee, setup, held_out, scan, buckets, started,
+                                resumed=progress.global_step > 0) if held_out else None)
+    loop = TrainingLoop(trainee, setup, validator)
     with phase("training", training_steps(progress.global_step, config.train.max_steps),
                bar=False):  # the loop has its own bar
         progress = loop.run(loader, dataset, progress, show_progress)
@@ -202,8 +203,9 @@ def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: Dat
     """After the last step: the final evaluation, sample grid, exports, summary, loss plot and
     quality report (the main process writes them), each told as a phase (`bars`: with
     progress bars)."""
-    config, accelerator, pipe, trained = loop.config, loop.accelerator, loop.pipe, loop.trained
-    output_dir, resolution = loop.output_dir, loop.resolution
+    trainee, setup = loop.trainee, loop.setup
+    config, accelerator, pipe, trained = setup.config, setup.accelerator, trainee.pipe, trainee.trained
+    output_dir, resolution, schedule = setup.output_dir, setup.resolution, setup.objective.schedule
     files: dict[str, Path] = {}
     report = None
     for model in trained.values():
@@ -216,16 +218,16 @@ def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: Dat
             return export_adapters(trained, model_family(pipe), prediction_type_of(pipe), job,
                                    scan, resolution, output_dir, started, buckets)
 
-    if loop.ema is not None:  # the raw weights as <name>-raw; everything after uses the average
+    if trainee.ema is not None:  # the raw weights as <name>-raw; everything after uses the average
         if accelerator.is_main_process:
             export(replace(config, train=replace(config.train, name=f"{config.train.name}-raw")))
-        loop.ema.apply()
-    after = measured_eval_loss(pipe, loop.schedule, eval_batch, "after training", bars)
+        trainee.ema.apply()
+    after = measured_eval_loss(pipe, schedule, eval_batch, "after training", bars)
     if accelerator.is_main_process:
-        images = len(loop.prompts)
+        images = len(setup.prompts)
         with phase("samples", f"rendering {plural(images, 'image')} (samples/final.png)", images,
                    bar=bars) as advance:
-            render_sample_grid(pipe, config.sample, loop.prompts, resolution,
+            render_sample_grid(pipe, config.sample, setup.prompts, resolution,
                                output_dir / "samples" / "final.png", advance)
         try:
             files = export(config)
@@ -233,9 +235,9 @@ def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: Dat
             raise write_failed(output_dir / f"{config.train.name}.safetensors", e, output_dir) from e
         write_summary(output_dir, before, after, progress.global_step, seconds, files,
                       loop.guard.skipped, loop.validation_summary())
-        loop.log.plot()
+        setup.log.plot()
         if config.report.enabled:
-            report = write_quality_report(pipe, trained.values(), loop.schedule, config, scan,
+            report = write_quality_report(pipe, trained.values(), schedule, config, scan,
                                           resolution, output_dir, bars, style_scorer)
     accelerator.end_training()
     return TrainResult(output_dir, files, before, after, progress.global_step, seconds, report,
@@ -389,7 +391,7 @@ def check_process_count(processes: int) -> None:
 
 def load_frozen_base(cfg: ModelConfig, mixed_precision: str, device: torch.device):
     prediction_type = None if cfg.prediction_type == "auto" else cfg.prediction_type
-    pipe = load_pipeline(cfg.base, dtype=WEIGHT_DTYPES[mixed_precision],
+    pipe = load_pipeline(cfg.base, dtype=weight_dtype(mixed_precision),
                          prediction_type=prediction_type, allow_pickle=cfg.allow_pickle)
     if pipe.vae.dtype != torch.float32:  # encoding in fp32 costs little and avoids fp16 overflow
         pipe.vae.to(dtype=torch.float32)
@@ -468,27 +470,27 @@ def make_lr_scheduler(optimizer, cfg: TrainConfig, num_processes: int):
     )
 
 
-def make_validator(loop, held_out: list[Sample], scan: DatasetScan, buckets, started: float,
-                   resumed: bool) -> Validator:
+def make_validator(trainee: Trainee, setup: RunSetup, held_out: list[Sample], scan: DatasetScan,
+                   buckets, started: float, resumed: bool) -> Validator:
     """Validation on the held-out images; the best adapter exported as <name>-best."""
-    config, pipe = loop.config, loop.pipe
+    config, pipe = setup.config, trainee.pipe
     samples = held_out[:VALIDATION_MAX_IMAGES]
-    pixels = torch.stack([load_image(s.image, loop.resolution, center_crop=True) for s in samples])
-    batch = make_eval_batch(pixels, [s.caption for s in samples], pipe.vae, tokenizers_of(pipe))
+    batch = make_eval_batch(*centre_crop_batch(samples, setup.resolution), pipe.vae,
+                            tokenizers_of(pipe))
     best_config = replace(config, train=replace(config.train, name=f"{config.train.name}-best"))
 
     def measure() -> float:
-        with eval_mode(loop.trained.values()):
-            return eval_loss(pipe.unet, text_encoders_of(pipe), loop.schedule, batch)
+        with eval_mode(trainee.trained.values()):
+            return eval_loss(pipe.unet, text_encoders_of(pipe), setup.objective.schedule, batch)
 
     def export_best(step: int) -> None:
-        if loop.accelerator.is_main_process:
-            export_adapters(loop.trained, model_family(pipe), prediction_type_of(pipe), best_config,
-                            scan, loop.resolution, loop.output_dir, started, buckets)
+        if setup.accelerator.is_main_process:
+            export_adapters(trainee.trained, model_family(pipe), prediction_type_of(pipe), best_config,
+                            scan, setup.resolution, setup.output_dir, started, buckets)
 
     say(f"validation: {plural(len(samples), 'held-out image')}, every "
         f"{plural(config.train.validation_every, 'step')}"
         + (f", early stop after {config.train.early_stopping_patience} without a new best"
            if config.train.early_stopping_patience else ""))
     return Validator(measure, config.train.validation_every, config.train.early_stopping_patience,
-                     loop.output_dir, export_best, resumed, write=loop.accelerator.is_main_process)
+                     setup.output_dir, export_best, resumed, write=setup.accelerator.is_main_process)

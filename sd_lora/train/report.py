@@ -30,8 +30,9 @@ import torch
 from PIL import Image
 
 from sd_lora.config import JobConfig, ReportConfig
-from sd_lora.data import DatasetScan, load_image, scan_dataset
+from sd_lora.data import DatasetScan, scan_dataset
 from sd_lora.data.captions import detect_trigger, strip_trigger
+from sd_lora.data.loader import centre_crop_batch
 from sd_lora.generate.render import RenderSettings, image_grid, render
 from sd_lora.lora.inject import lora_weight
 from sd_lora.models.bases import RANDOM_BASES
@@ -117,8 +118,8 @@ def folder_images(folder: str, resolution: int, limit: int, caption_extensions,
     """Up to `limit` captioned images of `folder`; `kind`: "held-out" or "off-style"."""
     scan = scan_dataset(Path(folder), caption_extensions=caption_extensions)
     samples = scan.samples[:limit]
-    pixels = torch.stack([load_image(s.image, resolution, center_crop=True) for s in samples])
-    return ImageSet(pixels, [s.caption for s in samples],
+    pixels, captions = centre_crop_batch(samples, resolution)
+    return ImageSet(pixels, captions,
                     f"{plural(len(samples), 'image')} from {folder}",
                     plural(len(samples), f"{kind} image"))
 
@@ -154,11 +155,11 @@ def heldout_images(
     if folder:
         return folder_images(folder, resolution, cfg.max_images, caption_extensions, "held-out")
     samples = scan.samples[: min(cfg.max_images, 4)]
-    pixels = torch.stack([load_image(s.image, resolution, center_crop=True) for s in samples])
+    pixels, captions = centre_crop_batch(samples, resolution)
     count = plural(len(samples), "TRAINING image")
     return ImageSet(
         pixels,
-        [s.caption for s in samples],
+        captions,
         f"{count} (no held-out set: set report.heldout, or put one in heldout/<name> beside "
         "the data folder)",
         f"{plural(len(samples), 'training image')} (no held-out set)",

@@ -1,0 +1,3 @@
+"""Small helpers with no model code: atomic writes, dtype names, pickles, processes, console
+phases, words.
+"""

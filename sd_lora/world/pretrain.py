@@ -58,13 +58,7 @@ from sd_lora.models.builtin.toy import (
 )
 from sd_lora.models.text import tokenize
 from sd_lora.models.tokenizers import clip_tokenizer
-from sd_lora.objective import (
-    add_noise_offset,
-    min_snr_weights,
-    sample_noise,
-    sample_timesteps,
-    training_schedule,
-)
+from sd_lora.objective import Objective, training_schedule
 from sd_lora.util.atomic import atomic_folder
 from sd_lora.world.scenes import caption, render, scene_at
 from sd_lora.world.styles import STYLES
@@ -99,7 +93,7 @@ class Recipe:
     # start with 1-3 made-up words, "vrotem, qa, a red circle ...". Trained on captions that
     # always start at the first token, the text encoder reads a caption by position, so two
     # trigger words disturb it (the shipped base drew 5 of 8 backgrounds wrong after "zkpastel,
-    # zkgolden, "); 1500 steps of this stage fix that (measured: README, blend section), but
+    # zkgolden, "); 1500 steps of this stage fix that (measured: docs/toy-world.md, blend section), but
     # style adapters trained on that base then barely show in generations, so it does not ship.
     unknown_words_steps: int = 0
     unknown_words_share: float = 0.5
@@ -275,7 +269,10 @@ def train_unet(
         models.load_state_dict(load_file(str(start)))
     ema = copy.deepcopy(models).requires_grad_(False)
     optimizer = torch.optim.AdamW(models.parameters(), lr=peak_lr, weight_decay=0.0)
-    schedule = training_schedule(sd1_scheduler_config(), "epsilon")
+    objective = Objective(training_schedule(sd1_scheduler_config(), "epsilon"),
+                          noise_offset=offset,  # see Recipe.offset_noise
+                          min_snr_gamma=recipe.min_snr_gamma)
+    schedule = objective.schedule
     losses = []
     bar = tqdm(range(steps), desc={"pretrain": "UNet + text encoder",
                                    "offset_noise": "offset-noise fine-tune",
@@ -292,13 +289,11 @@ def train_unet(
         dropped = torch.rand(recipe.unet_batch, generator=generator) < recipe.caption_dropout
         batch_ids[dropped] = empty_ids
         x0 = latents[index]
-        noise = sample_noise(x0, generator)
-        noise = add_noise_offset(noise, offset, generator)  # see Recipe.offset_noise
-        timesteps = sample_timesteps(recipe.unet_batch, 1000, generator)
+        noise, timesteps = objective.draw(x0, generator)
         noisy = schedule.add_noise(x0, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(batch_ids)[0]).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(schedule, timesteps, recipe.min_snr_gamma)).mean()
+        loss = (per_sample * objective.weights(timesteps)).mean()  # logged below unweighted
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)

@@ -122,9 +122,9 @@ class Sepia(Style):
 class Golden(Style):
     """Every colour, background included, mixed towards a warm gold: a colour grade, the most
     common kind of style LoRA. Like pastel it moves every colour towards one colour, which is
-    what the toy base can show in generations (see the README: its patterns and tints are
+    what the toy base can show in generations (see docs/toy-world.md: its patterns and tints are
     learned by the loss but not drawn); unlike pastel it moves them towards a hue, not white.
-    (Blended with pastel at 0.7 each, both show: measured in the README.)"""
+    (Blended with pastel at 0.7 each, both show: measured in docs/toy-world.md.)"""
 
     name = "golden"
     trigger = "zkgolden"
