@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sd_lora.errors import UserError
 from sd_lora.generate.png_info import ParsedParameters
-from sd_lora.services.session import AdapterSetting, GenerateRequest
+from sd_lora.services.session import GenerateRequest, adapter_setting
 
 from .common import NO_ADAPTER, NUM_SLOTS, lora_tag_parts, number, whole
 
@@ -51,7 +51,7 @@ def build_request(*values) -> GenerateRequest:
         if (tag := lora_tag_parts(name)) is not None:  # A1111's <lora:NAME:TE:UNET>: its strengths
             name, te, unet, blocks = tag[0], tag[1], tag[2], tag[3] or blocks
         where = f"adapter slot {i + 1} ({name})"
-        adapters.append(AdapterSetting(
+        adapters.append(adapter_setting(
             name=str(name), unet=number(unet, f"{where}: UNet strength"),
             te=number(te, f"{where}: text-encoder strength"),
             blocks=(blocks or "").strip() or None,

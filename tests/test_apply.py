@@ -7,7 +7,7 @@ import torch
 
 from sd_lora.adapters.apply import (
     AdapterApplyError,
-    AdapterEntry,
+    AdapterUse,
     adapters_applied,
     apply_adapters,
     restore,
@@ -121,7 +121,7 @@ def test_family_mismatch_names_the_adapter_and_touches_nothing(tiny_pipe, two):
     with pytest.raises(
         AdapterApplyError, match="style was trained for 'sd2' but the pipeline is 'sd1'"
     ):
-        apply_adapters(tiny_pipe, [(two[0], 1.0, 1.0), AdapterEntry(sd2, 1.0, 1.0, name="style")])
+        apply_adapters(tiny_pipe, [(two[0], 1.0, 1.0), AdapterUse(sd2, 1.0, 1.0, name="style")])
     assert all(torch.equal(before[k], v) for k, v in weights(tiny_pipe).items())
 
 
@@ -132,7 +132,7 @@ def test_shape_mismatch_names_module_and_shapes(tiny_pipe):
     with pytest.raises(
         AdapterApplyError, match=r"detail: unet\.down_blocks.*\(32, 7\).*\(32, 32\)"
     ):
-        apply_adapters(tiny_pipe, [AdapterEntry(bad, name="detail")])
+        apply_adapters(tiny_pipe, [AdapterUse(bad, name="detail")])
 
 
 def test_unknown_module_is_an_error(tiny_pipe):

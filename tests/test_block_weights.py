@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_lora.adapters.apply import AdapterEntry, apply_adapters, restore
+from sd_lora.adapters.apply import AdapterUse, apply_adapters, restore
 from sd_lora.adapters.block_weights import (
     ALL_BLOCK_NAMES,
     BLOCK_NAMES,
@@ -99,7 +99,7 @@ def test_block_weight_scales_each_module_delta_and_zero_leaves_the_base(tiny_pip
     before = {(c, p): layers[c][p].weight.detach().clone() for c, ps in paths.items() for p in ps}
     #          BASE IN01 IN02 IN04 IN05 IN07 IN08 MID  OUT03 ... OUT11
     weights = (0.5, 0.0, 1.0, 0.25, 1.0, 1.0, 1.0, -1.0) + (1.0,) * 8 + (2.0,)
-    applied = apply_adapters(tiny_pipe, [AdapterEntry(state, 0.8, 0.6, "a", weights)])
+    applied = apply_adapters(tiny_pipe, [AdapterUse(state, 0.8, 0.6, weights, "a")])
     expected_factor = {
         ("unet", IN04_Q): 0.8 * 0.25,
         ("unet", IN01_K): 0.0,
@@ -123,9 +123,9 @@ def test_block_weight_scales_each_module_delta_and_zero_leaves_the_base(tiny_pip
 def test_all_ones_equals_no_block_weights_bit_for_bit(tiny_pipe):
     state = make_state(tiny_pipe, {"unet": [IN04_Q, MID_V], "text_encoder": [TE_Q]}, seed=4)
     layers = component_modules(tiny_pipe)
-    applied = apply_adapters(tiny_pipe, [AdapterEntry(state, 0.7, 0.7)])
+    applied = apply_adapters(tiny_pipe, [AdapterUse(state, 0.7, 0.7)])
     plain = {p: layers["unet"][p].weight.detach().clone() for p in (IN04_Q, MID_V)}
-    apply_adapters(tiny_pipe, [AdapterEntry(state, 0.7, 0.7, None, PRESETS["ALL"])], replace=applied)
+    apply_adapters(tiny_pipe, [AdapterUse(state, 0.7, 0.7, PRESETS["ALL"])], replace=applied)
     assert all(torch.equal(layers["unet"][p].weight, w) for p, w in plain.items())
 
 
@@ -135,7 +135,7 @@ def test_26_weights_reach_the_convolution_only_blocks(tiny_pipe):
     w0 = layers["unet"][IN03_CONV].weight.detach().clone()
     weights = [0.0] * 26
     weights[ALL_BLOCK_NAMES.index("IN03")] = 0.5
-    apply_adapters(tiny_pipe, [AdapterEntry(state, 1.0, 1.0, None, tuple(weights))])
+    apply_adapters(tiny_pipe, [AdapterUse(state, 1.0, 1.0, tuple(weights))])
     delta = state.modules["unet"][IN03_CONV].delta(0.5)
     torch.testing.assert_close(layers["unet"][IN03_CONV].weight - w0, delta, rtol=1e-5, atol=1e-6)
 
@@ -144,7 +144,7 @@ def test_modules_outside_every_block_keep_weight_one_as_in_the_extension(tiny_pi
     state = make_state(tiny_pipe, {"unet": ["time_embedding.linear_1", IN04_Q]}, seed=6)
     layers = component_modules(tiny_pipe)
     before = {p: layers["unet"][p].weight.detach().clone() for p in state.modules["unet"]}
-    apply_adapters(tiny_pipe, [AdapterEntry(state, 1.0, 1.0, "x", PRESETS["NONE"])])
+    apply_adapters(tiny_pipe, [AdapterUse(state, 1.0, 1.0, PRESETS["NONE"], "x")])
     assert torch.equal(layers["unet"][IN04_Q].weight, before[IN04_Q])
     delta = state.modules["unet"]["time_embedding.linear_1"].delta(1.0)
     changed = layers["unet"]["time_embedding.linear_1"].weight - before["time_embedding.linear_1"]

@@ -111,11 +111,11 @@ def test_lora_argument_parsing():
     from sd_lora.generate.images import parse_adapter_choice
 
     a = parse_adapter_choice("C:/loras/ink.safetensors:0.5:0.8")  # a ':' inside the path
-    assert str(a.path) == "C:/loras/ink.safetensors"
-    assert (a.text_encoder_strength, a.unet_strength) == (0.5, 0.8)  # A1111 order: te, unet
+    assert str(a.adapter) == "C:/loras/ink.safetensors"
+    assert (a.text_encoder, a.unet) == (0.5, 0.8)  # A1111 order: te, unet
     b = parse_adapter_choice("ink.safetensors:-0.3")
-    assert (b.text_encoder_strength, b.unet_strength) == (-0.3, -0.3)
-    assert parse_adapter_choice("ink.safetensors").unet_strength == 1.0
+    assert (b.text_encoder, b.unet) == (-0.3, -0.3)
+    assert parse_adapter_choice("ink.safetensors").unet == 1.0
 
 
 def test_check_reports_every_problem_and_the_plan_before_any_model_loads(tmp_path, capsys,

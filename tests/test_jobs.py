@@ -12,7 +12,7 @@ import torch
 
 from sd_lora.config import ConfigError, load_config, load_config_text
 from sd_lora.services.jobs import PRESETS, JobError, JobManager, preset_toml
-from sd_lora.services.session import AdapterSetting, GenerateRequest, GenerationSession
+from sd_lora.services.session import GenerateRequest, GenerationSession, adapter_setting
 from sd_lora.services.workspace import PathOutsideError, Workspace, WorkspaceError, list_adapters
 from sd_lora.train.checkpoint import list_checkpoints
 from sd_lora.train.recommended import RECOMMENDED, with_recommended
@@ -128,7 +128,7 @@ def test_a_quick_job_trains_publishes_its_adapter_and_survives_a_restart(space):
     restarted = JobManager(space).list_jobs()  # a new app instance: files only
     assert [(s.job_id, s.state, s.adapter) for s in restarted] == [(job_id, "done", status.adapter)]
     image = GenerationSession(space).generate(GenerateRequest(
-        prompt="zkstripes", seed=1, steps=2, adapters=(AdapterSetting("stripes", 0.8, 0.8),)))[0]
+        prompt="zkstripes", seed=1, steps=2, adapters=(adapter_setting("stripes", 0.8, 0.8),)))[0]
     assert image.path.is_file()
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sd_lora.generate.images import AdapterChoice, lora_tag
+from sd_lora.adapters.apply import AdapterUse
+from sd_lora.generate.images import lora_tag
 from sd_lora.generate.png_info import (
     ParsedParameters,
     PngInfoError,
@@ -19,7 +20,7 @@ from sd_lora.generate.png_info import (
 from sd_lora.generate.render import RenderSettings, a1111_parameters, save_png
 
 
-def _written(tmp_path: Path, prompt: str, choices: list[AdapterChoice], **kwargs) -> Path:
+def _written(tmp_path: Path, prompt: str, choices: list[AdapterUse], **kwargs) -> Path:
     tags = " ".join(lora_tag(c) for c in choices)
     settings = RenderSettings(
         prompt=f"{prompt} {tags}".strip(), seed=1234, negative_prompt="blurry, text",
@@ -32,8 +33,8 @@ def _written(tmp_path: Path, prompt: str, choices: list[AdapterChoice], **kwargs
 
 def test_round_trip_with_generate_lora_tags(tmp_path):
     choices = [
-        AdapterChoice(Path("style.safetensors"), 0.8, 0.8),
-        AdapterChoice(Path("detail.safetensors"), unet_strength=-0.3, text_encoder_strength=0.5),
+        AdapterUse(Path("style.safetensors"), 0.8, 0.8, name="style"),
+        AdapterUse(Path("detail.safetensors"), unet=-0.3, text_encoder=0.5, name="detail"),
     ]
     parsed = read_png_parameters(_written(tmp_path, "zkstripes, a red circle", choices))
     assert parsed == ParsedParameters(
@@ -85,7 +86,7 @@ def test_lora_tag_forms(body, expected):
 
 @pytest.mark.parametrize("te, unet", [(0.8, 0.8), (0.5, -0.3), (1.0, 1.0), (0.125, 2.0)])
 def test_format_lora_tag_matches_generate_lora_tag(te, unet):
-    choice = AdapterChoice(Path("style.safetensors"), unet_strength=unet, text_encoder_strength=te)
+    choice = AdapterUse(Path("style.safetensors"), unet=unet, text_encoder=te, name="style")
     assert format_lora_tag("style", te, unet) == lora_tag(choice)
     assert parse_lora_tag(format_lora_tag("style", te, unet, "OUTD")[len("<lora:"):-1]) == (
         "style", te, unet, "OUTD")

@@ -380,7 +380,7 @@ def test_the_app_session_generates_with_an_sdxl_adapter_and_refuses_an_sd1_one(t
     first UNet strength 0 gives the base's own pixels); an SD 1.x adapter is refused by name."""
     import numpy as np
 
-    from sd_lora.services.session import AdapterSetting, GenerateRequest, GenerationSession
+    from sd_lora.services.session import GenerateRequest, GenerationSession, adapter_setting
     from sd_lora.services.workspace import Workspace
     from tests.test_workspace import make_adapter_file
 
@@ -397,10 +397,10 @@ def test_the_app_session_generates_with_an_sdxl_adapter_and_refuses_an_sd1_one(t
 
     base = render()
     assert session.base_family == "sdxl"
-    assert not np.array_equal(render(AdapterSetting("xl", 1.0, 1.0)), base)
-    assert np.array_equal(render(AdapterSetting("xl", 0.0, 0.0)), base)
+    assert not np.array_equal(render(adapter_setting("xl", 1.0, 1.0)), base)
+    assert np.array_equal(render(adapter_setting("xl", 0.0, 0.0)), base)
     with pytest.raises(Exception, match="sd1.*sdxl|SD 1.*SDXL"):
-        render(AdapterSetting("sd1", 1.0, 1.0))
+        render(adapter_setting("sd1", 1.0, 1.0))
 
 
 @pytest.mark.slow

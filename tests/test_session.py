@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sd_lora.adapters.apply import AdapterUse
 from sd_lora.cli import main as cli
 from sd_lora.errors import UserError
 from sd_lora.generate.png_info import read_png_parameters
@@ -17,11 +18,11 @@ from sd_lora.models.builtin.tiny_sdxl import build_tiny_sd2_pipeline
 from sd_lora.services import session as session_module
 from sd_lora.services.session import (
     AdapterLoadError,
-    AdapterSetting,
     FamilyMismatchError,
     GenerateRequest,
     GenerationSession,
     RequestError,
+    adapter_setting,
 )
 from sd_lora.services.workspace import PathOutsideError, Workspace
 from tests.test_workspace import make_adapter_file
@@ -62,7 +63,7 @@ def loads(space):
     session_module.load_pipeline = original
 
 
-def request(*adapters: AdapterSetting, **kwargs) -> GenerateRequest:
+def request(*adapters: AdapterUse, **kwargs) -> GenerateRequest:
     return GenerateRequest(prompt=PROMPT, seed=3, steps=STEPS, adapters=adapters, **kwargs)
 
 
@@ -82,11 +83,11 @@ def cli_pixels(tmp_path, space, lora: str, sampler: str = "euler_a") -> np.ndarr
 
 def test_weights_change_without_reloading_and_pixels_equal_the_cli(loads, space, tmp_path):
     session, counted = loads
-    first = session.generate(request(AdapterSetting("style", 0.3, 0.3)))[0]
-    blended = session.generate(request(AdapterSetting("style", 0.3, 0.3),
-                                       AdapterSetting("detail", -0.5, 1.0, blocks="OUTALL")))[0]
-    again = session.generate(request(AdapterSetting("style", 0.8, 0.8)))[0]
-    split = session.generate(request(AdapterSetting("style", unet=0.9, te=0.5)))[0]
+    first = session.generate(request(adapter_setting("style", 0.3, 0.3)))[0]
+    blended = session.generate(request(adapter_setting("style", 0.3, 0.3),
+                                       adapter_setting("detail", -0.5, 1.0, blocks="OUTALL")))[0]
+    again = session.generate(request(adapter_setting("style", 0.8, 0.8)))[0]
+    split = session.generate(request(adapter_setting("style", unet=0.9, te=0.5)))[0]
     assert counted == ["tiny"]  # four renders with other weights: the base loaded once
     assert session.loaded_base == "tiny" and session.base_family == "sd1"
     assert not np.array_equal(pixels(first.image), pixels(again.image))
@@ -102,19 +103,19 @@ def test_adapter_files_are_read_once_until_they_change(loads, space, monkeypatch
     original = session_module.read_safetensors
     monkeypatch.setattr(session_module, "read_safetensors", lambda p: reads.append(p) or original(p))
     path = space.adapters / "detail.safetensors"
-    session.generate(request(AdapterSetting("detail", 0.5, 0.5)))
-    session.generate(request(AdapterSetting("detail", 0.7, 0.7)))
+    session.generate(request(adapter_setting("detail", 0.5, 0.5)))
+    session.generate(request(adapter_setting("detail", 0.7, 0.7)))
     assert reads == []  # read by the first test already, and unchanged since
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    session.generate(request(AdapterSetting("detail", 0.7, 0.7)))
+    session.generate(request(adapter_setting("detail", 0.7, 0.7)))
     assert reads == [path]
 
 
 def test_png_records_settings_tags_and_hashes(loads):
     session, _ = loads
-    results = session.generate(request(AdapterSetting("style", 0.8, 0.8),
-                                       AdapterSetting("detail", 0.5, -0.2, blocks="1" + ",0" * 16),
+    results = session.generate(request(adapter_setting("style", 0.8, 0.8),
+                                       adapter_setting("detail", 0.5, -0.2, blocks="1" + ",0" * 16),
                                        negative_prompt="blurry", batch_count=2))
     assert [r.seed for r in results] == [3, 4] and results[0].path != results[1].path
     parsed = read_png_parameters(results[1].path)
@@ -139,27 +140,27 @@ def test_family_mismatch_is_flagged_before_rendering(loads, space, monkeypatch):
     monkeypatch.setattr(session_module, "render", lambda *a: renders.append(a))
     written = set(space.outputs.rglob("*.png"))
     with pytest.raises(FamilyMismatchError, match="'sd2style' was trained for sd2 but the base 'tiny' is sd1"):
-        session.generate(request(AdapterSetting("style"), AdapterSetting("sd2style")))
+        session.generate(request(adapter_setting("style"), adapter_setting("sd2style")))
     assert renders == [] and set(space.outputs.rglob("*.png")) == written
 
 
 def test_bad_adapter_files_give_readable_errors_and_the_session_goes_on(loads, space, tmp_path):
     session, counted = loads
     with pytest.raises(AdapterLoadError, match="'truncated'.*truncated.safetensors.*not a readable") as info:
-        session.generate(request(AdapterSetting("truncated")))
+        session.generate(request(adapter_setting("truncated")))
     assert isinstance(info.value, UserError)
     with pytest.raises(AdapterLoadError, match="'missing': no file missing.safetensors"):
-        session.generate(request(AdapterSetting("missing")))
+        session.generate(request(adapter_setting("missing")))
     with pytest.raises(PathOutsideError):
-        session.generate(request(AdapterSetting("../adapters/style")))
-    good = session.generate(request(AdapterSetting("style", 0.8, 0.8)))[0]
+        session.generate(request(adapter_setting("../adapters/style")))
+    good = session.generate(request(adapter_setting("style", 0.8, 0.8)))[0]
     assert np.array_equal(pixels(good.path), cli_pixels(tmp_path, space, "style.safetensors:0.8"))
     assert counted == ["tiny"]
 
 
 def test_compare_and_xy_grid(loads):
     session, _ = loads
-    req = request(AdapterSetting("style", 0.8, 0.8), AdapterSetting("detail", 0.5, 0.5))
+    req = request(adapter_setting("style", 0.8, 0.8), adapter_setting("detail", 0.5, 0.5))
     grid, labels = session.compare(req)
     assert labels == ["no adapters", "style only (0.8)", "detail only (0.5)",
                       "blend: style 0.8, detail 0.5"]
@@ -167,7 +168,7 @@ def test_compare_and_xy_grid(loads):
     xy = session.xy_grid(req, "style", [0.0, 1.0], [3, 5])
     assert xy.width == 2 * 128 and xy.height > 2 * 128
     # The weight-0 cell of seed 3 is the render with only "detail" at 0.5.
-    only_detail = session.generate(request(AdapterSetting("detail", 0.5, 0.5)))[0].image
+    only_detail = session.generate(request(adapter_setting("detail", 0.5, 0.5)))[0].image
     cell = xy.crop((0, 0, 128, 128)).resize((64, 64), Image.NEAREST)
     assert np.array_equal(pixels(cell), pixels(only_detail))
     with pytest.raises(RequestError, match="at most 100 cells"):
@@ -187,7 +188,7 @@ def test_compare_and_xy_grid(loads):
         ({"sampler": "bogus"}, "sampler: unknown sampler 'bogus'"),
         ({"batch_count": 0}, "batch_count = 0"),
         ({"base": ""}, "base = ''"),
-        ({"adapters": (AdapterSetting("a"), AdapterSetting("a"))}, "each adapter may appear once"),
+        ({"adapters": (adapter_setting("a"), adapter_setting("a"))}, "each adapter may appear once"),
     ],
 )
 def test_request_errors_name_the_field(kwargs, named):
@@ -197,6 +198,6 @@ def test_request_errors_name_the_field(kwargs, named):
 
 def test_adapter_setting_errors_name_the_adapter():
     with pytest.raises(RequestError, match="adapter 'a': blocks: .*3 values"):
-        AdapterSetting("a", blocks="1,1,1")
+        adapter_setting("a", blocks="1,1,1")
     with pytest.raises(RequestError, match="adapter 'a': unet strength = inf"):
-        AdapterSetting("a", unet=float("inf"))
+        adapter_setting("a", unet=float("inf"))

@@ -8,7 +8,7 @@
 or `with adapters_applied(pipe, entries): ...`. Each touched layer becomes
 `W0 + sum_i strength_i * block_i * (alpha_i / r_i) * B_i @ A_i`, computed in float32 on the
 weight's device and stored in the weight's own dtype; `block_i` is 1 unless the entry carries
-LoRA Block Weights (`AdapterEntry(..., block_weights=parse_block_weights("INS"))`, see
+LoRA Block Weights (`AdapterUse(state, blocks=parse_block_weights("INS"))`, see
 `sd_lora.adapters.block_weights`). Float32 copies of the original weights of only the touched
 layers are kept, so changing strengths never re-reads the base and `restore` is bit-exact.
 Every adapter is checked (family, module paths, shapes) before any weight is touched.
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
 
 import torch
 
@@ -37,15 +37,27 @@ class AdapterApplyError(UserError):  # a ValueError too, as before
     """An adapter that does not fit the pipeline; the message names the adapter and module."""
 
 
-class AdapterEntry(NamedTuple):
-    state: AdapterState
-    unet_strength: float = 1.0
-    te_strength: float = 1.0  # applies to text_encoder and text_encoder_2
-    name: str | None = None  # shown in messages; defaults to the file's output name
-    block_weights: tuple[float, ...] | None = None  # LBW: 17 (or 26) weights, BASE first
+Source = TypeVar("Source")
+
+
+@dataclass(frozen=True)
+class AdapterUse(Generic[Source]):
+    """An adapter and the strengths it is used at: the one type for "this adapter, this strong",
+    from a `--lora` argument (`adapter` a file path) or an app request (a name in the adapters
+    folder) to the loaded state that `apply_adapters` merges (an `AdapterState`): each step
+    swaps `adapter` (`loaded`) and keeps the strengths."""
+
+    adapter: Source
+    unet: float = 1.0  # A1111's UNet multiplier
+    text_encoder: float = 1.0  # A1111's text-encoder multiplier (both of SDXL's encoders)
+    blocks: tuple[float, ...] | None = None  # LBW: 17 (or 26) weights, BASE first; None: all 1
+    name: str | None = None  # in messages, tags and PNG parameters
+
+    def loaded(self, state: AdapterState) -> AdapterUse[AdapterState]:
+        return replace(self, adapter=state)
 
     def label(self, index: int) -> str:
-        meta = self.state.metadata
+        meta = self.adapter.metadata if isinstance(self.adapter, AdapterState) else {}
         return (
             self.name
             or meta.get("ss_output_name")
@@ -54,21 +66,21 @@ class AdapterEntry(NamedTuple):
         )
 
     def strength(self, component: str) -> float:
-        return float(self.unet_strength if component == "unet" else self.te_strength)
+        return float(self.unet if component == "unet" else self.text_encoder)
 
     def module_strength(self, component: str, path: str) -> float:
         """The component's strength times the module's block weight (when block weights are set)."""
         strength = self.strength(component)
-        if self.block_weights is None:
+        if self.blocks is None:
             return strength
-        return strength * block_weight(self.block_weights, component, path)
+        return strength * block_weight(self.blocks, component, path)
 
 
 @dataclass
 class AppliedAdapters:
     """What `apply_adapters` merged; pass it to `restore` or as `replace=` to re-apply."""
 
-    entries: list[AdapterEntry]
+    entries: list[AdapterUse[AdapterState]]
     originals: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # float32 copies
     coverage: list[dict[str, int]] = field(default_factory=list)  # per entry: component -> modules
 
@@ -76,25 +88,26 @@ class AppliedAdapters:
         lines = []
         for i, (entry, counts) in enumerate(zip(self.entries, self.coverage)):
             parts = ", ".join(f"{c} {plural(n, 'module')}" for c, n in counts.items())
-            blocks = "" if entry.block_weights is None else (
-                ", blocks " + ",".join(f"{w:g}" for w in entry.block_weights)
+            blocks = "" if entry.blocks is None else (
+                ", blocks " + ",".join(f"{w:g}" for w in entry.blocks)
             )
             lines.append(
-                f"{entry.label(i)}: unet x{entry.unet_strength:g}, text x{entry.te_strength:g}"
+                f"{entry.label(i)}: unet x{entry.unet:g}, text x{entry.text_encoder:g}"
                 f"{blocks} ({parts})"
             )
         return "\n".join(lines)
 
 
-def _as_entry(item) -> AdapterEntry:
-    if isinstance(item, AdapterEntry):
+def _as_use(item) -> AdapterUse[AdapterState]:
+    """An `AdapterUse` of a loaded state, a bare state (strengths 1), or (state, unet, te)."""
+    if isinstance(item, AdapterUse):
         return item
     if isinstance(item, AdapterState):
-        return AdapterEntry(item)
-    return AdapterEntry(*item)
+        return AdapterUse(item)
+    return AdapterUse(*item)
 
 
-def check_fits(pipe, entries: Sequence[AdapterEntry], layers=None) -> list[dict[str, int]]:
+def check_fits(pipe, entries: Sequence[AdapterUse[AdapterState]], layers=None) -> list[dict[str, int]]:
     """Raise `AdapterApplyError` unless every module of every adapter has a matching layer."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -103,13 +116,13 @@ def check_fits(pipe, entries: Sequence[AdapterEntry], layers=None) -> list[dict[
     coverage = []
     for i, entry in enumerate(entries):
         name = entry.label(i)
-        if entry.state.family != family:
+        if entry.adapter.family != family:
             raise AdapterApplyError(
-                f"{name} was trained for {entry.state.family!r} but the pipeline is {family!r}; "
+                f"{name} was trained for {entry.adapter.family!r} but the pipeline is {family!r}; "
                 f"use an adapter made for a {family} base (or load the matching base model)"
             )
         counts = {}
-        for component, modules in entry.state.modules.items():
+        for component, modules in entry.adapter.modules.items():
             if component not in layers:
                 raise AdapterApplyError(f"{name} adapts {component!r}, which this pipeline lacks")
             for path, module in modules.items():
@@ -136,16 +149,16 @@ def check_fits(pipe, entries: Sequence[AdapterEntry], layers=None) -> list[dict[
     return coverage
 
 
-def _check_block_weights(entry: AdapterEntry, name: str) -> None:
+def _check_block_weights(entry: AdapterUse[AdapterState], name: str) -> None:
     """Every module must map to a block before any weight moves (block_weight raises if not)."""
-    if entry.block_weights is None:
+    if entry.blocks is None:
         return
-    if entry.state.family not in ("sd1", "sd2"):
+    if entry.adapter.family not in ("sd1", "sd2"):
         raise AdapterApplyError(
-            f"{name}: block weights are defined for SD 1.x/2.x UNets, not {entry.state.family!r}"
+            f"{name}: block weights are defined for SD 1.x/2.x UNets, not {entry.adapter.family!r}"
         )
     try:
-        for component, modules in entry.state.modules.items():
+        for component, modules in entry.adapter.modules.items():
             for path in modules:
                 entry.module_strength(component, path)
     except BlockWeightError as e:
@@ -153,13 +166,13 @@ def _check_block_weights(entry: AdapterEntry, name: str) -> None:
 
 
 @torch.no_grad()
-def _merge(layers, originals, entries: Sequence[AdapterEntry]) -> None:
+def _merge(layers, originals, entries: Sequence[AdapterUse[AdapterState]]) -> None:
     """Set every layer in `originals` to its original plus the entries' scaled deltas."""
     for (component, path), original in originals.items():
         weight = layers[component][path].weight
         total = original.to(weight.device, copy=True)
         for entry in entries:
-            module = entry.state.modules.get(component, {}).get(path)
+            module = entry.adapter.modules.get(component, {}).get(path)
             if module is None:
                 continue
             strength = entry.module_strength(component, path)
@@ -176,7 +189,7 @@ def apply_adapters(
     With `replace`, the adapters merged by that earlier call are taken out first (from the kept
     originals, without reloading anything); otherwise the pipeline must have none merged.
     """
-    entries = [_as_entry(a) for a in adapters]
+    entries = [_as_use(a) for a in adapters]
     current = getattr(pipe, APPLIED_ATTR, None)
     if current is not None and current is not replace:
         raise AdapterApplyError(
@@ -187,7 +200,7 @@ def apply_adapters(
     coverage = check_fits(pipe, entries, layers)
     originals = dict(replace.originals) if replace is not None else {}
     for entry in entries:
-        for component, modules in entry.state.modules.items():
+        for component, modules in entry.adapter.modules.items():
             for path in modules:
                 if (component, path) not in originals:
                     weight = layers[component][path].weight

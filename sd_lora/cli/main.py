@@ -294,15 +294,16 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     sampler = set_sampler(pipe, args.sampler)
     paths = pipeline_module_paths(pipe)
-    states = [(load_adapter(c.path, paths, allow_pickle=args.allow_pickle), c) for c in choices]
-    apply_adapters(pipe, [(s, c.unet_strength, c.text_encoder_strength) for s, c in states])
+    uses = [c.loaded(load_adapter(c.adapter, paths, allow_pickle=args.allow_pickle))
+            for c in choices]
+    apply_adapters(pipe, uses)
     size = native_resolution(pipe)
     settings = RenderSettings(
         prompt=args.prompt, seed=args.seed, negative_prompt=args.negative_prompt,
         steps=args.steps, guidance_scale=args.guidance, width=args.width or size,
         height=args.height or size, sampler=sampler,
     )
-    hashes = {c.name: short_hash(s) for s, c in states}
+    hashes = {u.name: short_hash(u.adapter) for u in uses}
     written = generate_images(pipe, settings, args.count, args.output, choices, hashes, args.base)
     for path in written:
         print(path)

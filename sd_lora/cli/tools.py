@@ -103,13 +103,13 @@ def run_merge(args: argparse.Namespace) -> int:
 
     choices = [resolve_adapter_choice(text, "adapter") for text in args.adapters]
     for c in choices:
-        if c.unet_strength != c.text_encoder_strength:
-            raise UserError(f"{c.path}: merge takes one weight per adapter (FILE:WEIGHT)")
+        if c.unet != c.text_encoder:
+            raise UserError(f"{c.adapter}: merge takes one weight per adapter (FILE:WEIGHT)")
     if args.into:
         return _merge_into_base(args, choices)
     from sd_lora.adapters.transforms import merge, summary
 
-    weighted = [(load_adapter(c.path, allow_pickle=args.allow_pickle), c.unet_strength)
+    weighted = [(load_adapter(c.adapter, allow_pickle=args.allow_pickle), c.unet)
                 for c in choices]
     merged, reports = merge(weighted, rank=args.rank)
     out = save_adapter(merged, args.out, format=args.format, dtype=_torch_dtype(args.dtype))
@@ -127,8 +127,9 @@ def _merge_into_base(args, choices) -> int:
 
     pipe = load_pipeline(args.into, allow_pickle=args.allow_pickle)
     paths = pipeline_module_paths(pipe)
-    applied = apply_adapters(pipe, [(load_adapter(c.path, paths, allow_pickle=args.allow_pickle),
-                                     c.unet_strength, c.text_encoder_strength) for c in choices])
+    applied = apply_adapters(pipe, [c.loaded(load_adapter(c.adapter, paths,
+                                                          allow_pickle=args.allow_pickle))
+                                    for c in choices])
     out = save_single_file(pipe, args.out, _torch_dtype(args.dtype))
     matched = sum(sum(c.values()) for c in applied.coverage) if applied.coverage else 0
     print(f"merged {plural(len(choices), 'adapter')} into {args.into} "

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
+from sd_lora.adapters.apply import AdapterUse
 from sd_lora.adapters.run_folder import not_an_adapter
 from sd_lora.errors import UserError
 from sd_lora.generate.png_info import format_lora_tag, parse_lora_tag
 from sd_lora.generate.render import RenderSettings, a1111_parameters, render, save_png
 
 
-@dataclass(frozen=True)
-class AdapterChoice:
-    """One `--lora` argument: a file and its strengths (A1111's te/unet multipliers)."""
-
-    path: Path
-    unet_strength: float = 1.0
-    text_encoder_strength: float = 1.0
-
-    @property
-    def name(self) -> str:
-        return self.path.stem
-
-
-def parse_adapter_choice(text: str) -> AdapterChoice:
-    """'FILE', 'FILE:W' (both strengths) or 'FILE:TE:UNET' (A1111's positional order).
+def parse_adapter_choice(text: str) -> AdapterUse[Path]:
+    """'FILE', 'FILE:W' (both strengths) or 'FILE:TE:UNET' (A1111's positional order), as an
+    `AdapterUse` of the file, named by its stem.
 
     Numbers are taken from the right, so paths that contain ':' still work.
     """
@@ -39,10 +28,10 @@ def parse_adapter_choice(text: str) -> AdapterChoice:
         parts.pop()
     path = Path(":".join(parts))
     if not numbers:
-        return AdapterChoice(path)
+        return AdapterUse(path, name=path.stem)
     if len(numbers) == 1:
-        return AdapterChoice(path, numbers[0], numbers[0])
-    return AdapterChoice(path, unet_strength=numbers[1], text_encoder_strength=numbers[0])
+        return AdapterUse(path, numbers[0], numbers[0], name=path.stem)
+    return AdapterUse(path, unet=numbers[1], text_encoder=numbers[0], name=path.stem)
 
 
 LORA_FORMS = ("FILE, FILE:W, FILE:TE:UNET (A1111's te/unet order), or A1111's <lora:NAME:W> / "
@@ -50,7 +39,7 @@ LORA_FORMS = ("FILE, FILE:W, FILE:TE:UNET (A1111's te/unet order), or A1111's <l
 SUFFIX = ".safetensors"
 
 
-def resolve_adapter_choice(text: str, flag: str = "--lora") -> AdapterChoice:
+def resolve_adapter_choice(text: str, flag: str = "--lora") -> AdapterUse[Path]:
     """`parse_adapter_choice`, or A1111's `<lora:...>` tag, for a file that must exist: a name
     without its suffix is read as NAME.safetensors when that is there (a tag's name always is),
     relative to the current folder. A file missing, or one of a training checkpoint, is refused with what to give."""
@@ -59,22 +48,23 @@ def resolve_adapter_choice(text: str, flag: str = "--lora") -> AdapterChoice:
         choice = _tag_choice(tag, flag)
     else:
         choice = parse_adapter_choice(text)
-    named = _with_suffix(choice.path)
-    if not choice.path.exists() and named.is_file():  # "demo:0.8" for demo.safetensors
-        choice = AdapterChoice(named, choice.unet_strength, choice.text_encoder_strength)
-    if (problem := not_an_adapter(choice.path)) is not None:
+    named = _with_suffix(choice.adapter)
+    if not choice.adapter.exists() and named.is_file():  # "demo:0.8" for demo.safetensors
+        choice = replace(choice, adapter=named, name=named.stem)
+    if (problem := not_an_adapter(choice.adapter)) is not None:
         raise UserError(f"{flag} {text}: {problem}")
-    if not choice.path.is_file():
-        raise UserError(f"{flag} {text}: {_not_found(text, choice.path)}; the accepted forms are "
+    if not choice.adapter.is_file():
+        raise UserError(f"{flag} {text}: {_not_found(text, choice.adapter)}; the accepted forms are "
                         f"{LORA_FORMS}")
     return choice
 
 
-def _tag_choice(tag: str, flag: str) -> AdapterChoice:
+def _tag_choice(tag: str, flag: str) -> AdapterUse[Path]:
     name, te, unet, blocks = parse_lora_tag(tag[len("<lora:"):-1], f"{flag} {tag}")
     if blocks is not None:
         raise UserError(f"{flag} {tag}: lbw= (block weights) is an app setting; leave it out here")
-    return AdapterChoice(_with_suffix(Path(name)), unet_strength=unet, text_encoder_strength=te)
+    path = _with_suffix(Path(name))
+    return AdapterUse(path, unet=unet, text_encoder=te, name=path.stem)
 
 
 def _with_suffix(path: Path) -> Path:
@@ -91,9 +81,9 @@ def _not_found(text: str, path: Path) -> str:
     return found
 
 
-def lora_tag(choice: AdapterChoice) -> str:
+def lora_tag(choice: AdapterUse) -> str:
     """The prompt tag A1111 uses to reproduce this choice."""
-    return format_lora_tag(choice.name, choice.text_encoder_strength, choice.unet_strength)
+    return format_lora_tag(choice.name, choice.text_encoder, choice.unet)
 
 
 def generate_images(
@@ -101,7 +91,7 @@ def generate_images(
     settings: RenderSettings,
     count: int,
     output: Path,
-    adapters: list[AdapterChoice],
+    adapters: list[AdapterUse],
     adapter_hashes: dict[str, str],
     model_name: str,
 ) -> list[Path]:

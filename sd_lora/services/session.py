@@ -2,7 +2,7 @@
 
     session = GenerationSession(workspace)
     images = session.generate(GenerateRequest(prompt="zkstripes, a circle", seed=1,
-                                              adapters=(AdapterSetting("style", 0.8, 0.8),)))
+                                              adapters=(adapter_setting("style", 0.8, 0.8),)))
 
 The base loads only when the request names another one; adapter files are read once (cached by
 path, modification time and size) and merged with `apply_adapters(..., replace=previous)`, so
@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from sd_lora.adapters.apply import AdapterEntry, apply_adapters
+from sd_lora.adapters.apply import AdapterUse, apply_adapters
 from sd_lora.adapters.block_weights import (
     BlockWeightError,
     format_block_weights,
@@ -78,27 +78,24 @@ def _int_in(value, field: str, low: int, high: int) -> int:
     return value
 
 
-@dataclass(frozen=True)
-class AdapterSetting:
-    name: str  # relative to the adapters folder, without .safetensors
-    unet: float = 1.0
-    te: float = 1.0
-    blocks: str | None = None  # LBW preset or 17 numbers; None: every block at 1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise RequestError(f"adapter name {self.name!r} is empty")
-        _finite(self.unet, f"adapter {self.name!r}: unet strength")
-        _finite(self.te, f"adapter {self.name!r}: text-encoder strength")
-        self.block_weights()
-
-    def block_weights(self) -> tuple[float, ...] | None:
-        if self.blocks is None or not str(self.blocks).strip():
-            return None
+def adapter_setting(name: str, unet: float = 1.0, te: float = 1.0,
+                    blocks: str | tuple[float, ...] | None = None) -> AdapterUse[str]:
+    """An app request's adapter: its name in the adapters folder (without .safetensors) and
+    strengths, checked; `blocks` an LBW preset, 17 numbers, or their weights (None or "": every
+    block at 1)."""
+    if not isinstance(name, str) or not name.strip():
+        raise RequestError(f"adapter name {name!r} is empty")
+    _finite(unet, f"adapter {name!r}: unet strength")
+    _finite(te, f"adapter {name!r}: text-encoder strength")
+    weights = None
+    if isinstance(blocks, tuple):
+        weights = blocks
+    elif blocks is not None and str(blocks).strip():
         try:
-            return parse_block_weights(self.blocks)
+            weights = parse_block_weights(blocks)
         except BlockWeightError as e:
-            raise RequestError(f"adapter {self.name!r}: blocks: {e}") from None
+            raise RequestError(f"adapter {name!r}: blocks: {e}") from None
+    return AdapterUse(name, unet, te, weights, name)
 
 
 @dataclass(frozen=True)
@@ -113,7 +110,7 @@ class GenerateRequest:
     height: int = 0
     sampler: str = DEFAULT_SAMPLER
     batch_count: int = 1
-    adapters: tuple[AdapterSetting, ...] = ()
+    adapters: tuple[AdapterUse[str], ...] = ()  # each made by adapter_setting
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, str) or not self.base.strip():
@@ -136,8 +133,8 @@ class GenerateRequest:
         except ValueError as e:
             raise RequestError(f"sampler: {e}") from None
         for item in self.adapters:
-            if not isinstance(item, AdapterSetting):
-                raise RequestError(f"adapters: {item!r} is not an AdapterSetting")
+            if not (isinstance(item, AdapterUse) and isinstance(item.adapter, str)):
+                raise RequestError(f"adapters: {item!r} is not an adapter_setting(...)")
         names = [a.name for a in self.adapters]
         if len(set(names)) != len(names):
             raise RequestError(f"adapters: each adapter may appear once; got {names}")
@@ -260,14 +257,9 @@ class GenerationSession:
         self._base, self._scheduler = request.base, pipe.scheduler
         return pipe
 
-    def _entries(self, settings: tuple[AdapterSetting, ...]) -> list[AdapterEntry]:
+    def _entries(self, settings: tuple[AdapterUse[str], ...]) -> list[AdapterUse[AdapterState]]:
         """Read (or reuse) every adapter and check its family before any weight changes."""
-        entries = []
-        for setting in settings:
-            loaded = self._load_adapter(setting.name)
-            entries.append(AdapterEntry(loaded.state, setting.unet, setting.te, setting.name,
-                                        setting.block_weights()))
-        return entries
+        return [setting.loaded(self._load_adapter(setting.adapter).state) for setting in settings]
 
     def _load_adapter(self, name: str) -> _Loaded:
         path = self.workspace.resolve("adapters", name + ".safetensors")
@@ -301,7 +293,7 @@ class GenerationSession:
             self._adapters.pop(next(iter(self._adapters)))
         return loaded
 
-    def _merge(self, entries: list[AdapterEntry]) -> None:
+    def _merge(self, entries: list[AdapterUse[AdapterState]]) -> None:
         """Swap the merged adapters for `entries` (checked first; the base is never re-read)."""
         self._applied = apply_adapters(self._pipe, entries, replace=self._applied)
 
@@ -323,8 +315,8 @@ class GenerationSession:
     def _parameters(self, request, settings: RenderSettings, entries) -> str:
         """The A1111 text: the prompt with its <lora:...> tags, and the adapters' hashes."""
         tags = " ".join(
-            format_lora_tag(e.name, e.te_strength, e.unet_strength,
-                            None if e.block_weights is None else format_block_weights(e.block_weights))
+            format_lora_tag(e.name, e.text_encoder, e.unet,
+                            None if e.blocks is None else format_block_weights(e.blocks))
             for e in entries
         )
         extra = {"Model": request.base}
@@ -343,10 +335,10 @@ class GenerationSession:
         return folder / f"{max(numbers, default=0) + 1:05d}-{seed}.png"
 
 
-def _weights(entry: AdapterEntry) -> str:
-    if entry.unet_strength == entry.te_strength:
-        return f"{entry.unet_strength:g}"
-    return f"te {entry.te_strength:g}, unet {entry.unet_strength:g}"
+def _weights(entry: AdapterUse) -> str:
+    if entry.unet == entry.text_encoder:
+        return f"{entry.unet:g}"
+    return f"te {entry.text_encoder:g}, unet {entry.unet:g}"
 
 
 def _with_adapter(request: GenerateRequest, adapter: str):
@@ -354,8 +346,8 @@ def _with_adapter(request: GenerateRequest, adapter: str):
     existing = next((a for a in request.adapters if a.name == adapter), None)
     blocks = existing.blocks if existing is not None else None
 
-    def settings(weight: float) -> tuple[AdapterSetting, ...]:
-        chosen = AdapterSetting(adapter, weight, weight, blocks)
+    def settings(weight: float) -> tuple[AdapterUse[str], ...]:
+        chosen = adapter_setting(adapter, weight, weight, blocks)
         others = tuple(a for a in request.adapters if a.name != adapter)
         return others + (chosen,) if existing is None else tuple(
             chosen if a.name == adapter else a for a in request.adapters
