@@ -283,9 +283,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from sd_lora.formats.metadata import short_hash
     from sd_lora.generate.images import generate_images, resolve_adapter_choice
     from sd_lora.generate.render import RenderSettings
+    from sd_lora.models.families import native_resolution
     from sd_lora.models.load import load_pipeline
     from sd_lora.models.schedulers import set_sampler
-    from sd_lora.train.recipe import native_resolution
 
     # Before the model loads: a typo costs nothing.
     choices = [resolve_adapter_choice(text) for text in args.lora]  # each file found, or refused

@@ -1,4 +1,5 @@
-"""What a loaded pipeline is: its family (SD 1.x, 2.x, SDXL) and prediction type; freezing it."""
+"""What a loaded pipeline is: its family (SD 1.x, 2.x, SDXL), prediction type and native size;
+freezing it."""
 
 from __future__ import annotations
 
@@ -35,3 +36,9 @@ def model_family(pipe: DiffusionPipeline) -> str:
 
 def prediction_type_of(pipe: DiffusionPipeline) -> str:
     return pipe.scheduler.config.get("prediction_type", "epsilon")
+
+
+def native_resolution(pipe) -> int:
+    """The image size the base was made for, in pixels: its UNet's latent size times the VAE's
+    factor (SD 1.5: 512, SDXL: 1024, the toy and tiny bases: 64)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)

@@ -301,7 +301,7 @@ class GenerationSession:
         return request.seed if request.seed != -1 else random.SystemRandom().randrange(MAX_SEED)
 
     def _settings(self, request: GenerateRequest, seed: int) -> RenderSettings:
-        from sd_lora.train.recipe import native_resolution
+        from sd_lora.models.families import native_resolution
 
         self._pipe.scheduler = self._scheduler  # set_sampler derives from the current config
         sampler = set_sampler(self._pipe, request.sampler)

@@ -1,4 +1,4 @@
-"""The training loop itself: optimizer steps until max_steps, with checkpoints, samples,
+"""The step loop: optimizer steps until max_steps, with checkpoints, samples,
 validation and the NaN guard on the way; an interrupt stops it between two steps.
 
 `sd_lora.train.recipe.train` builds what is trained (`Trainee`) and how the run goes (`RunSetup`)

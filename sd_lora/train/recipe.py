@@ -1,8 +1,9 @@
-"""The training loop: a recipe of named steps on top of Accelerate.
+"""A training run, start to finish: `train(config)` as a recipe of named steps on Accelerate.
 
     scan data -> load frozen base -> add LoRA -> optimizer/schedule -> (resume) -> loop -> export
 
-Each step is a small function taking only the part of the config it needs.
+Each step is a small function taking only the part of the config it needs; the optimizer steps
+themselves are `sd_lora.train.loop`'s.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
 from sd_lora.lora.dropouts import AdapterDropouts, add_dropouts
 from sd_lora.lora.inject import add_lora, lora_named_parameters, pattern_matches
-from sd_lora.models.families import model_family, prediction_type_of
+from sd_lora.models.families import model_family, native_resolution, prediction_type_of
 from sd_lora.models.load import load_pipeline
 from sd_lora.models.text import EmbeddingCache, text_encoders_of, tokenizers_of
 from sd_lora.objective import Objective, training_schedule, zero_terminal_snr_scheduler
@@ -397,10 +398,6 @@ def load_frozen_base(cfg: ModelConfig, mixed_precision: str, device: torch.devic
         pipe.vae.to(dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def native_resolution(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
 def add_adapters(pipe, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
