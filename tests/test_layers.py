@@ -102,8 +102,6 @@ def violations(files: dict[str, tuple[str, bool]]) -> list[str]:
             theirs = layer_of(target)
             if theirs is None or mine is None or package_of(target) == package_of(module):
                 continue
-            if module == "sd_lora" or target == "sd_lora":
-                continue  # the package's face names front-end entry points lazily; see below
             if theirs[0] > mine[0]:
                 found.append(f"{module}:{line} -> {target} ({LAYERS[mine[0]][0]} may not import "
                              f"{LAYERS[theirs[0]][0]})")
@@ -141,7 +139,7 @@ def test_no_import_cycles():
     files = read_project()
     for module, (source, is_package) in files.items():
         graph[module] = {t for _, t in imports_of(source, module, is_package)
-                         if t in files and t != module and module != "sd_lora"}
+                         if t in files and t != module}
     cycles = []
     state: dict[str, int] = {}
 
