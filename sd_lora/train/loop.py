@@ -98,6 +98,7 @@ class TrainingLoop:
         self.problem = ""
         self.problem_is_update = False  # the loss and gradients were finite, the update not
         self.stopped_early = False
+        self.step_seconds: list[float] = []  # per optimizer step, data loading included
 
     def run(self, loader, dataset, progress: Progress, show_progress: bool) -> Progress:
         cfg = self.setup.config.train
@@ -105,6 +106,7 @@ class TrainingLoop:
                    unit="step", disable=not (show_progress and self.setup.accelerator.is_main_process))
         step, epoch, skip = progress.global_step, progress.epoch, progress.batches_done_in_epoch
         started = time.time()
+        last = time.perf_counter()
         done_in_epoch = skip
         for model in self.trainee.models.values():
             model.train()
@@ -121,6 +123,7 @@ class TrainingLoop:
                         if not self.setup.accelerator.sync_gradients:
                             continue
                         if applied:
+                            self.step_seconds.append(time.perf_counter() - last)
                             step += 1
                             self.guard.good()
                             bar.update(1)
@@ -133,6 +136,7 @@ class TrainingLoop:
                         else:  # nothing changed; raises when it keeps happening
                             self.guard.bad(step + 1, loss, self.problem, self.problem_is_update)
                             bar.set_postfix(loss=f"{loss:.4f}", skipped=self.guard.skipped)
+                        last = time.perf_counter()  # checkpoints and samples are not the step's
                         if stop.requested:  # between two optimizer steps: a consistent state
                             raise KeyboardInterrupt
                         if step >= cfg.max_steps or self.stopped_early:

@@ -82,9 +82,10 @@ from sd_lora.train.preflight import check_job, with_dataset_config
 from sd_lora.train.recommended import with_recommended
 from sd_lora.train.report import StyleScorer, write_quality_report
 from sd_lora.train.run_names import with_run_names
+from sd_lora.train.timing import timing_line, timing_record, write_timing
 from sd_lora.train.validation import Validator, split_samples
 from sd_lora.util.dtypes import weight_dtype
-from sd_lora.util.phases import phase
+from sd_lora.util.phases import PhaseClock, phase
 from sd_lora.util.processes import is_main_process, say
 from sd_lora.util.words import plural
 
@@ -114,12 +115,12 @@ def train(config: JobConfig, *, resume: bool = False, show_progress: bool = True
     config = with_dataset_config(config)  # an sd-scripts dataset TOML's settings, if one is given
     config = with_recommended(config)  # learning rates and steps left at 0: the base's own
     config = with_run_names(config, resume)  # train.output_dir and name left "": from the data
-    with removed_if_left_empty(Path(config.train.output_dir)):
-        return _train(config, resume, show_progress, style_scorer)
+    with removed_if_left_empty(Path(config.train.output_dir)), PhaseClock() as clock:
+        return _train(config, resume, show_progress, style_scorer, clock)
 
 
 def _train(config: JobConfig, resume: bool, show_progress: bool,
-           style_scorer: StyleScorer | None) -> TrainResult:
+           style_scorer: StyleScorer | None, clock: PhaseClock) -> TrainResult:
     output_dir = prepare_run_folder(config.train, resume)
     if resume and list_checkpoints(output_dir):
         check_resumable(list_checkpoints(output_dir)[-1], config)
@@ -181,7 +182,7 @@ def _train(config: JobConfig, resume: bool, show_progress: bool,
                bar=False):  # the loop has its own bar
         progress = loop.run(loader, dataset, progress, show_progress)
     return finish_run(loop, progress, time.time() - started, scan, buckets, eval_batch, before,
-                      started, show_progress, style_scorer)
+                      started, show_progress, style_scorer, clock)
 
 
 def training_steps(done: int, steps: int) -> str:
@@ -200,7 +201,8 @@ def measured_eval_loss(pipe, schedule, batch: EvalBatch, when: str, bars: bool) 
 
 def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: DatasetScan,
                buckets: dict | None, eval_batch, before: float, started: float,
-               bars: bool, style_scorer: StyleScorer | None = None) -> TrainResult:
+               bars: bool, style_scorer: StyleScorer | None = None,
+               clock: PhaseClock | None = None) -> TrainResult:
     """After the last step: the final evaluation, sample grid, exports, summary, loss plot and
     quality report (the main process writes them), each told as a phase (`bars`: with
     progress bars)."""
@@ -240,6 +242,11 @@ def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: Dat
         if config.report.enabled:
             report = write_quality_report(pipe, trained.values(), schedule, config, scan,
                                           resolution, output_dir, bars, style_scorer)
+        if clock is not None:  # last: it reports every phase before it
+            timing = timing_record(clock, loop.step_seconds, accelerator.device,
+                                   config.train.mixed_precision)
+            write_timing(output_dir, timing)
+            say(timing_line(timing))
     accelerator.end_training()
     return TrainResult(output_dir, files, before, after, progress.global_step, seconds, report,
                        eval_batch.images)

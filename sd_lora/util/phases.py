@@ -2,7 +2,8 @@
 caching, evaluating, rendering samples, exporting, the quality report) prints a line when it
 starts and one when it ends, and between them, where it has several items, a tqdm bar with the
 count and the time left. Without bars (`--no-progress`, the app's log) the two lines remain, so
-no step of a run is silent for minutes.
+no step of a run is silent for minutes. Inside `PhaseClock()` every phase's seconds are also
+summed by name: what `timing.json` reports.
 """
 
 from __future__ import annotations
@@ -14,6 +15,32 @@ from collections.abc import Callable, Iterator
 from tqdm import tqdm
 
 from sd_lora.util.processes import is_main_process, say
+
+_clocks: list[PhaseClock] = []  # the clocks open now (innermost last)
+
+
+class PhaseClock(contextlib.ContextDecorator):
+    """While open, the seconds each phase takes, summed by phase name (`seconds`), and the
+    wall time since it opened (`elapsed`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def __enter__(self) -> PhaseClock:
+        self.started = time.perf_counter()
+        _clocks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _clocks.remove(self)
 
 
 @contextlib.contextmanager
@@ -33,4 +60,7 @@ def phase(name: str, doing: str, total: int = 0, unit: str = "image",
         yield progress.update
     finally:
         progress.close()
-    say(f"{name}: done in {time.perf_counter() - started:.1f} s")
+    seconds = time.perf_counter() - started
+    for clock in _clocks:
+        clock.add(name, seconds)
+    say(f"{name}: done in {seconds:.1f} s")
