@@ -32,6 +32,7 @@ REPORT_STYLES = ("auto", "none", "stripes", "pastel", "outline", "pixel", "sepia
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
+VaePrecision = Literal["auto", "fp32"]
 LrSchedule = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 LossKind = Literal["l2", "huber", "smooth_l1"]
 RegularizationTarget = Literal["noise", "base"]
@@ -71,6 +72,10 @@ class ModelConfig:
     prediction_type: PredictionType = "auto"  # "auto": what the base's scheduler says
     # Open a .ckpt/.pt base (a pickle) at all; even then only tensors are read (sd_lora.util.pickles).
     allow_pickle: Unpickles = False
+    # The VAE's precision for encoding and decoding: "auto" keeps it in the weights' dtype (as
+    # sd-scripts and diffusers' trainer do), except fp32 under fp16, where the SD VAEs overflow;
+    # "fp32" always (for a base whose VAE misbehaves in bf16; costs time and memory).
+    vae_precision: VaePrecision = "auto"
 
 
 @dataclass(frozen=True)

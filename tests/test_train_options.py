@@ -65,9 +65,19 @@ def test_bf16_keeps_the_base_in_bf16_and_trains_lora_in_fp32(tmp_path, monkeypat
     dtypes = {n: p.dtype for n, p in pipe.unet.named_parameters()}
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert pipe.vae.dtype == torch.bfloat16  # bf16 has fp32's range: no fp32 VAE needed
     assert math.isfinite(result.eval_loss_after)
     loss_rows = (result.output_dir / "loss.csv").read_text().splitlines()[1:]
     assert all(math.isfinite(float(r.split(",")[1])) for r in loss_rows)
+
+
+def test_the_vae_can_be_kept_in_fp32_under_bf16(tmp_path, monkeypatch):
+    captured = _capture_pipe(monkeypatch)
+    result = train(job(tmp_path, "train.mixed_precision=bf16", "train.max_steps=2",
+                       'model.vae_precision="fp32"'), show_progress=False)
+    assert captured["pipe"].vae.dtype == torch.float32
+    assert next(captured["pipe"].unet.parameters()).dtype == torch.bfloat16
+    assert math.isfinite(result.eval_loss_after)
 
 
 @pytest.mark.slow

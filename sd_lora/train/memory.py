@@ -181,7 +181,8 @@ def estimate(counts: ParameterCounts, resolution: int, batch: int, mixed_precisi
              checkpointing: bool, cached_latents: bool = False,
              available: tuple[float | None, str] | None = None) -> MemoryEstimate:
     dtype_bytes = BYTES[mixed_precision]
-    vae = 0 if cached_latents else counts.vae * 4  # cached latents: the VAE can stay unused
+    # cached latents: the VAE can stay unused; it is kept in fp32 only under fp16
+    vae = 0 if cached_latents else counts.vae * (4 if mixed_precision == "fp16" else dtype_bytes)
     weights = (counts.unet + counts.text_encoders) * dtype_bytes + vae
     adapter = counts.unet * ADAPTER_SHARE * 4 * 7  # weights, gradients, two moments; 3 copied
     scale = batch * (resolution / 256) ** 2
