@@ -36,7 +36,7 @@ VaePrecision = Literal["auto", "fp32"]
 LrSchedule = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 LossKind = Literal["l2", "huber", "smooth_l1"]
 RegularizationTarget = Literal["noise", "base"]
-CacheMode = Literal["none", "memory", "disk"]
+CacheMode = Literal["auto", "none", "memory", "disk"]
 OptimizerName = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
 ExportFormat = Literal["kohya", "diffusers"]
 ExportDtype = Literal["fp16", "bf16", "fp32"]
@@ -106,10 +106,13 @@ class DataConfig:
     max_bucket_reso: int = 0  # the longest; 0: twice the resolution
     bucket_no_upscale: bool = False  # smaller images keep their size (rounded down to the step)
     # Encode each image with the VAE once (sd-scripts' cache_latents, cache_latents_to_disk):
-    # "memory", or "disk" (in data.cache_dir, reused by later runs on the same files and VAE).
-    # The posterior is cached, so training still samples a new latent every step. Entries are
-    # keyed by file content, size, crop, flip and VAE (see data.latent_cache). Needs centre crops.
-    cache_latents: CacheMode = "none"
+    # "memory", or "disk" (in data.cache_dir, reused by later runs on the same files and VAE);
+    # "auto": cached whenever nothing needs fresh pixels each epoch (random crops do; flips are
+    # cached both ways), in memory up to 1 GiB of latents, else on disk; "none": encoded every
+    # step. The posterior is cached, so training still samples a new latent every step and
+    # trains as uncached. Entries are keyed by file content, size, crop, flip and VAE (see
+    # data.latent_cache). "memory" and "disk" need centre crops.
+    cache_latents: CacheMode = "auto"
     cache_dir: WritePath = ""  # "": <train.output_dir>/latent-cache
     # Encode each distinct caption once while the text encoders are frozen (sd-scripts'
     # cache_text_encoder_outputs; needs lora.train_text_encoder = false). Caption dropout and tag
@@ -251,6 +254,11 @@ class TrainConfig:
     # without a new best (0: never).
     validation_every: int = 50
     early_stopping_patience: int = 0  # validations without a new best before stopping; 0: never
+    # The first training images that the fixed before-and-after loss (the console's last lines,
+    # summary.json) is measured on, at 5 timesteps each. -1: sized to the run, at most 4, so
+    # that it costs under a tenth of the training (a run of a few steps on a large base skips
+    # it); 0: off.
+    eval_images: int = -1
     # An exponential moving average of the adapter's weights (e.g. 0.999; 0: off): exported as
     # <name>.safetensors (and used by the final evaluation and report), the raw last weights
     # as <name>-raw.safetensors. See sd_lora.train.ema.
@@ -509,13 +517,16 @@ def validate(config: JobConfig) -> None:
     if config.data.dataset_config and config.data.regularization:
         raise ConfigError("data.dataset_config and data.regularization are both set; put the "
                           "regularization folder in the dataset config as a subset with is_reg = true")
+    if config.train.eval_images < -1:
+        raise ConfigError(f"train.eval_images = {config.train.eval_images} must be -1 (sized to "
+                          "the run), 0 (off) or a number of images")
     if not 0 <= config.data.validation_split < 1:
         raise ConfigError(f"data.validation_split = {config.data.validation_split!r} must be in "
                           "[0, 1) (a share of the images, e.g. 0.1)")
     if config.data.validation_split and config.data.validation_path:
         raise ConfigError("data.validation_split and data.validation_path are both set; "
                           "hold out images one way")
-    if config.data.cache_latents != "none" and not config.data.center_crop:
+    if config.data.cache_latents in ("memory", "disk") and not config.data.center_crop:
         raise ConfigError(
             f"data.cache_latents = {config.data.cache_latents!r} needs data.center_crop = true: a "
             "random crop changes every epoch, so its latents cannot be cached"
@@ -620,7 +631,7 @@ def _toml_value(value: Any) -> str:
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.checkpoint_every", "train.checkpoints_keep",
     "train.dataloader_workers", "train.max_nonfinite_steps", "train.output_dir", "train.name",
-    "train.validation_every", "train.early_stopping_patience",
+    "train.validation_every", "train.early_stopping_patience", "train.eval_images",
     # Caches hold what would be computed anyway (the same up to float rounding).
     "data.cache_latents", "data.cache_dir", "data.cache_text_encoder_outputs",
 }

@@ -150,6 +150,7 @@ def test_a_zero_terminal_snr_run_trains_samples_and_says_so(tmp_path):
         "train.name=z", "train.max_steps=3", "train.batch_size=2", "train.checkpoint_every=0",
         "sample.every=0", "sample.steps=2", "report.enabled=false", "train.min_snr_gamma=5",
         "train.zero_terminal_snr=true", 'model.prediction_type="v_prediction"',
+        "train.eval_images=2",
     ])
     result = train(config, show_progress=False)
     assert math.isfinite(result.eval_loss_after)

@@ -17,8 +17,10 @@ from sd_lora.cli.main import main
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 QUICK = ["--data", str(SAMPLE_DATA), "--base", "tiny", "--max-steps", "1",
-         "--set", "sample.steps=2", "--set", "train.batch_size=2"]
+         "--set", "sample.steps=2", "--set", "train.batch_size=2",
+         "--set", "train.eval_images=4"]  # a 1-step run would skip it (sized to the run)
 PHASES = ["model: loading the base 'tiny' ...",
+          "latent cache: 16 image variants to encode or read (memory, data.cache_latents = 'auto') ...",
           "evaluation: loss before training on 4 training images (5 timesteps each, fixed noise) ...",
           "training: 1 step ...",
           "evaluation: loss after training on 4 training images",

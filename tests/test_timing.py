@@ -12,9 +12,10 @@ from tests.test_train import job
 
 def test_a_run_writes_its_phases_step_times_and_peak_memory(tmp_path, capsys):
     result = train(job(tmp_path, "train.max_steps=5", "train.checkpoint_every=2",
-                       "report.enabled=true"), show_progress=False)
+                       "report.enabled=true", "train.eval_images=2"), show_progress=False)
     timing = json.loads((result.output_dir / "timing.json").read_text())
-    assert {"model", "evaluation", "training", "samples", "export", "report"} <= set(
+    assert {"model", "latent cache", "evaluation", "training", "samples", "export",
+            "report"} <= set(
         timing["phases_s"]), timing["phases_s"]
     assert timing["steps"]["count"] == 5
     assert 0 < timing["steps"]["median_s_per_step"] < timing["phases_s"]["training"]

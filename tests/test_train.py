@@ -65,7 +65,7 @@ def test_interrupted_and_resumed_run_ends_at_the_same_adapter(tmp_path, monkeypa
     # Cosine warmup, accumulation, random flips and LoRA dropout: every piece of state matters.
     extra = ("train.max_steps=8", "train.gradient_accumulation_steps=2", "data.random_flip=true",
              "train.lr_scheduler=cosine", "train.lr_warmup_steps=2", "lora.dropout=0.1",
-             "train.learning_rate=1e-3")
+             "train.learning_rate=1e-3", "train.eval_images=2")
     straight = train(job(tmp_path / "straight", *extra), show_progress=False)
 
     _interrupt_at(3, monkeypatch)

@@ -59,7 +59,8 @@ def _capture_pipe(monkeypatch):
 @pytest.mark.slow
 def test_bf16_keeps_the_base_in_bf16_and_trains_lora_in_fp32(tmp_path, monkeypatch):
     captured = _capture_pipe(monkeypatch)
-    result = train(job(tmp_path, "train.mixed_precision=bf16", "train.max_steps=3"),
+    result = train(job(tmp_path, "train.mixed_precision=bf16", "train.max_steps=3",
+                       "train.eval_images=2"),
                    show_progress=False)
     pipe = captured["pipe"]
     dtypes = {n: p.dtype for n, p in pipe.unet.named_parameters()}
@@ -74,7 +75,7 @@ def test_bf16_keeps_the_base_in_bf16_and_trains_lora_in_fp32(tmp_path, monkeypat
 def test_the_vae_can_be_kept_in_fp32_under_bf16(tmp_path, monkeypatch):
     captured = _capture_pipe(monkeypatch)
     result = train(job(tmp_path, "train.mixed_precision=bf16", "train.max_steps=2",
-                       'model.vae_precision="fp32"'), show_progress=False)
+                       'model.vae_precision="fp32"', "train.eval_images=2"), show_progress=False)
     assert captured["pipe"].vae.dtype == torch.float32
     assert next(captured["pipe"].unet.parameters()).dtype == torch.bfloat16
     assert math.isfinite(result.eval_loss_after)

@@ -216,11 +216,15 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     from sd_lora.util.words import plural
 
-    change = (result.eval_loss_after - result.eval_loss_before) / result.eval_loss_before
-    # Which images: the report's style loss is on others (held out, when there are some).
-    print(f"\ntrained {plural(result.steps, 'step')} in {result.seconds:.0f} s; loss on "
-          f"{plural(result.eval_images, 'training image')} (fixed noise), before -> after: "
-          f"{result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} ({change:+.1%})")
+    if result.eval_loss_before is None:
+        print(f"\ntrained {plural(result.steps, 'step')} in {result.seconds:.0f} s (no evaluation "
+              "loss: train.eval_images)")
+    else:
+        change = (result.eval_loss_after - result.eval_loss_before) / result.eval_loss_before
+        # Which images: the report's style loss is on others (held out, when there are some).
+        print(f"\ntrained {plural(result.steps, 'step')} in {result.seconds:.0f} s; loss on "
+              f"{plural(result.eval_images, 'training image')} (fixed noise), before -> after: "
+              f"{result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} ({change:+.1%})")
     for fmt, path in result.adapter_files.items():
         print(f"adapter ({fmt}): {path}")
     print(f"samples: {result.output_dir / 'samples'}   loss curve: {result.output_dir / 'loss.png'}")

@@ -71,18 +71,38 @@ def make_dataset(samples: list[Sample], resolution: int, data: DataConfig,
     )
 
 
+AUTO_MEMORY_CACHE_GIB = 1.0  # data.cache_latents = "auto": in memory up to this, else on disk
+
+
+def latent_cache_mode(data: DataConfig, dataset: ImageCaptionDataset, resolution: int,
+                      latent_channels: int, factor: int) -> str:
+    """"none", "memory" or "disk": data.cache_latents, with "auto" decided for this dataset
+    (cached unless random crops need fresh pixels; in memory while the posteriors of every
+    variant fit in AUTO_MEMORY_CACHE_GIB)."""
+    if data.cache_latents != "auto":
+        return data.cache_latents
+    if not data.center_crop:
+        return "none"
+    variants = len(dataset) * (2 if data.random_flip else 1)
+    side = resolution // factor
+    size = variants * 2 * 4 * latent_channels * side * side  # mean and std, fp32
+    return "memory" if size <= AUTO_MEMORY_CACHE_GIB * 2**30 else "disk"
+
+
 def cache_latents(dataset: ImageCaptionDataset, vae, data: DataConfig, output_dir: Path,
-                  show_progress: bool) -> CachedLatentDataset:
-    """data.cache_latents: every image variant encoded once (or read from the disk cache)."""
+                  show_progress: bool, mode: str) -> CachedLatentDataset:
+    """Every image variant encoded once (or read from the disk cache); `mode` "memory" or
+    "disk" (`latent_cache_mode`)."""
     folder = None
-    if data.cache_latents == "disk":
+    if mode == "disk":
         folder = Path(data.cache_dir) if data.cache_dir else output_dir / "latent-cache"
     cached = CachedLatentDataset(dataset, LatentCache(folder), vae_identity(vae))
 
     def encode(pixels: torch.Tensor):
         return encode_posterior(vae, pixels)
 
-    where = f"{data.cache_latents}{f', {folder}' if folder else ''}"
+    auto = ", data.cache_latents = 'auto'" if data.cache_latents == "auto" else ""
+    where = f"{mode}{f', {folder}' if folder else ''}{auto}"
     variants = plural(len(cached.variants()), "image variant")
     with phase("latent cache", f"{variants} to encode or read ({where})", bar=False):
         encoded = cached.fill(encode, show_progress=show_progress)  # its own bar

@@ -248,7 +248,10 @@ def _native_line(config, counts: ParameterCounts) -> str:
 
 
 def _line(config, counts: ParameterCounts, resolution: int) -> str:
-    train, cached = config.train, config.data.cache_latents != "none"
+    data = config.data  # "auto" caches unless random crops need fresh pixels
+    train = config.train
+    cached = data.cache_latents in ("memory", "disk") or (data.cache_latents == "auto"
+                                                          and data.center_crop)
     guess = estimate(counts, resolution, train.batch_size, train.mixed_precision,
                      train.gradient_checkpointing, cached)
     return guess.text(fixes_for(train.mixed_precision, train.gradient_checkpointing,

@@ -37,6 +37,7 @@ from sd_lora.data.loader import (
     centre_crop_batch,
     dataset_buckets,
     eval_images,
+    latent_cache_mode,
     make_dataset,
     make_loader,
     regularization_samples,
@@ -100,8 +101,8 @@ class RunFolderError(UserError):
 class TrainResult:
     output_dir: Path
     adapter_files: dict[str, Path]
-    eval_loss_before: float
-    eval_loss_after: float
+    eval_loss_before: float | None  # None: no evaluation (train.eval_images)
+    eval_loss_after: float | None
     steps: int
     seconds: float
     report: dict | None = None  # what report.json holds (None: report.enabled is false)
@@ -143,8 +144,11 @@ def _train(config: JobConfig, resume: bool, show_progress: bool,
     optimizer = make_optimizer(trained, config.train)
     lr_scheduler = make_lr_scheduler(optimizer, config.train, accelerator.num_processes)
     dataset = make_dataset(training_samples, resolution, config.data, config.train)
-    if config.data.cache_latents != "none":  # each process its own (disk writes are atomic)
-        dataset = cache_latents(dataset, pipe.vae, config.data, output_dir, show_progress)
+    cache_mode = latent_cache_mode(config.data, dataset, resolution,
+                                   pipe.vae.config.latent_channels, pipe.vae_scale_factor)
+    if cache_mode != "none":  # each process its own (disk writes are atomic)
+        dataset = cache_latents(dataset, pipe.vae, config.data, output_dir, show_progress,
+                                cache_mode)
     loader = make_loader(dataset, config.data, config.train, accelerator.num_processes)
     buckets = dataset_buckets(dataset, config.data)
     if buckets is not None:
@@ -164,7 +168,12 @@ def _train(config: JobConfig, resume: bool, show_progress: bool,
         if ema is not None:
             ema.load(load_extra(last))
         accelerator.print(f"resumed from {last} at step {progress.global_step}")
-    eval_batch = make_eval_batch(*eval_images(scan, resolution), pipe.vae, tokenizers_of(pipe))
+    eval_batch = None
+    if (count := eval_image_count(config.train)) > 0:
+        eval_batch = make_eval_batch(*eval_images(scan, resolution, count), pipe.vae,
+                                     tokenizers_of(pipe))
+    else:
+        say(f"evaluation: skipped ({eval_skipped(config.train)})")
     with eval_mode(trained.values()):
         before = measured_eval_loss(pipe, schedule, eval_batch, "before training", show_progress)
     write_run_records(output_dir, config, scan, accelerator)
@@ -190,9 +199,36 @@ def training_steps(done: int, steps: int) -> str:
     return f"steps {done + 1} to {steps}" if done else plural(steps, "step")
 
 
-def measured_eval_loss(pipe, schedule, batch: EvalBatch, when: str, bars: bool) -> float:
-    """The fixed evaluation loss (`sd_lora.train.evaluate`), as a phase with a bar over its batches.
-    Its images are the first training images, not held out: the label says so."""
+EVAL_MAX_IMAGES = 4
+EVAL_SHARE = 0.1  # train.eval_images = -1: the evaluation's forward passes, at most, per the run's
+
+
+def eval_image_count(cfg: TrainConfig) -> int:
+    """train.eval_images, or (-1) as many as keep the before-and-after evaluation under
+    EVAL_SHARE of the run's compute (a training step costs about 3 forward passes per image,
+    forward and backward; each evaluated image 2 x 5), at most EVAL_MAX_IMAGES. From
+    train.max_steps, not the steps left, so that a resumed run measures as an uninterrupted one."""
+    if cfg.eval_images >= 0:
+        return cfg.eval_images
+    passes = 3 * cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps
+    return int(min(EVAL_MAX_IMAGES, EVAL_SHARE * passes // (2 * len(EVAL_TIMESTEPS))))
+
+
+def eval_skipped(cfg: TrainConfig) -> str:
+    if cfg.eval_images == 0:
+        return "train.eval_images = 0"
+    return (f"{plural(cfg.max_steps, 'step')} of {plural(cfg.batch_size, 'image')}: a before-and-"
+            "after loss would cost more than a tenth of the run; set train.eval_images to "
+            "measure it anyway")
+
+
+def measured_eval_loss(pipe, schedule, batch: EvalBatch | None, when: str,
+                       bars: bool) -> float | None:
+    """The fixed evaluation loss (`sd_lora.train.evaluate`), as a phase with a bar over its batches
+    (None without an evaluation batch). Its images are the first training images, not held out:
+    the label says so."""
+    if batch is None:
+        return None
     doing = (f"loss {when} on {plural(batch.images, 'training image')} "
              f"({len(EVAL_TIMESTEPS)} timesteps each, fixed noise)")
     with phase("evaluation", doing, eval_chunks(batch.images), unit="batch", bar=bars) as advance:
@@ -249,7 +285,7 @@ def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: Dat
             say(timing_line(timing))
     accelerator.end_training()
     return TrainResult(output_dir, files, before, after, progress.global_step, seconds, report,
-                       eval_batch.images)
+                       eval_batch.images if eval_batch is not None else 0)
 
 
 def select_samples(config: JobConfig, check) -> tuple[list[Sample], list[Sample]]:
