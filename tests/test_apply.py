@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_lora.adapters.apply import (
-    AdapterApplyError,
-    AdapterUse,
-    adapters_applied,
-    apply_adapters,
-    restore,
-)
+from sd_lora.adapters.apply import AdapterApplyError, adapters_applied, apply_adapters, restore
 from sd_lora.adapters.files import component_modules
+from sd_lora.adapters.use import AdapterUse
 from sd_lora.formats.adapter_state import AdapterState, LoraModule
 
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

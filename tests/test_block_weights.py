@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_lora.adapters.apply import AdapterUse, apply_adapters, restore
+from sd_lora.adapters.apply import apply_adapters, restore
 from sd_lora.adapters.block_weights import (
     ALL_BLOCK_NAMES,
     BLOCK_NAMES,
@@ -17,6 +17,7 @@ from sd_lora.adapters.block_weights import (
     parse_block_weights,
 )
 from sd_lora.adapters.files import component_modules
+from sd_lora.adapters.use import AdapterUse
 from sd_lora.errors import UserError
 from tests.test_apply import make_state
 

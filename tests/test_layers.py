@@ -198,3 +198,18 @@ def test_every_package_is_installed():
     folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "sd_lora").rglob(
         "__init__.py")}
     assert folders | {"sd_lora_app"} == listed
+
+
+def test_the_command_line_and_the_app_start_without_diffusers():
+    """`sd-lora --help` stays quick, and the app sets its temporary folders before diffusers
+    (whose import makes torch's compile cache in the temporary folder) is ever imported."""
+    probe = ("import sys\n"
+             "from sd_lora.cli.main import build_parser\n"
+             "build_parser()\n"
+             "import sd_lora_app.command\n"
+             "print(sorted(m for m in ('diffusers', 'transformers', 'peft', 'gradio') "
+             "if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sd_lora.adapters.apply import AdapterUse
+from sd_lora.adapters.use import AdapterUse
 from sd_lora.generate.images import lora_tag
 from sd_lora.generate.png_info import (
     ParsedParameters,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_lora.adapters.apply import AdapterUse
+from sd_lora.adapters.use import AdapterUse
 from sd_lora.cli import main as cli
 from sd_lora.errors import UserError
 from sd_lora.generate.png_info import read_png_parameters

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field
 
 import torch
 
-from sd_lora.adapters.block_weights import BlockWeightError, block_weight
+from sd_lora.adapters.block_weights import BlockWeightError
 from sd_lora.adapters.files import component_modules
+from sd_lora.adapters.use import AdapterUse
 from sd_lora.errors import UserError
 from sd_lora.formats.adapter_state import AdapterState, applied_delta, delta_shape, fits
 from sd_lora.models.families import model_family
@@ -35,45 +35,6 @@ APPLIED_ATTR = "_sd_lora_applied"  # the pipeline remembers what is merged, to r
 
 class AdapterApplyError(UserError):  # a ValueError too, as before
     """An adapter that does not fit the pipeline; the message names the adapter and module."""
-
-
-Source = TypeVar("Source")
-
-
-@dataclass(frozen=True)
-class AdapterUse(Generic[Source]):
-    """An adapter and the strengths it is used at: the one type for "this adapter, this strong",
-    from a `--lora` argument (`adapter` a file path) or an app request (a name in the adapters
-    folder) to the loaded state that `apply_adapters` merges (an `AdapterState`): each step
-    swaps `adapter` (`loaded`) and keeps the strengths."""
-
-    adapter: Source
-    unet: float = 1.0  # A1111's UNet multiplier
-    text_encoder: float = 1.0  # A1111's text-encoder multiplier (both of SDXL's encoders)
-    blocks: tuple[float, ...] | None = None  # LBW: 17 (or 26) weights, BASE first; None: all 1
-    name: str | None = None  # in messages, tags and PNG parameters
-
-    def loaded(self, state: AdapterState) -> AdapterUse[AdapterState]:
-        return replace(self, adapter=state)
-
-    def label(self, index: int) -> str:
-        meta = self.adapter.metadata if isinstance(self.adapter, AdapterState) else {}
-        return (
-            self.name
-            or meta.get("ss_output_name")
-            or meta.get("modelspec.title")
-            or f"adapter #{index}"
-        )
-
-    def strength(self, component: str) -> float:
-        return float(self.unet if component == "unet" else self.text_encoder)
-
-    def module_strength(self, component: str, path: str) -> float:
-        """The component's strength times the module's block weight (when block weights are set)."""
-        strength = self.strength(component)
-        if self.blocks is None:
-            return strength
-        return strength * block_weight(self.blocks, component, path)
 
 
 @dataclass

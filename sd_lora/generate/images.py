@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from sd_lora.adapters.apply import AdapterUse
 from sd_lora.adapters.run_folder import not_an_adapter
+from sd_lora.adapters.use import AdapterUse
 from sd_lora.errors import UserError
 from sd_lora.generate.png_info import format_lora_tag, parse_lora_tag
 from sd_lora.generate.render import RenderSettings, a1111_parameters, render, save_png

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from sd_lora.adapters.apply import AdapterUse, apply_adapters
+from sd_lora.adapters.apply import apply_adapters
 from sd_lora.adapters.block_weights import (
     BlockWeightError,
     format_block_weights,
@@ -38,6 +38,7 @@ from sd_lora.adapters.files import (
     pipeline_module_paths,
     read_safetensors,
 )
+from sd_lora.adapters.use import AdapterUse
 from sd_lora.errors import UserError
 from sd_lora.formats.adapter_state import AdapterState
 from sd_lora.formats.metadata import file_hashes, short_hash
