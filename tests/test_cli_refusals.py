@@ -83,3 +83,18 @@ def test_generate_refuses_bad_flags_before_loading(tmp_path, capsys, no_model_lo
                  "--output", str(folder / "out.png"), *args])
     refused_in_one_line(capsys, code, message)
     assert list(folder.iterdir()) == []
+
+
+def test_the_app_without_gradio_says_how_to_install_it_and_makes_no_folder(tmp_path, monkeypatch,
+                                                                            capsys):
+    """`pip install sd-lora` (no `app` extra) trains headless; `sd-lora app` then names the fix."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["app", "--adapters", str(tmp_path / "adapters")]) == 2
+    err = capsys.readouterr().err
+    assert "the browser app needs gradio, which is not installed" in err
+    assert "pip install 'sd-lora[app]'" in err
+    assert not (tmp_path / "adapters").exists()

@@ -382,10 +382,14 @@ def app_launcher():
     """The app's `run(args)`, found through its entry point: the library never imports the app,
     and an install without the `app` extra is told how to add it."""
     from importlib.metadata import entry_points
+    from importlib.util import find_spec
 
     found = list(entry_points(group=FRONT_ENDS, name="app"))
     if not found:
         raise UserError(f"the browser app is not installed with this copy of sd-lora; {APP_INSTALL}")
+    # Asked, not imported: the app imports gradio only once its temporary folders are set.
+    if find_spec("gradio") is None:
+        raise UserError(f"the browser app needs gradio, which is not installed; {APP_INSTALL}")
     try:
         return found[0].load()
     except ImportError as e:
