@@ -213,3 +213,14 @@ def test_the_command_line_and_the_app_start_without_diffusers():
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_the_dtype_names_are_the_configs():
+    """One list of dtype names: export.dtype's, which the torch table and the tools' --dtype use."""
+    from typing import get_args
+
+    from sd_lora.cli.tools import EXPORT_DTYPES
+    from sd_lora.config import ExportDtype
+    from sd_lora.util.dtypes import DTYPES
+
+    assert set(DTYPES) == set(get_args(ExportDtype)) == set(EXPORT_DTYPES)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sd_lora.cli.tools import add_allow_pickle
 from sd_lora.cli.tools import add_commands as add_tool_commands
-from sd_lora.errors import UserError
+from sd_lora.errors import UserError, exit_status
 
 TRAIN_FLAGS = {  # command-line flag -> dotted config field
     "data": "data.path",
@@ -35,16 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns at import that torchvision is absent; we never need it (set the
     # variable yourself to see every warning).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        return args.run(args)
-    except UserError as exc:
-        if os.environ.get("SD_LORA_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
-        return 130
+    return exit_status(lambda: args.run(args))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import get_args
 
+from sd_lora.config import ExportDtype
 from sd_lora.errors import UserError
 from sd_lora.util.words import plural
 
-EXPORT_DTYPES = ("fp16", "bf16", "fp32")  # sd_lora.util.dtypes.DTYPES, without importing torch
+EXPORT_DTYPES = get_args(ExportDtype)  # export.dtype's names, as the tools' --dtype
 
 
 def add_commands(commands) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sd_lora.config import JobConfig, load_config, load_config_text, to_toml
-from sd_lora.errors import UserError
+from sd_lora.errors import INTERRUPTED, UserError, exit_status
 from sd_lora.services.job_guard import guard_job
 from sd_lora.services.workspace import Workspace
 from sd_lora.train.recipe import train
@@ -63,7 +63,6 @@ PRESETS: dict[str, dict] = {
 }  # fmt: skip
 STATES = ("running", "done", "failed", "cancelled")
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-INTERRUPTED = 130  # what `sd-lora train` returns after Ctrl-C / SIGINT
 JOB_TOML_HEADER = (
     "# Written by the sd-lora app when the job started; this is exactly what runs.\n"
     "# Continue a cancelled job: sd-lora train --config job.toml --resume\n"
@@ -354,16 +353,14 @@ def train_job(config_path: Path, style_scorer: StyleScorer | None) -> int:
     """Train as `sd-lora train --config FILE --no-progress` would, with its exit codes: 0 done,
     2 a user error (printed), 130 interrupted (the last checkpoint kept), 1 anything else."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
+
+    def run() -> int:
         stop_on_sigterm()
         train(load_config(config_path), show_progress=False, style_scorer=style_scorer)
         return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
-        return INTERRUPTED
+
+    try:
+        return exit_status(run)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     except BaseException:
