@@ -30,10 +30,14 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from PIL import Image
+
 from sd_lora.config import JobConfig, load_config, load_config_text, to_toml
 from sd_lora.errors import INTERRUPTED, UserError, exit_status
+from sd_lora.generate.render import image_grid
 from sd_lora.services.job_guard import guard_job
 from sd_lora.services.workspace import Workspace
+from sd_lora.train.outputs import adapter_path
 from sd_lora.train.recipe import train
 from sd_lora.train.recommended import with_recommended
 from sd_lora.train.report import StyleScorer
@@ -370,10 +374,6 @@ def train_job(config_path: Path, style_scorer: StyleScorer | None) -> int:
 
 def _first_cell(grid_path: Path):
     """The first image of a sample grid (one row, square cells above a caption strip)."""
-    from PIL import Image
-
-    from sd_lora.generate.render import image_grid
-
     # The caption strip's height, measured rather than copied from image_grid.
     probe = Image.new("RGB", (128, 128))
     strip = image_grid([probe], 1, labels=["x"]).height - image_grid([probe], 1).height
@@ -395,8 +395,6 @@ def _publish_copy(source: Path, target: Path) -> None:
 
 def publish(run_dir: Path, adapters_dir: Path) -> dict:
     """Copy the run's adapter to adapters/<name>.safetensors and its preview next to it."""
-    from sd_lora.train.outputs import adapter_path
-
     config = load_config(run_dir / "job.toml")
     name = config.train.name
     source = next((adapter_path(run_dir, name, fmt) for fmt in ("kohya", "diffusers")

@@ -44,7 +44,7 @@ from sd_lora.formats.adapter_state import AdapterState
 from sd_lora.formats.metadata import file_hashes, short_hash
 from sd_lora.generate.png_info import format_lora_tag
 from sd_lora.generate.render import RenderSettings, a1111_parameters, image_grid, render, save_png
-from sd_lora.models.families import model_family
+from sd_lora.models.families import model_family, native_resolution
 from sd_lora.models.load import load_pipeline
 from sd_lora.models.schedulers import DEFAULT_SAMPLER, sampler_name, set_sampler
 from sd_lora.services.workspace import Workspace, checkpoint_problem, resolve_base
@@ -302,8 +302,6 @@ class GenerationSession:
         return request.seed if request.seed != -1 else random.SystemRandom().randrange(MAX_SEED)
 
     def _settings(self, request: GenerateRequest, seed: int) -> RenderSettings:
-        from sd_lora.models.families import native_resolution
-
         self._pipe.scheduler = self._scheduler  # set_sampler derives from the current config
         sampler = set_sampler(self._pipe, request.sampler)
         size = native_resolution(self._pipe)

@@ -13,11 +13,14 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from sd_lora.adapters.files import nonfinite_in_file
 from sd_lora.adapters.inspect import summarize_header
+from sd_lora.adapters.run_folder import not_an_adapter, training_checkpoint_of
 from sd_lora.errors import UserError
+from sd_lora.models.bases import BUILTIN_BASES, HUB_ID, HUB_PREFIX, hub_repo_id
 
 AREAS = ("adapters", "outputs", "runs", "models", "datasets")  # models, datasets: read only
 PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg")  # A1111's order: .preview.png first
@@ -145,8 +148,6 @@ def list_adapters(workspace: Workspace) -> list[AdapterInfo]:
 
 def _run_internal(workspace: Workspace, path: Path) -> bool:
     """Whether `path` is a file the adapter listing leaves out (see `list_adapters`)."""
-    from sd_lora.adapters.run_folder import training_checkpoint_of
-
     root = workspace.root("adapters")
     own = [folder for folder in (workspace.root("outputs"), workspace.root("runs"))
            if folder != root and folder.is_relative_to(root)]  # only what lies inside it
@@ -158,8 +159,6 @@ def _run_internal(workspace: Workspace, path: Path) -> bool:
 def checkpoint_problem(workspace: Workspace, path: Path) -> str | None:
     """`run_folder.not_an_adapter` for a file in the adapters folder: the run's adapter named
     as the app lists it (relative to the adapters folder)."""
-    from sd_lora.adapters.run_folder import not_an_adapter
-
     root = workspace.root("adapters")
 
     def name_of(adapter: Path) -> str:
@@ -188,10 +187,6 @@ def chosen_adapter_info(workspace: Workspace, path: Path) -> AdapterInfo:
     """`adapter_info`, plus a check of the values (NaN/inf render black images), which reads
     the whole file: done for the file a user picks, not for every file of a listing (a folder
     of LoRAs can hold gigabytes). Loading for generation checks them again, always."""
-    from dataclasses import replace
-
-    from sd_lora.adapters.files import nonfinite_in_file
-
     info = adapter_info(workspace, path)
     if info.problem is None and (problem := nonfinite_in_file(path)) is not None:
         info = replace(info, problem=problem)
@@ -224,8 +219,6 @@ def list_bases(workspace: Workspace) -> list[str]:
                 if file.lower().endswith(".safetensors") and not file.startswith("."):
                     if path.resolve().is_relative_to(root):
                         found.append(path.relative_to(root).as_posix())
-    from sd_lora.models.bases import BUILTIN_BASES
-
     return list(BUILTIN_BASES) + sorted(found)
 
 
@@ -234,8 +227,6 @@ def resolve_base(workspace: Workspace, choice: str) -> str:
     models folder, or a hub id written `hf://org/name`, which the loader never looks up on disk
     (a bare `org/name` is read from the working directory when a folder of that name is there).
     Errors speak of the models folder only, so they never tell whether a path elsewhere exists."""
-    from sd_lora.models.bases import BUILTIN_BASES, HUB_ID, HUB_PREFIX, hub_repo_id
-
     if choice in BUILTIN_BASES:
         return choice
     if workspace.models is not None and not choice.startswith(HUB_PREFIX):

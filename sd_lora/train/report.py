@@ -38,6 +38,7 @@ from sd_lora.lora.inject import lora_weight
 from sd_lora.models.bases import RANDOM_BASES
 from sd_lora.models.text import text_encoders_of, tokenizers_of
 from sd_lora.train.evaluate import eval_chunks, eval_loss, make_eval_batch
+from sd_lora.train.outputs import sample_prompts
 from sd_lora.train.report_plot import plot_report
 from sd_lora.util.atomic import atomic_path
 from sd_lora.util.phases import phase
@@ -236,8 +237,6 @@ def render_at(
 
 
 def grid_prompts(config: JobConfig, captions: list[str], trigger: str | None) -> list[str]:
-    from sd_lora.train.outputs import sample_prompts
-
     prompts = list(config.report.prompts) or sample_prompts(config.sample, captions)
     leak_row = strip_trigger(prompts[0], trigger)
     return prompts + [leak_row] if leak_row not in prompts else prompts
