@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 from sd_lora.services.jobs import run_job
+from sd_lora.util.malloc import keep_freed_memory
 from sd_lora.world.scorer import toy_style_scorer
 
 if __name__ == "__main__":
+    keep_freed_memory()  # this process trains one job, then exits
     sys.exit(run_job(Path(sys.argv[1]), Path(sys.argv[2]), style_scorer=toy_style_scorer()))

@@ -27,7 +27,7 @@ OURS = (
     "--resolution {res} --max-steps {steps} --seed {seed} --mixed-precision {mp} --output {out} "
     "--name bench --set lora.unet_r={rank} --set lora.unet_alpha={rank} "
     "--set lora.train_text_encoder=false --set train.batch_size=1 --set train.learning_rate={lr} "
-    "--set sample.every=0 --set sample.steps=1 --set report.enabled=false "
+    "--set sample.enabled=false --set report.enabled=false "
     "--set train.checkpoint_every=0"
 )
 PROGRESS = r"training:\s+\d+%\|[^|]*\|\s*(\d+)/\d+"  # our bar: "training:  50%|...| 4/8"

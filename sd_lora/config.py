@@ -273,6 +273,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
+    # false: no sample images at all (neither every sample.every steps nor at the end), for
+    # runs timed against trainers that render none; the quality report renders its own.
+    enabled: bool = True
     prompts: tuple[str, ...] = ()  # empty: the first three distinct captions of the dataset
     seeds: tuple[int, ...] = ()  # empty: 0, 1, 2, ...
     every: int = 100  # optimizer steps; 0: only at the end

@@ -239,3 +239,20 @@ def test_noise_and_weighting_options_train_resume_exactly_and_are_recorded(tmp_p
         metadata = f.metadata()
     assert metadata["ss_multires_noise_iterations"] == "6" and metadata["ss_debiased_estimation"] == "True"
     assert metadata["ss_adaptive_noise_scale"] == "0.2"
+
+
+def test_sample_enabled_false_renders_no_sample_image_and_still_exports(tmp_path):
+    from pathlib import Path
+
+    from sd_lora.train.recipe import train
+
+    data = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
+    config = load_config(None, [
+        'model.base="tiny"', f'data.path="{data}"', f'train.output_dir="{tmp_path}"',
+        "train.name=quiet", "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=0",
+        "sample.every=1", "sample.enabled=false", "report.enabled=false",
+    ])
+    result = train(config, show_progress=False)
+    assert result.adapter_files["kohya"].is_file()
+    assert not (tmp_path / "samples").exists()  # neither the step-1 grid nor the final one
+    assert "samples" not in __import__("json").loads((tmp_path / "timing.json").read_text())["phases_s"]

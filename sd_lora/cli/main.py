@@ -195,10 +195,12 @@ def run_train(args: argparse.Namespace) -> int:
     from sd_lora.config import load_config
     from sd_lora.train.recipe import train
     from sd_lora.train.stop_signals import stop_on_sigterm
+    from sd_lora.util.malloc import keep_freed_memory
     from sd_lora.world.scorer import toy_style_scorer
 
     config = load_config(args.config, train_overrides(args))
     stop_on_sigterm()
+    keep_freed_memory()  # this process trains, then exits
     result = train(config, resume=args.resume, show_progress=not args.no_progress,
                    style_scorer=toy_style_scorer())
     from sd_lora.util.processes import is_main_process
@@ -218,7 +220,9 @@ def run_train(args: argparse.Namespace) -> int:
               f"{result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} ({change:+.1%})")
     for fmt, path in result.adapter_files.items():
         print(f"adapter ({fmt}): {path}")
-    print(f"samples: {result.output_dir / 'samples'}   loss curve: {result.output_dir / 'loss.png'}")
+    samples = result.output_dir / "samples"
+    shown = f"samples: {samples}   " if samples.is_dir() else ""  # none with sample.enabled false
+    print(f"{shown}loss curve: {result.output_dir / 'loss.png'}")
     if result.report:
         from sd_lora.train.report_plot import verdict_lines
 

@@ -13,7 +13,7 @@ import torch
 from sd_lora.config import DataConfig, TrainConfig
 from sd_lora.data import DatasetScan, ImageCaptionDataset, Sample, load_image
 from sd_lora.data.buckets import BucketBatchSampler, BucketSpec, bucket_info
-from sd_lora.data.latent_cache import CachedLatentDataset, LatentCache, vae_identity
+from sd_lora.data.latent_cache import FILL_BATCH, CachedLatentDataset, LatentCache, vae_identity
 from sd_lora.data.order import EpochSampler
 from sd_lora.data.scan import regularization_layout
 from sd_lora.errors import UserError
@@ -105,7 +105,8 @@ def cache_latents(dataset: ImageCaptionDataset, vae, data: DataConfig, output_di
     where = f"{mode}{f', {folder}' if folder else ''}{auto}"
     variants = plural(len(cached.variants()), "image variant")
     with phase("latent cache", f"{variants} to encode or read ({where})", bar=False):
-        encoded = cached.fill(encode, show_progress=show_progress)  # its own bar
+        batch = FILL_BATCH.get(next(vae.parameters()).device.type, FILL_BATCH["cpu"])
+        encoded = cached.fill(encode, batch, show_progress=show_progress)  # its own bar
         say(f"latent cache ({where}): {variants}, {encoded} encoded now")
     return cached
 

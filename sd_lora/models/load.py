@@ -45,6 +45,7 @@ from sd_lora.models.builtin.tiny_sdxl import build_tiny_sdxl_pipeline
 from sd_lora.models.builtin.toy import toy_base_path
 from sd_lora.models.families import COMPONENTS, freeze, prediction_type_of
 from sd_lora.models.single_file import load_single_file
+from sd_lora.models.streamed import streamed_components
 from sd_lora.util import pickles
 
 # The pipeline classes a diffusers folder may name, and the extra arguments each is built with.
@@ -170,11 +171,15 @@ def _load_folder(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
 def _from_pretrained(source: str, dtype: torch.dtype, class_name: str = "StableDiffusionPipeline",
                      **kwargs) -> DiffusionPipeline:
     cls, extra = PIPELINE_CLASSES[class_name]
+    # The models read tensor by tensor in `dtype` (half the peak memory, see models.streamed);
+    # from_pretrained loads whatever that left out.
+    streamed = streamed_components(Path(source), dtype)
     return cls.from_pretrained(
         source,
         dtype=dtype,
         use_safetensors=True,  # never unpickle: .bin weights can run code when loaded
         **extra,
+        **streamed,
         **kwargs,
     )
 

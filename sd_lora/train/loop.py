@@ -293,7 +293,7 @@ class TrainingLoop:
                     f"(best {state.best_loss:.4f} at step {state.best_step})")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             self.save(progress)
-        if sample.every and step % sample.every == 0 and step < cfg.max_steps:
+        if sample.enabled and sample.every and step % sample.every == 0 and step < cfg.max_steps:
             if self.setup.accelerator.is_main_process:
                 path = self.setup.output_dir / "samples" / f"step-{step:06d}.png"
                 with eval_mode(self.trainee.models.values()):

@@ -263,11 +263,12 @@ def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: Dat
         trainee.ema.apply()
     after = measured_eval_loss(pipe, schedule, eval_batch, "after training", bars)
     if accelerator.is_main_process:
-        images = len(setup.prompts)
-        with phase("samples", f"rendering {plural(images, 'image')} (samples/final.png)", images,
-                   bar=bars) as advance:
-            render_sample_grid(pipe, config.sample, setup.prompts, resolution,
-                               output_dir / "samples" / "final.png", advance)
+        if config.sample.enabled:
+            images = len(setup.prompts)
+            with phase("samples", f"rendering {plural(images, 'image')} (samples/final.png)",
+                       images, bar=bars) as advance:
+                render_sample_grid(pipe, config.sample, setup.prompts, resolution,
+                                   output_dir / "samples" / "final.png", advance)
         try:
             files = export(config)
         except WRITE_ERRORS as e:  # the final checkpoint holds the trained adapter
