@@ -174,7 +174,7 @@ class LoraConfig:
     alpha_pattern: tuple[str, ...] = ()  # "regex=alpha" entries, as rank_pattern
     # DoRA (PEFT's use_dora): each adapted layer also learns one magnitude per output row; the
     # kohya export carries them as dora_scale (out, 1), the diffusers export as PEFT's
-    # lora_magnitude_vector. A1111 assumes per-input-column dora_scale; see docs/formats.md.
+    # lora_magnitude_vector. Only sd-lora and diffusers apply them as trained; see docs/formats.md.
     use_dora: bool = False
     dropout: float = 0.0  # LoRA dropout (PEFT's lora_dropout) on every adapted layer's input, in [0, 1)
     # sd-scripts' dropouts on the adapter's own path, training only (sd_lora/lora/dropouts.py):

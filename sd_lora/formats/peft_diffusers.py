@@ -35,8 +35,14 @@ from sd_lora.formats.adapter_state import (
 )
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-SUFFIX_PARTS = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
-                ".lora_magnitude_vector": "magnitude"}  # PEFT's DoRA: (out,) row norms
+SUFFIX_PARTS = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",  # PEFT's DoRA: row norms
+                ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
+# The magnitude's key as PEFT saves it ends in `lora_magnitude_vector`, and diffusers' UNet loader
+# (PEFT's set_peft_model_state_dict) adds the `.weight` back. Its text-encoder loader under
+# transformers 5 does not: the magnitudes were reported "unexpected" and left at the base's row
+# norms (diffusers 0.42.1, transformers 5.23). Written with `.weight`, both loaders take them.
+MAGNITUDE_KEY = {"unet": "lora_magnitude_vector"}
+MAGNITUDE_KEY_TEXT = "lora_magnitude_vector.weight"
 
 
 class DiffusersKeyError(ValueError):
@@ -126,7 +132,11 @@ def to_diffusers(
             tensors[f"{name}.lora_A.weight"] = lora.lora_A.to(dtype).contiguous()
             tensors[f"{name}.lora_B.weight"] = lora.lora_B.to(dtype).contiguous()
             if dora:
-                tensors[f"{name}.lora_magnitude_vector"] = module.dora_scale.flatten().to(dtype)
+                key = MAGNITUDE_KEY.get(component, MAGNITUDE_KEY_TEXT)
+                magnitude = module.dora_scale.flatten()
+                if lora.lora_A.dim() == 4:  # PEFT's conv DoRA keeps (1, out, 1, 1)
+                    magnitude = magnitude.reshape(1, -1, 1, 1)
+                tensors[f"{name}.{key}"] = magnitude.to(dtype).contiguous()
         inner = {p: (m.inner if dora else m) for p, m in modules.items()}
         for key, value in component_config(component, inner).items():
             config[f"{component}.{key}"] = value
@@ -221,6 +231,7 @@ def from_diffusers(
         module = LoraModule(lora_A=down, lora_B=pair["lora_B"].float(), alpha=alpha)
         if "magnitude" in pair:  # PEFT DoRA: one magnitude per output row
             rows = pair["magnitude"].float()
-            module = DoraModule(module, rows.reshape(rows.shape[0], *[1] * (down.dim() - 1)))
+            # (out,), or a conv's (1, out, 1, 1) as PEFT holds it: (out, 1, ...) either way
+            module = DoraModule(module, rows.reshape(-1, *[1] * (down.dim() - 1)))
         modules.setdefault(component, {})[path] = module
     return AdapterState(family=family, modules=modules)

@@ -20,6 +20,8 @@ from sd_lora.formats.adapter_state import AdapterState, DoraModule, LoraModule, 
 
 ADAPTER_NAME = "default"
 
+# The parameter names of what trains: LoRA's two factors and DoRA's magnitudes.
+TRAINED_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector")
 
 
 def target_suffixes(component: str, groups: tuple[str, ...]) -> list[str]:
@@ -105,7 +107,9 @@ def add_lora(
                         rank_pattern=ranks, alpha_pattern=alphas, use_dora=use_dora)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, param in model.named_parameters():
-        is_lora = "lora_A" in name or "lora_B" in name
+        # DoRA's magnitudes train too: PEFT makes them parameters, and leaving them frozen
+        # (as this did) trained a plain LoRA with the base's row norms beside it.
+        is_lora = any(part in name for part in TRAINED_PARTS)
         param.requires_grad_(is_lora)
         if is_lora and param.dtype != torch.float32:
             # Train the adapter in fp32 even when the frozen base is half precision.
@@ -135,7 +139,8 @@ def read_lora(model: torch.nn.Module, component: str) -> dict[str, LoraModule]:
             magnitudes = getattr(module, "lora_magnitude_vector", {})
             if ADAPTER_NAME in magnitudes:  # PEFT DoRA: one magnitude per output row
                 rows = magnitudes[ADAPTER_NAME].weight.detach().float().cpu().clone()
-                lora = DoraModule(lora, rows.reshape(rows.shape[0], *[1] * (lora.lora_A.dim() - 1)))
+                # (out,) for a Linear, (1, out, 1, 1) for a Conv2d: either way (out, 1, ...)
+                lora = DoraModule(lora, rows.reshape(-1, *[1] * (lora.lora_A.dim() - 1)))
             modules[canonical_name(component, name)] = lora
     return modules
 
@@ -152,8 +157,11 @@ def lora_weight(models, weight: float) -> Iterator[None]:
     layers = [m for model in models for m in model.modules() if isinstance(m, LoraLayer)]
     for layer in layers:
         layer.set_scale(ADAPTER_NAME, weight)
+        if weight == 0:  # DoRA's trained magnitudes rescale W even with no LoRA delta: off
+            layer.enable_adapters(False)
     try:
         yield
     finally:
         for layer in layers:
             layer.set_scale(ADAPTER_NAME, 1.0)
+            layer.enable_adapters(True)
