@@ -24,6 +24,7 @@ from sd_lora.adapters.files import (
     nonfinite_problem,
     read_tensors,
 )
+from sd_lora.adapters.tool_support import dora_axes, tool_notes
 from sd_lora.choices import TARGET_GROUPS
 from sd_lora.formats.kohya import KohyaKeyError, parse_kohya_key
 from sd_lora.formats.metadata import HASH_KEYS, file_hashes
@@ -133,9 +134,11 @@ def inspect_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     family = detect_family(tensors, metadata)
     problems: list[str] = []
     kinds: list[str] = []
+    axes: set[str] = set()
     try:
         state = adapter_from_tensors(tensors, metadata, source=path, check_finite=False)
         components, kinds = _from_state(state), sorted(state.kinds())
+        axes = dora_axes(state)
         if state.unmatched:
             problems.append(f"{state.coverage()} (against the standard {family} layout)")
     except AdapterFileError as e:
@@ -160,6 +163,7 @@ def inspect_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> dict
         "hashes": hashes,
         "metadata": metadata,
         "problems": problems,
+        "tools": tool_notes(layout, axes),  # tools that do not apply it as trained, by name
         "damage": _damage(path, tensors, hashes),
     }
 
@@ -198,6 +202,8 @@ def format_inspection(info: dict) -> str:
             if key == "ss_tag_frequency":
                 value = _tag_summary(value)
             lines.append(f"    {key}: {_short(value)}")
+    for note in info.get("tools", []):
+        lines.append(f"  tools: {note}")
     for problem in info["problems"]:
         lines.append(f"  problem: {problem}")
     for damage in info["damage"]:

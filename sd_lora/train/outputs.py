@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sd_lora.adapters.files import save_adapter
+from sd_lora.adapters.tool_support import dora_axes, tool_notes
 from sd_lora.config import JobConfig, SampleConfig
 from sd_lora.data.captions import detect_trigger
 from sd_lora.formats.metadata import TrainingInfo
@@ -19,6 +20,7 @@ from sd_lora.lora.inject import read_adapter_state
 from sd_lora.train.optimizers import optimizer_label
 from sd_lora.util.atomic import write_bytes_atomically
 from sd_lora.util.dtypes import DTYPES
+from sd_lora.util.processes import say
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,8 @@ def export_adapters(trained, family: str, prediction_type: str, config: JobConfi
     for fmt in config.export.formats:
         path = adapter_path(output_dir, config.train.name, fmt)
         files[fmt] = save_adapter(state, path, format=fmt, info=info, dtype=dtype)
+    for note in tool_notes("kohya", dora_axes(state)):  # DoRA: which tools misapply the file
+        say(f"note: {note}")
     return files
 
 

@@ -1,0 +1,50 @@
+"""Which tools apply an adapter file as it was trained, said by name where they do not.
+
+Read from each tool's loading code (docs/formats.md#dora-as-sd-lora-trains-it has the formulas;
+tests/test_dora_tools.py applies them to a trained file): only the cases where a tool is known
+to do something other than what the file means are named here.
+"""
+
+from __future__ import annotations
+
+ROW_DORA = (
+    "DoRA with one magnitude per output row (as sd-lora and PEFT train it): applied as trained "
+    "by sd-lora, and by diffusers from the diffusers layout (this file's kohya layout loses the "
+    "magnitudes there). Not by AUTOMATIC1111 1.9-1.10 or InvokeAI (per input column only), "
+    "ComfyUI (divides by the base weight's row norms, not the updated weight's) or sd-scripts "
+    "(ignores dora_scale): give their users a plain LoRA"
+)
+COLUMN_DORA = (
+    "DoRA with one magnitude per input column (LyCORIS' layout): applied as written by sd-lora, "
+    "ComfyUI, AUTOMATIC1111 and InvokeAI; sd-scripts ignores dora_scale, and the diffusers "
+    "layout cannot hold it"
+)
+PEFT_LAYOUT = (
+    "diffusers/PEFT layout: for diffusers (load_lora_weights) and sd-lora. AUTOMATIC1111 and "
+    "ComfyUI do not apply these keys as trained: give them the kohya file (sd-lora convert "
+    "FILE OUT --to kohya)"
+)
+
+
+def tool_notes(layout: str, dora_axes: set[str]) -> list[str]:
+    """Warnings for a file of `layout` ("kohya", "diffusers", ...) whose DoRA modules hold
+    magnitudes on `dora_axes` ({"row"}, {"column"}, both, or none)."""
+    notes = []
+    if layout == "diffusers":
+        notes.append(PEFT_LAYOUT)
+    if "row" in dora_axes and layout != "diffusers":
+        notes.append(ROW_DORA)
+    if "column" in dora_axes:
+        notes.append(COLUMN_DORA)
+    return notes
+
+
+def dora_axes(state) -> set[str]:
+    """{"row", "column"}: the axes of an AdapterState's DoRA magnitudes."""
+    axes = set()
+    for modules in state.modules.values():
+        for module in modules.values():
+            if module.kind == "dora":
+                shape = tuple(module.delta_shape())
+                axes.add("row" if module.on_output_axis(shape) else "column")
+    return axes
