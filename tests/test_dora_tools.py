@@ -63,24 +63,38 @@ TOOLS = {"ComfyUI": comfyui, "A1111 / InvokeAI": a1111_or_invokeai,
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny DoRA run's kohya file, read back, with the base layers it was trained on."""
+def run(tmp_path_factory):
+    """A tiny DoRA run (UNet attention and convolutions, text encoder): its files."""
     result, _ = train_keeping_loop(dora_job(tmp_path_factory.mktemp("dora"), "t",
                                             'lora.unet_targets=["attn", "conv"]'))
+    return result.adapter_files
+
+
+def layers_and_modules(path):
+    """[(base weight, module read by sd-lora)] for every module of the file."""
     base = build_tiny_pipeline()
-    state = load_adapter(result.adapter_files["kohya"], pipeline_module_paths(base))
+    state = load_adapter(path, pipeline_module_paths(base))
     layers = component_modules(base)
     return [(layers[c][p].weight.detach().float(), module)
             for c, modules in state.modules.items() for p, module in modules.items()]
 
 
-def relative_error(tool, pairs) -> float:
-    """Over every DoRA layer: |tool's weight - trained weight| / |trained weight - W|."""
+@pytest.fixture(scope="module")
+def trained(run):
+    return layers_and_modules(run["kohya"])
+
+
+def relative_error(tool, pairs, trained_pairs=None, strength: float = 1.0) -> float:
+    """Over every DoRA layer: |tool's weight - trained weight| / |trained weight - W|, the tool
+    reading `pairs`' tensors as its file holds them; the trained weights are those of
+    `trained_pairs` as sd-lora applies the standard file (default: `pairs`). At `strength` s
+    every tool here applies W + s * (its weight - W)."""
     off = change = 0.0
-    for w, module in pairs:
-        want = w + module.delta_on(w)
+    for (w, module), (_, trained) in zip(pairs, trained_pairs or pairs):
+        want = w + trained.delta_on(w, strength)
         got = tool(w, module.inner.lora_A, module.inner.lora_B, module.scale,
                    module.dora_scale.reshape(-1, *[1] * (w.dim() - 1)))
+        got = w + strength * (got - w)
         off += float((got - want).pow(2).sum())
         change += float((want - w).pow(2).sum())
     return (off / change) ** 0.5
@@ -113,3 +127,32 @@ def test_inspect_names_the_tools_that_misapply_a_dora_file(tmp_path):
     assert diffusers["tools"] == [PEFT_LAYOUT]  # its DoRA is what diffusers applies as trained
     assert tool_notes("kohya", {"column"}) == [COLUMN_DORA]
     assert tool_notes("kohya", set()) == []  # a plain LoRA file: nothing to warn about
+
+
+def test_the_comfyui_file_is_applied_as_trained_by_comfyui_and_by_sd_lora(run, trained):
+    """`<name>-comfyui.safetensors`: magnitudes rescaled for ComfyUI's formula."""
+    comfy = layers_and_modules(run["comfyui"])
+    assert [m.norm_of for _, m in comfy if m.kind == "dora" and m.on_output_axis(
+        tuple(m.delta_shape()))] and all(m.norm_of == "base" for _, m in comfy if m.kind == "dora")
+    for strength in (1.0, 0.5):
+        assert relative_error(comfyui, comfy, trained, strength) < 1e-4, strength
+    # sd-lora reads the file's marker and applies ComfyUI's formula to it: the trained weights
+    ours = sum(float((m.delta_on(w) - t.delta_on(w)).pow(2).sum()) for (w, m), (_, t) in zip(comfy, trained))
+    change = sum(float(t.delta_on(w).pow(2).sum()) for w, t in trained)
+    assert (ours / change) ** 0.5 < 1e-4
+    # and the other tools still do not apply it as trained
+    assert relative_error(a1111_or_invokeai, comfy, trained) > 0.05
+
+
+def test_the_comfyui_file_says_what_it_is_for_and_is_not_converted_to_peft(run, tmp_path):
+    from sd_lora.adapters.files import AdapterFileError, load_adapter, save_adapter
+    from sd_lora.adapters.inspect import format_inspection, inspect_adapter
+    from sd_lora.adapters.tool_support import COMFYUI_DORA
+
+    assert f"tools: {COMFYUI_DORA}" in format_inspection(inspect_adapter(run["comfyui"]))
+    state = load_adapter(run["comfyui"])
+    with pytest.raises(AdapterFileError, match="written for ComfyUI's formula"):
+        save_adapter(state, tmp_path / "x.safetensors", format="diffusers")
+    again = save_adapter(state, tmp_path / "again.safetensors", format="kohya")  # marker kept
+    assert all(m.norm_of == "base" for _, m in layers_and_modules(again) if m.kind == "dora"
+               and m.on_output_axis(tuple(m.delta_shape())))

@@ -22,6 +22,7 @@ from sd_lora.formats import kohya, peft_diffusers
 from sd_lora.formats.adapter_state import (
     COMPONENTS,
     CONTEXT_WIDTH_FAMILY,
+    DORA_NORM_KEY,
     AdapterState,
     canonical_name,
 )
@@ -258,6 +259,11 @@ def adapter_from_tensors(
     except (ValueError, NotImplementedError) as e:
         raise AdapterFileError(f"{source}: {e}") from e
     state.metadata = dict(metadata)
+    if metadata.get(DORA_NORM_KEY) == "base":  # a file written for ComfyUI's DoRA formula
+        for by_path in state.modules.values():
+            for module in by_path.values():
+                if module.kind == "dora" and module.on_output_axis(tuple(module.delta_shape())):
+                    module.norm_of = "base"
     if state.unmatched:  # never a silent drop: say what was left out
         logger.warning("%s: %s", source, state.coverage())
     return state

@@ -157,6 +157,15 @@ class NeedsBaseWeight(ValueError):
 
 
 DORA_EPS = 1e-6  # added to the norms DoRA divides by, as LyCORIS does
+COMFYUI_EPS = float(torch.finfo(torch.float32).eps)  # ComfyUI's, in its float32 patching
+# Metadata of a kohya file whose row magnitudes are for ComfyUI's formula (DoraModule.norm_of)
+DORA_NORM_KEY = "sd_lora_dora_norm"
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The norm of each output row (out, 1, ...) of a Linear or conv weight."""
+    return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(
+        weight.shape[0], *[1] * (weight.dim() - 1))
 
 
 @dataclass
@@ -170,6 +179,11 @@ class DoraModule:
 
     inner: LoraModule | LohaModule | LokrModule
     dora_scale: torch.Tensor
+    # "updated": the norms above, of V (DoRA itself; LyCORIS, PEFT). "base": per-row magnitudes
+    # divided by the base weight's row norms instead, m * V / (||W|| + eps), which is what
+    # ComfyUI computes for an (out, 1) dora_scale; a file written for ComfyUI holds
+    # m_trained * (||W|| + eps) / ||V|| so that ComfyUI gets the trained weight (DORA_NORM_KEY).
+    norm_of: str = "updated"
     kind = "dora"
 
     @property
@@ -202,13 +216,13 @@ class DoraModule:
         base = weight.to(dtype)
         updated = base + self.inner.delta(1.0, dtype).reshape(base.shape)
         if self.on_output_axis(tuple(base.shape)):
-            norm = updated.reshape(base.shape[0], -1).norm(dim=1)
-            norm = norm.reshape(base.shape[0], *[1] * (base.dim() - 1))
+            rows = base if self.norm_of == "base" else updated
+            norm = row_norms(rows) + (COMFYUI_EPS if self.norm_of == "base" else DORA_EPS)
         else:
             norm = updated.transpose(0, 1).reshape(base.shape[1], -1).norm(dim=1)
-            norm = norm.reshape(1, base.shape[1], *[1] * (base.dim() - 2))
+            norm = norm.reshape(1, base.shape[1], *[1] * (base.dim() - 2)) + DORA_EPS
         magnitude = self.dora_scale.to(dtype).reshape(norm.shape)
-        return (updated * (magnitude / (norm + DORA_EPS)) - base) * strength
+        return (updated * (magnitude / norm) - base) * strength
 
     def delta_shape(self) -> torch.Size:
         return self.inner.delta().shape
@@ -276,3 +290,24 @@ class AdapterState:
     def alphas(self) -> set[float]:
         return {float(m.r if m.alpha is None else m.alpha)  # a LoKr without alpha: scale 1
                 for comp in self.modules.values() for m in comp.values()}
+
+
+def for_comfyui(state: AdapterState, base_weights: dict[str, dict[str, torch.Tensor]]) -> AdapterState:
+    """`state` with every per-row DoRA magnitude rescaled for ComfyUI's formula (see
+    DoraModule.norm_of): m' = m * (||W|| + eps) / (||V|| + eps) with the base weights the
+    adapter was trained on ({component: {module path: W}}), so that ComfyUI, dividing by ||W||,
+    gets m * V / ||V||. Other modules are kept as they are."""
+    modules: dict[str, dict] = {}
+    for component, by_path in state.modules.items():
+        modules[component] = {}
+        for path, module in by_path.items():
+            weight = base_weights.get(component, {}).get(path)
+            if module.kind == "dora" and module.norm_of == "updated" and weight is not None \
+                    and module.on_output_axis(tuple(weight.shape)):
+                base = weight.float()
+                updated = base + module.inner.delta(1.0).reshape(base.shape)
+                ratio = (row_norms(base) + COMFYUI_EPS) / (row_norms(updated) + DORA_EPS)
+                scale = module.dora_scale.float().reshape(ratio.shape) * ratio
+                module = DoraModule(module.inner, scale.reshape(module.dora_scale.shape), "base")
+            modules[component][path] = module
+    return AdapterState(family=state.family, modules=modules, metadata=dict(state.metadata))

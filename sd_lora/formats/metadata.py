@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sd_lora.formats.adapter_state import AdapterState
+from sd_lora.formats.adapter_state import DORA_NORM_KEY, AdapterState
 
 LYCORIS_NETWORK_MODULE = "lycoris.kohya"
 NETWORK_MODULE = "networks.lora"
@@ -124,7 +124,10 @@ def _network_keys(state: AdapterState) -> dict[str, str]:
     if not modules:
         raise ValueError("the adapter has no modules; there is nothing to save")
     kinds = state.kinds()
+    for_comfyui = any(getattr(m, "norm_of", "") == "base" for m in modules)
     return {
+        # which DoRA formula the magnitudes are for (adapter_state.DoraModule.norm_of)
+        **({DORA_NORM_KEY: "base"} if for_comfyui else {}),
         # sd-scripts' own module for plain LoRA; LyCORIS' for LoHa/LoKr, as its files say
         "ss_network_module": NETWORK_MODULE if kinds == {"lora"} else LYCORIS_NETWORK_MODULE,
         "ss_network_dim": str(_most_common([m.r for m in modules])),

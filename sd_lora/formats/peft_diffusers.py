@@ -157,6 +157,11 @@ def _check_dora(component: str, modules: dict) -> bool:
         raise DiffusersKeyError(f"{component} mixes DoRA and plain modules, which PEFT's "
                                 "use_dora (one per component) cannot hold; keep the kohya layout")
     for path, module in modules.items():
+        if module.norm_of == "base":
+            raise DiffusersKeyError(
+                f"{component}.{path}: this DoRA file is written for ComfyUI's formula (its "
+                "magnitudes depend on the base weights); convert the standard kohya file of the "
+                "run (without -comfyui) instead")
         if module.inner.kind != "lora" or not module.on_output_axis(tuple(module.delta_shape())):
             raise DiffusersKeyError(
                 f"{component}.{path}: DoRA with per-input-column magnitudes (LyCORIS' default) or on "

@@ -145,6 +145,16 @@ def read_lora(model: torch.nn.Module, component: str) -> dict[str, LoraModule]:
     return modules
 
 
+def base_weights(components: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """The frozen weight under each injected LoRA layer, keyed like `read_adapter_state`."""
+    return {
+        component: {canonical_name(component, name): module.get_base_layer().weight.detach()
+                    for name, module in model.named_modules()
+                    if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A}
+        for component, model in components.items()
+    }
+
+
 def read_adapter_state(components: dict[str, torch.nn.Module], family: str) -> AdapterState:
     """Collect the LoRA weights of every injected component into one `AdapterState`."""
     modules = {comp: read_lora(model, comp) for comp, model in components.items()}

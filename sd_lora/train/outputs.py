@@ -11,12 +11,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sd_lora.adapters.files import save_adapter
-from sd_lora.adapters.tool_support import dora_axes, tool_notes
+from sd_lora.adapters.tool_support import ROW_DORA, dora_axes
 from sd_lora.config import JobConfig, SampleConfig
 from sd_lora.data.captions import detect_trigger
+from sd_lora.formats.adapter_state import for_comfyui
 from sd_lora.formats.metadata import TrainingInfo
 from sd_lora.generate.render import RenderSettings, image_grid, render, save_png
-from sd_lora.lora.inject import read_adapter_state
+from sd_lora.lora.inject import base_weights, read_adapter_state
 from sd_lora.train.optimizers import optimizer_label
 from sd_lora.util.atomic import write_bytes_atomically
 from sd_lora.util.dtypes import DTYPES
@@ -128,14 +129,20 @@ def export_adapters(trained, family: str, prediction_type: str, config: JobConfi
     for fmt in config.export.formats:
         path = adapter_path(output_dir, config.train.name, fmt)
         files[fmt] = save_adapter(state, path, format=fmt, info=info, dtype=dtype)
-    for note in tool_notes("kohya", dora_axes(state)):  # DoRA: which tools misapply the file
-        say(f"note: {note}")
+    if "kohya" in files and "row" in dora_axes(state):
+        # ComfyUI divides per-row magnitudes by the base weight's norms: a file of its own.
+        path = adapter_path(output_dir, config.train.name, "comfyui")
+        files["comfyui"] = save_adapter(for_comfyui(state, base_weights(trained)), path,
+                                        format="kohya", info=info, dtype=dtype)
+        say(f"note: {ROW_DORA}; for ComfyUI use {path.name}, written for its formula")
     return files
 
 
 def adapter_path(output_dir: Path, name: str, fmt: str) -> Path:
     if fmt == "kohya":
         return output_dir / f"{name}.safetensors"
+    if fmt == "comfyui":  # written beside the kohya file for DoRA runs (export_adapters)
+        return output_dir / f"{name}-comfyui.safetensors"
     return output_dir / f"{name}-diffusers" / "pytorch_lora_weights.safetensors"
 
 
