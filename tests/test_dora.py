@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from sd_lora.config import load_config
-from sd_lora.lora.inject import lora_named_parameters, lora_weight
+from sd_lora.lora.inject import base_weights, lora_named_parameters, lora_weight, read_adapter_state
 from sd_lora.models.builtin.tiny import build_tiny_pipeline
 from sd_lora.train.recipe import add_adapters, make_optimizer
 from tests.lora_helpers import train_keeping_loop
@@ -135,3 +135,31 @@ def test_weight_zero_gives_the_base_exactly_even_with_trained_magnitudes():
         on = pipe.unet(latents, torch.tensor([300]), text).sample
     torch.testing.assert_close(off, want, rtol=0, atol=1e-6)
     assert float((on - want).abs().max()) > 1e-3
+
+
+@pytest.mark.slow
+def test_an_sdxl_dora_run_loads_in_diffusers_with_both_text_encoders(tmp_path):
+    """SDXL: the UNet and both text encoders' magnitudes train, and diffusers' SDXL pipeline
+    gives the trained conditioning (hidden states and pooled) and UNet output to 1e-5."""
+    from sd_lora.models.load import load_pipeline
+    from tests.test_sdxl import max_diff, sdxl_outputs
+
+    config = load_config(None, [
+        'model.base="tiny-sdxl"', f'data.path="{SAMPLE_DATA}"', f'train.output_dir="{tmp_path}"',
+        "train.name=xd", "train.max_steps=4", "train.batch_size=2", "train.checkpoint_every=0",
+        "sample.enabled=false", "report.enabled=false", 'export.formats=["diffusers"]',
+        'export.dtype="fp32"', "lora.use_dora=true", "train.learning_rate=2e-2",
+        "train.text_encoder_learning_rate=2e-2", "train.text_encoder_2_learning_rate=2e-2",
+    ])
+    result, loop = train_keeping_loop(config)
+    state = read_adapter_state(loop.trainee.models, "sdxl")
+    weights = base_weights(loop.trainee.models)
+    for component in ("unet", "text_encoder", "text_encoder_2"):  # all three train DoRA
+        moved = max(float((m.dora_scale.flatten() - row_norms(weights[component][p])).abs().max())
+                    for p, m in state.modules[component].items())
+        assert moved > 1e-3, component
+    want = sdxl_outputs(loop.trainee.pipe)
+    assert max_diff(want, sdxl_outputs(load_pipeline("tiny-sdxl"))) > 1e-3
+    fresh = load_pipeline("tiny-sdxl")
+    fresh.load_lora_weights(str(result.adapter_files["diffusers"]))
+    assert max_diff(sdxl_outputs(fresh), want) < 1e-5
