@@ -163,3 +163,27 @@ def test_an_sdxl_dora_run_loads_in_diffusers_with_both_text_encoders(tmp_path):
     fresh = load_pipeline("tiny-sdxl")
     fresh.load_lora_weights(str(result.adapter_files["diffusers"]))
     assert max_diff(sdxl_outputs(fresh), want) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_killed_dora_run_resumes_to_the_same_magnitudes(tmp_path, monkeypatch):
+    """The magnitudes and their optimizer moments are in the checkpoint: interrupted at step 3
+    and resumed, the run ends with the files of an uninterrupted one (both of them)."""
+    from safetensors.torch import load_file
+
+    from sd_lora.train.recipe import train
+    from tests.test_train import _interrupt_at
+
+    def job(out):
+        return dora_job(out, "r", "train.max_steps=6", 'lora.unet_targets=["attn", "conv"]')
+
+    straight = train(job(tmp_path / "a"), show_progress=False)
+    _interrupt_at(3, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(job(tmp_path / "b"), show_progress=False)
+    monkeypatch.undo()
+    resumed = train(job(tmp_path / "b"), resume=True, show_progress=False)
+    for fmt in ("kohya", "comfyui"):
+        a, b = load_file(straight.adapter_files[fmt]), load_file(resumed.adapter_files[fmt])
+        assert a.keys() == b.keys() and any(k.endswith("dora_scale") for k in a)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, fmt
