@@ -67,3 +67,45 @@ def test_every_group_survives_export_and_loads_everywhere(tiny_pipe, tmp_path, f
     for got in (outputs(theirs), outputs(ours)):
         assert (got[0] - want[0]).abs().max() < 1e-5
         assert (got[1] - want[1]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_input_casting_off_under_autocast_changes_nothing(dora):
+    """uncast_inputs (a training step's memory saver): the same outputs and gradients, bit for
+    bit, under bf16 autocast; DoRA layers keep PEFT's cast (their result would change)."""
+    from peft.tuners.lora import LoraLayer
+
+    from sd_lora.config import load_config
+    from sd_lora.lora.inject import uncast_inputs
+    from sd_lora.models.load import load_pipeline
+    from sd_lora.train.recipe import add_adapters
+
+    pipe = load_pipeline("tiny", dtype=torch.bfloat16)
+    config = load_config(None, [f"lora.use_dora={str(dora).lower()}",
+                                'lora.unet_targets=["attn", "conv"]'])
+    torch.manual_seed(0)
+    trained = add_adapters(pipe, config.lora)
+    unet = pipe.unet
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 8, 8, generator=g).bfloat16()
+    text = torch.randn(2, 77, 32, generator=g).bfloat16()
+    results = []
+    for active in (False, True):
+        unet.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), uncast_inputs(trained.values(), active):
+            flags = {getattr(m, "cast_input_dtype_enabled", True)
+                     for m in unet.modules() if isinstance(m, LoraLayer)}
+            out = unet(latents, torch.tensor([10, 500]), text).sample
+        out.float().pow(2).mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()
+                                       if p.grad is not None}, flags))
+    (out_a, grads_a, _), (out_b, grads_b, flags_on) = results
+    assert flags_on == ({True} if dora else {False})
+    assert torch.equal(out_a, out_b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    assert all(getattr(m, "cast_input_dtype_enabled", True)  # put back after the step
+               for m in unet.modules() if isinstance(m, LoraLayer))

@@ -21,7 +21,7 @@ from diffusers import DiffusionPipeline
 from tqdm import tqdm
 
 from sd_lora.config import JobConfig, flat_config
-from sd_lora.lora.inject import lora_parameters, lora_weight
+from sd_lora.lora.inject import lora_parameters, lora_weight, uncast_inputs
 from sd_lora.models.text import (
     EmbeddingCache,
     encode_all,
@@ -181,7 +181,9 @@ class TrainingLoop:
         the optimizer step (undone if it makes a weight non-finite). (loss, step kept)"""
         accelerator, pipe = self.setup.accelerator, self.trainee.pipe
         unet = self.trainee.models["unet"]
-        with accelerator.accumulate(*self.trainee.models.values()):
+        autocast = self.setup.config.train.mixed_precision != "no"  # Accelerate's, on the models
+        with accelerator.accumulate(*self.trainee.models.values()), \
+                uncast_inputs(self.trainee.trained.values(), active=autocast):
             latents = self.latents_of(batch)
             objective = self.setup.objective
             noise, timesteps = objective.draw(latents, self.setup.noise_generator, self.share)
