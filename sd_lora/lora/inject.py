@@ -167,8 +167,9 @@ def uncast_inputs(models, active: bool = True) -> Iterator[None]:
     matmuls. Under autocast those matmuls run in bf16/fp16 anyway, so the cast round-trips
     exactly (outputs and gradients bit-identical: tests/test_inject.py) and the fp32 copies
     only cost memory: the full SD 1.5 at 512 px in bf16 peaked at 3.64 GiB without them
-    against 3.82. Off while `active` (a training step under autocast). DoRA layers keep the
-    cast: they compute weight norms in the input's dtype, so their result would change."""
+    against 3.82. Off while `active` (a training step under autocast, no dropout on the LoRA
+    path: the caller decides). DoRA layers keep the cast: they compute weight norms in the
+    input's dtype, so their result would change."""
     layers = [m for model in models for m in model.modules()
               if isinstance(m, LoraLayer) and not m.use_dora.get(ADAPTER_NAME, False)] if active else []
     before = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]

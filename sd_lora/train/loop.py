@@ -181,9 +181,13 @@ class TrainingLoop:
         the optimizer step (undone if it makes a weight non-finite). (loss, step kept)"""
         accelerator, pipe = self.setup.accelerator, self.trainee.pipe
         unet = self.trainee.models["unet"]
-        autocast = self.setup.config.train.mixed_precision != "no"  # Accelerate's, on the models
+        # Under Accelerate's autocast PEFT's fp32 copies of the LoRA inputs change nothing; with
+        # a dropout on that path they would change its rounding, so they stay then.
+        lora = self.setup.config.lora
+        uncast = self.setup.config.train.mixed_precision != "no" and not any(
+            (lora.dropout, lora.network_dropout, lora.rank_dropout, lora.module_dropout))
         with accelerator.accumulate(*self.trainee.models.values()), \
-                uncast_inputs(self.trainee.trained.values(), active=autocast):
+                uncast_inputs(self.trainee.trained.values(), active=uncast):
             latents = self.latents_of(batch)
             objective = self.setup.objective
             noise, timesteps = objective.draw(latents, self.setup.noise_generator, self.share)
