@@ -20,10 +20,10 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-# The longest test files (minutes each: toy-world trainings, the notebook, the browser) go first,
+# The longest test files (toy-world trainings, the notebook, the browser, the GPU check's dry run) go first,
 # so that under pytest-xdist they start on different workers and the short ones fill in around
 # them, instead of one of them starting last and running alone.
-LONGEST_FIRST = ("test_toy_world.py", "test_notebook.py", "test_app_browser.py")
+LONGEST_FIRST = ("test_toy_world.py", "test_notebook.py", "test_app_browser.py", "test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(config, items):
