@@ -24,8 +24,8 @@ the trainer's own memory estimate for that row (`sd_lora.train.memory.estimate`)
 attention kernel PyTorch's scaled_dot_product_attention picks for the UNet's attention shapes in
 that dtype. A row that fails is reported with the end of its output; the others still run.
 
-`--dry-run` runs the same rows on the built-in `tiny` and `tiny-sdxl` bases at 64 px on the
-CPU, so CI keeps this script working. There the rows a CPU cannot run (fp16, 8-bit AdamW) must
+`--dry-run` runs the same rows on the built-in `tiny` and `tiny-sdxl` bases (saved as folders
+the same way) at 64 px on the CPU, so CI keeps this script working. There the rows a CPU cannot run (fp16, 8-bit AdamW) must
 be refused by the command's own checks before any model loads, and the script checks that they
 are. Exit status: 0 when every row did what it should, 1 otherwise.
 """
@@ -104,19 +104,19 @@ class Result:
 
 def build_folder(base: Base, work: Path) -> str:
     """The base as `--base` takes it: a diffusers folder of random weights (saved in fp16,
-    which halves the writing; training loads it in its own dtype), or the built-in name."""
-    if base.name.startswith("tiny"):
-        return base.name
+    which halves the writing; training loads it in its own dtype). The dry run's tiny bases are
+    saved the same way, so that both runs take the same loading path."""
     folder = work / f"{base.name}-random"
     if not (folder / "model_index.json").is_file():
-        sys.path.insert(0, str(REPO / "bench"))
-        from train_speed import build_sd15_pipeline, build_sdxl_pipeline
-
         started = time.perf_counter()
-        build = build_sdxl_pipeline if base.name == "sdxl" else build_sd15_pipeline
-        pipe = build("fp16")
-        pipe.vae.to(torch.float16)
-        pipe.save_pretrained(folder)
+        if base.name.startswith("tiny"):
+            pipe = load_pipeline(base.name)
+        else:
+            sys.path.insert(0, str(REPO / "bench"))
+            from train_speed import build_sd15_pipeline, build_sdxl_pipeline
+
+            pipe = (build_sdxl_pipeline if base.name == "sdxl" else build_sd15_pipeline)("fp16")
+        pipe.to(torch.float16).save_pretrained(folder)
         del pipe
         print(f"[{base.name}] random-weight folder written in {time.perf_counter() - started:.0f} s",
               file=sys.stderr, flush=True)
@@ -141,8 +141,7 @@ def make_data(resolution: int, work: Path) -> Path:
 def attention_kernel(base_path: str, dtype: torch.dtype, resolution: int, device: str) -> str:
     """The kernel scaled_dot_product_attention picks for the UNet's first attention layer
     (its heads, head size and token count) in `dtype` on `device`: PyTorch's own choice."""
-    config = json.loads(Path(base_path, "unet", "config.json").read_text()) if Path(
-        base_path).is_dir() else dict(load_pipeline(base_path).unet.config)
+    config = json.loads(Path(base_path, "unet", "config.json").read_text())
     heads = config["attention_head_dim"]
     levels = [i for i, kind in enumerate(config["down_block_types"]) if "CrossAttn" in kind]
     level = levels[0] if levels else 0
@@ -201,17 +200,9 @@ def run_row(base: Base, base_path: str, data: Path, row: Row, work: Path, dry: b
 
 
 def _estimate(base_path: str, base: Base, row: Row) -> float:
-    from sd_lora.train.memory import ParameterCounts
-
-    if Path(base_path).is_dir():
-        counts = count_folder(Path(base_path))
-    else:
-        pipe = load_pipeline(base_path)
-        size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m]
-        counts = ParameterCounts(size(pipe.unet), sum(size(m) for m in encoders), size(pipe.vae))
-    guess = estimate(counts, base.resolution, base.batch, row.mixed_precision,
-                     row.checkpointing, cached_latents=True, available=(None, ""))
+    guess = estimate(count_folder(Path(base_path)), base.resolution, base.batch,
+                     row.mixed_precision, row.checkpointing, cached_latents=True,
+                     available=(None, ""))
     return guess.total_gib
 
 

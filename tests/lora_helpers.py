@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 # The torch threads a test may compute on: one under pytest-xdist (`make test` runs a worker
@@ -40,3 +41,29 @@ def train_keeping_loop(config):
     finally:
         TrainingLoop.run = original
     return result, kept["loop"]
+
+
+def interrupt_at(step: int, monkeypatch) -> None:
+    """Simulate Ctrl-C right after optimizer step `step` (the loop then saves a checkpoint)."""
+    from sd_lora.train.recipe import TrainingLoop
+
+    original = TrainingLoop.after_step
+
+    def after_step(self, progress):
+        original(self, progress)
+        if progress.global_step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainingLoop, "after_step", after_step)
+
+
+def killed_then_resumed(job, monkeypatch, step: int = 3):
+    """`train(job)` stopped by a Ctrl-C right after optimizer step `step` (a checkpoint is saved
+    there), then the same job resumed; returns the resumed run's TrainResult."""
+    from sd_lora.train.recipe import train
+
+    interrupt_at(step, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(job, show_progress=False)
+    monkeypatch.undo()
+    return train(job, resume=True, show_progress=False)

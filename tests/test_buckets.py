@@ -146,7 +146,7 @@ def test_buckets_that_cannot_fit_the_resolution_are_a_clear_error(tmp_path):
 def test_a_bucketed_run_resumed_mid_epoch_ends_at_the_same_adapter(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from tests.test_train import _interrupt_at
+    from tests.lora_helpers import killed_then_resumed
 
     data = make_images(tmp_path / "data", SIZES)
 
@@ -160,11 +160,7 @@ def test_a_bucketed_run_resumed_mid_epoch_ends_at_the_same_adapter(tmp_path, mon
         ])
 
     straight = train(job(tmp_path / "straight"), show_progress=False)
-    _interrupt_at(3, monkeypatch)  # 3 of the epoch's 8 batches
-    with pytest.raises(KeyboardInterrupt):
-        train(job(tmp_path / "resumed"), show_progress=False)
-    monkeypatch.undo()
-    resumed = train(job(tmp_path / "resumed"), resume=True, show_progress=False)
+    resumed = killed_then_resumed(job(tmp_path / "resumed"), monkeypatch)  # at 3 of 8 batches
     a, b = load_file(straight.adapter_files["kohya"]), load_file(resumed.adapter_files["kohya"])
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6

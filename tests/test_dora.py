@@ -172,17 +172,13 @@ def test_a_killed_dora_run_resumes_to_the_same_magnitudes(tmp_path, monkeypatch)
     from safetensors.torch import load_file
 
     from sd_lora.train.recipe import train
-    from tests.test_train import _interrupt_at
+    from tests.lora_helpers import killed_then_resumed
 
     def job(out):
         return dora_job(out, "r", "train.max_steps=6", 'lora.unet_targets=["attn", "conv"]')
 
     straight = train(job(tmp_path / "a"), show_progress=False)
-    _interrupt_at(3, monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(job(tmp_path / "b"), show_progress=False)
-    monkeypatch.undo()
-    resumed = train(job(tmp_path / "b"), resume=True, show_progress=False)
+    resumed = killed_then_resumed(job(tmp_path / "b"), monkeypatch)
     for fmt in ("kohya", "comfyui"):
         a, b = load_file(straight.adapter_files[fmt]), load_file(resumed.adapter_files[fmt])
         assert a.keys() == b.keys() and any(k.endswith("dora_scale") for k in a)

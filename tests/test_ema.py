@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from sd_lora.config import ConfigError, load_config
 from sd_lora.train.ema import AdapterEMA
 from sd_lora.train.recipe import train
-from tests.test_train import _interrupt_at
+from tests.lora_helpers import killed_then_resumed
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 
@@ -56,12 +56,7 @@ def test_ema_exports_the_average_beside_the_unchanged_raw_weights(tmp_path, monk
     raw = load_file(tmp_path / "ema" / "e-raw.safetensors")
     assert max_diff(raw, plain) == 0.0  # the average never feeds back into training
     assert max_diff(averaged, raw) > 1e-4
-    _interrupt_at(3, monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(job(tmp_path / "resumed", "train.ema_decay=0.9"), show_progress=False)
-    monkeypatch.undo()
-    resumed = train(job(tmp_path / "resumed", "train.ema_decay=0.9"), resume=True,
-                    show_progress=False)
+    resumed = killed_then_resumed(job(tmp_path / "resumed", "train.ema_decay=0.9"), monkeypatch)
     assert max_diff(load_file(resumed.adapter_files["kohya"]), averaged) <= 1e-6
 
 

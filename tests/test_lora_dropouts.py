@@ -110,7 +110,7 @@ def test_a_run_with_the_dropouts_differs_resumes_exactly_and_records_them(tmp_pa
     from safetensors.torch import load_file
 
     from sd_lora.train.recipe import train
-    from tests.test_train import _interrupt_at
+    from tests.lora_helpers import killed_then_resumed
 
     def job(out, *dropouts):
         return load_config(None, [
@@ -123,11 +123,7 @@ def test_a_run_with_the_dropouts_differs_resumes_exactly_and_records_them(tmp_pa
     dropouts = ("lora.network_dropout=0.1", "lora.rank_dropout=0.2", "lora.module_dropout=0.2")
     straight = train(job(tmp_path / "a", *dropouts), show_progress=False)
     plain = train(job(tmp_path / "p"), show_progress=False)
-    _interrupt_at(3, monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(job(tmp_path / "b", *dropouts), show_progress=False)
-    monkeypatch.undo()
-    resumed = train(job(tmp_path / "b", *dropouts), resume=True, show_progress=False)
+    resumed = killed_then_resumed(job(tmp_path / "b", *dropouts), monkeypatch)
     a, b = load_file(straight.adapter_files["kohya"]), load_file(resumed.adapter_files["kohya"])
     c = load_file(plain.adapter_files["kohya"])
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6  # the same draws again

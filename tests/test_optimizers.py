@@ -13,7 +13,7 @@ from sd_lora.choices import OptimizerError, parse_optimizer_args
 from sd_lora.config import ConfigError, TrainConfig, load_config
 from sd_lora.train.optimizers import build_optimizer
 from sd_lora.train.recipe import train
-from tests.test_train import _interrupt_at
+from tests.lora_helpers import killed_then_resumed
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 LEARNING_RATES = {"adamw": 0.05, "prodigy": 1.0, "adafactor": 0.05}
@@ -94,12 +94,8 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatc
         ])
 
     straight = load_file(train(job(tmp_path / "straight"), show_progress=False).adapter_files["kohya"])
-    _interrupt_at(3, monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(job(tmp_path / "resumed"), show_progress=False)
-    monkeypatch.undo()
-    resumed = load_file(train(job(tmp_path / "resumed"), resume=True,
-                              show_progress=False).adapter_files["kohya"])
+    resumed = load_file(killed_then_resumed(job(tmp_path / "resumed"), monkeypatch)
+                        .adapter_files["kohya"])
     assert straight.keys() == resumed.keys()
     from safetensors import safe_open
 

@@ -213,7 +213,7 @@ def test_noise_and_weighting_options_train_resume_exactly_and_are_recorded(tmp_p
     from safetensors.torch import load_file
 
     from sd_lora.train.recipe import train
-    from tests.test_train import _interrupt_at
+    from tests.lora_helpers import killed_then_resumed
 
     data = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 
@@ -228,11 +228,7 @@ def test_noise_and_weighting_options_train_resume_exactly_and_are_recorded(tmp_p
         ])
 
     straight = train(job(tmp_path / "a"), show_progress=False)
-    _interrupt_at(3, monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(job(tmp_path / "b"), show_progress=False)
-    monkeypatch.undo()
-    resumed = train(job(tmp_path / "b"), resume=True, show_progress=False)
+    resumed = killed_then_resumed(job(tmp_path / "b"), monkeypatch)
     a, b = load_file(straight.adapter_files["kohya"]), load_file(resumed.adapter_files["kohya"])
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     with safe_open(str(resumed.adapter_files["kohya"]), "pt") as f:

@@ -11,7 +11,12 @@ from safetensors.torch import load_file, save_file
 from sd_lora.models.builtin.tiny import build_tiny_pipeline
 from sd_lora.models.builtin.tiny_sdxl import build_tiny_sdxl_pipeline
 from sd_lora.models.load import PIPELINE_CLASSES, load_pipeline
-from sd_lora.models.streamed import keys_as_model, load_component, read_tensors, streamed_components
+from sd_lora.models.streamed import (
+    keys_as_model,
+    load_component,
+    read_tensors_as,
+    streamed_components,
+)
 
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -99,11 +104,11 @@ def test_read_tensors_equals_safetensors_for_every_dtype_and_shape(tmp_path):
         "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5), "flag": torch.tensor([True, False]),
     }
     save_file(tensors, tmp_path / "t.safetensors", metadata={"a": "b"})
-    as_is = read_tensors(tmp_path / "t.safetensors")
+    as_is = read_tensors_as(tmp_path / "t.safetensors")
     assert as_is.keys() == tensors.keys()
     for key, tensor in tensors.items():
         assert as_is[key].dtype == tensor.dtype and torch.equal(as_is[key], tensor), key
-    cast = read_tensors(tmp_path / "t.safetensors", torch.bfloat16)
+    cast = read_tensors_as(tmp_path / "t.safetensors", torch.bfloat16)
     for key, tensor in tensors.items():  # floating ones cast, the rest as they were
         want = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
         assert cast[key].dtype == want.dtype and torch.equal(cast[key], want), key
@@ -116,7 +121,7 @@ def test_a_truncated_file_is_an_error_naming_it(tmp_path):
     data = (tmp_path / "t.safetensors").read_bytes()
     (tmp_path / "t.safetensors").write_bytes(data[:-100])
     with pytest.raises(ValueError, match="t.safetensors: tensor w ends past the end"):
-        read_tensors(tmp_path / "t.safetensors")
+        read_tensors_as(tmp_path / "t.safetensors")
 
 
 def test_keys_as_model_strips_only_a_prefix_that_gives_exactly_the_models_keys():

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 from sd_lora.config import load_config
-from sd_lora.train.recipe import TrainingLoop, train
-from tests.lora_helpers import train_keeping_loop
+from sd_lora.train.recipe import train
+from tests.lora_helpers import interrupt_at, train_keeping_loop
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "datasets" / "sample_stripes"
 
@@ -48,18 +48,6 @@ def test_training_lowers_the_fixed_evaluation_loss(tmp_path):
     assert len((out / "loss.csv").read_text().splitlines()) == 61
 
 
-def _interrupt_at(step: int, monkeypatch):
-    """Simulate Ctrl-C right after optimizer step `step` (the loop then saves a checkpoint)."""
-    original = TrainingLoop.after_step
-
-    def after_step(self, progress):
-        original(self, progress)
-        if progress.global_step == step:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(TrainingLoop, "after_step", after_step)
-
-
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_at_the_same_adapter(tmp_path, monkeypatch):
     # Cosine warmup, accumulation, random flips and LoRA dropout: every piece of state matters.
@@ -68,7 +56,7 @@ def test_interrupted_and_resumed_run_ends_at_the_same_adapter(tmp_path, monkeypa
              "train.learning_rate=1e-3", "train.eval_images=2")
     straight = train(job(tmp_path / "straight", *extra), show_progress=False)
 
-    _interrupt_at(3, monkeypatch)
+    interrupt_at(3, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(job(tmp_path / "resumed", *extra), show_progress=False)
     assert (tmp_path / "resumed" / "checkpoint-000003").is_dir()

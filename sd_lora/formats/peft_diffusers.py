@@ -41,8 +41,7 @@ SUFFIX_PARTS = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",  # PEFT'
 # (PEFT's set_peft_model_state_dict) adds the `.weight` back. Its text-encoder loader under
 # transformers 5 does not: the magnitudes were reported "unexpected" and left at the base's row
 # norms (diffusers 0.42.1, transformers 5.23). Written with `.weight`, both loaders take them.
-MAGNITUDE_KEY = {"unet": "lora_magnitude_vector"}
-MAGNITUDE_KEY_TEXT = "lora_magnitude_vector.weight"
+MAGNITUDE_KEY_UNET, MAGNITUDE_KEY_TEXT = "lora_magnitude_vector", "lora_magnitude_vector.weight"
 
 
 class DiffusersKeyError(ValueError):
@@ -132,7 +131,7 @@ def to_diffusers(
             tensors[f"{name}.lora_A.weight"] = lora.lora_A.to(dtype).contiguous()
             tensors[f"{name}.lora_B.weight"] = lora.lora_B.to(dtype).contiguous()
             if dora:
-                key = MAGNITUDE_KEY.get(component, MAGNITUDE_KEY_TEXT)
+                key = MAGNITUDE_KEY_UNET if component == "unet" else MAGNITUDE_KEY_TEXT
                 magnitude = module.dora_scale.flatten()
                 if lora.lora_A.dim() == 4:  # PEFT's conv DoRA keeps (1, out, 1, 1)
                     magnitude = magnitude.reshape(1, -1, 1, 1)

@@ -39,7 +39,7 @@ WEIGHTS_FILES = {
 }
 
 
-def read_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_tensors_as(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of one .safetensors file, each a copy of its own; floating-point ones cast
     to `dtype` when given. The file is mapped, and each tensor's pages are let go (madvise
     DONTNEED) once it is copied: at most one tensor of the file is resident besides the result.
@@ -115,7 +115,7 @@ def load_component(folder: Path, library: str, class_name: str,
     expected = set(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(read_tensors(file, dtype))
+        state.update(read_tensors_as(file, dtype))
     state = keys_as_model(state, expected)
     if state is None:  # renamed or extra keys: the libraries' own loaders convert them
         return None
