@@ -27,8 +27,19 @@ TEXT_ENCODER_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
     "mlp": ("fc1", "fc2"),
 }
+# SD3's MMDiT: joint attention over the image stream (to_q/k/v, to_out.0; SD3.5 Medium's extra
+# self-attention attn2 too) and the text stream (add_*_proj, to_add_out), each stream's
+# feed-forward, and the adaLN modulation that reads the timestep and pooled text.
+TRANSFORMER_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+             "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+    "ff": ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+    "adaln": ("norm1.linear", "norm1_context.linear"),
+}
 TARGET_GROUPS = {
     "unet": UNET_TARGET_GROUPS,
+    "transformer": TRANSFORMER_TARGET_GROUPS,
     "text_encoder": TEXT_ENCODER_TARGET_GROUPS,
     "text_encoder_2": TEXT_ENCODER_TARGET_GROUPS,
 }

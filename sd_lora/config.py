@@ -155,7 +155,9 @@ class DataConfig:
 class LoraConfig:
     unet_r: int = 8  # rank of the UNet LoRA
     unet_alpha: float = 8.0  # alpha of the UNet LoRA (the delta is alpha / r * B @ A)
-    unet_targets: tuple[str, ...] = ("attn",)  # groups: attn, proj, ff, conv (LoCon: the ResNet blocks)
+    # groups: attn, proj, ff, conv (LoCon: the ResNet blocks); SD3's transformer: attn (both
+    # streams' attention), ff, adaln. lora.unet_* are the denoiser's: SD3's transformer too.
+    unet_targets: tuple[str, ...] = ("attn",)
     # The rank and alpha of the 3x3 convolutions of the `conv` group (sd-scripts' conv_dim,
     # conv_alpha); their 1x1 shortcuts and time projections take unet_r / unet_alpha.
     conv_r: int = 4
@@ -469,12 +471,18 @@ def validate(config: JobConfig) -> None:
             f"must be in [0, {high:g}) (0: the same as train.text_encoder_learning_rate)"
         )
 
-    for component in ("unet", "text_encoder"):  # else a traceback once the base has loaded
+    # else a traceback once the base has loaded. lora.unet_* set the denoiser's LoRA: SD3's
+    # transformer has groups of its own, checked against the family once the base is known.
+    denoiser_groups = {**TARGET_GROUPS["unet"], **TARGET_GROUPS["transformer"]}
+    for component, known in (("unet", denoiser_groups), ("text_encoder", TARGET_GROUPS["text_encoder"])):
         groups = getattr(config.lora, f"{component}_targets")
-        unknown = [g for g in groups if g not in TARGET_GROUPS[component]]
+        unknown = [g for g in groups if g not in known]
         if unknown:
-            raise ConfigError(f"lora.{component}_targets = {list(groups)}: unknown group "
-                              f"{unknown[0]!r}; choose from {sorted(TARGET_GROUPS[component])}")
+            raise ConfigError(
+                f"lora.{component}_targets = {list(groups)}: unknown group {unknown[0]!r}; choose "
+                + (f"from {sorted(TARGET_GROUPS['unet'])} (UNet bases) or "
+                   f"{sorted(TARGET_GROUPS['transformer'])} (SD3's transformer)"
+                   if component == "unet" else f"from {sorted(known)}"))
 
     for dotted, kind in (("lora.rank_pattern", int), ("lora.alpha_pattern", float)):
         try:

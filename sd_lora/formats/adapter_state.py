@@ -19,9 +19,12 @@ import torch
 from sd_lora.util.words import plural
 
 # The pipeline attribute each component lives under; the same strings key `AdapterState.modules`.
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-FAMILIES = ("sd1", "sd2", "sdxl")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# SD 1.x/2.x/SDXL denoise with a UNet, SD3 with an MMDiT transformer and three text encoders
+# (LoRA on the two CLIPs; T5, text_encoder_3, stays frozen).
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+DENOISERS = ("unet", "transformer")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.x"}
 # The text features each family's cross-attention reads: what a file's to_k input width tells.
 CONTEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
