@@ -98,7 +98,8 @@ def test_an_unknown_lora_target_is_refused_with_the_config_not_after_loading(cap
     code = main(["check", str(SAMPLE_DATA), "--set", 'lora.unet_targets=["attn", "bogus"]'])
     assert code == 2
     assert ("lora.unet_targets = ['attn', 'bogus']: unknown group 'bogus'; choose from "
-            "['attn', 'conv', 'ff', 'proj']") in capsys.readouterr().err
+            "['attn', 'conv', 'ff', 'proj'] (UNet bases) or ['adaln', 'attn', 'ff'] (SD3's "
+            "transformer)") in capsys.readouterr().err
 
 
 def test_a_folder_given_as_an_adapter_is_called_a_folder(tmp_path, capsys):
