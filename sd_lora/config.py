@@ -35,6 +35,7 @@ PredictionType = Literal["auto", "epsilon", "v_prediction"]
 VaePrecision = Literal["auto", "fp32"]
 LrSchedule = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 LossKind = Literal["l2", "huber", "smooth_l1"]
+TimestepSampling = Literal["logit_normal", "mode", "uniform"]
 RegularizationTarget = Literal["noise", "base"]
 CacheMode = Literal["auto", "none", "memory", "disk"]
 OptimizerName = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
@@ -249,6 +250,16 @@ class TrainConfig:
     # images and report use it too, and the file says so (ss_zero_terminal_snr). Mostly for
     # v-prediction bases; generate with the same scheduler settings.
     zero_terminal_snr: bool = False
+    # SD3 (rectified flow) only: how training draws its noise levels sigma in (0, 1) before
+    # the shift (see sd_lora.objective.flow). logit_normal: sigmoid of N(logit_mean,
+    # logit_std), the SD3 paper's choice; mode: mode_scale bends a uniform draw towards one
+    # end; uniform. flow_shift > 0 replaces the base scheduler's shift (SD3: 3.0); a larger
+    # shift spends more steps at high noise.
+    timestep_sampling: TimestepSampling = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    flow_shift: float = 0.0
     # With held-out images (data.validation_path or data.validation_split): their denoising loss
     # at fixed timesteps and noise every validation_every steps and at the end, in
     # validation.csv and TensorBoard; the adapter at the best value is written as
@@ -434,7 +445,7 @@ def _check_scalar(hint: type, value: Any, dotted: str) -> Any:
 _POSITIVE = {
     "train.batch_size", "train.gradient_accumulation_steps",
     "train.lr_scheduler_num_cycles", "train.huber_c", "lora.unet_r", "lora.text_encoder_r", "lora.conv_r", "sample.steps",
-    "report.max_images",
+    "report.max_images", "train.logit_std",
 }
 _NON_NEGATIVE = {
     "train.max_steps", "data.resolution", "train.lr_warmup_steps", "train.checkpoint_every",
@@ -444,6 +455,7 @@ _NON_NEGATIVE = {
     "train.min_snr_gamma", "data.regularization_weight", "data.min_bucket_reso",
     "data.max_bucket_reso", "train.validation_every", "train.early_stopping_patience",
     "train.loraplus_lr_ratio", "train.multires_noise_iterations", "train.multires_noise_discount",
+    "train.mode_scale", "train.flow_shift",
 }
 
 

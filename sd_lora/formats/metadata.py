@@ -31,10 +31,18 @@ IMPLEMENTATION = {
     "sd1": "diffusers",
     "sd2": "diffusers",
     "sdxl": "https://github.com/Stability-AI/generative-models",
+    # our SD3 kohya names are the original MMDiT's (formats.mmdit), Stability's own layout
+    "sd3": "https://github.com/Stability-AI/generative-models",
 }
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-FAMILY_OF_BASE_MODEL_VERSION = {v: k for k, v in BASE_MODEL_VERSION.items()}
-PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}  # ours -> modelspec's
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3"}
+# sd-scripts writes SD3's model type as the version: "5-medium", "5-large" or "medium" (SD3
+# Medium), the suffix of its modelspec.architecture `stable-diffusion-3-<variant>`.
+SD3_VARIANTS = ("5-medium", "5-large", "medium")
+FAMILY_OF_BASE_MODEL_VERSION = {**{v: k for k, v in BASE_MODEL_VERSION.items()},
+                                **{v: "sd3" for v in SD3_VARIANTS}}
+# ours -> modelspec's. Rectified flow has no modelspec value (it names epsilon and v): SD3
+# files leave the key out.
+PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "flow": None}
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 # Placeholders of the final lengths, so that filling the hashes in leaves the header size as is.
 HASH_PLACEHOLDERS = {
@@ -50,7 +58,8 @@ class TrainingInfo:
 
     name: str  # ss_output_name, modelspec.title
     family: str | None = None  # checked against the state's when given
-    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction" | "flow" (SD3)
+    variant: str | None = None  # SD3's: one of SD3_VARIANTS (ss_base_model_version)
     resolution: int | tuple[int, int] = 512  # training size, (width, height) or square side
     base_model: str | None = None  # ss_sd_model_name
     steps: int | None = None
@@ -96,8 +105,10 @@ class TrainingInfo:
         return (int(width), int(height))
 
 
-def base_architecture(family: str, prediction_type: str) -> str:
+def base_architecture(family: str, prediction_type: str, variant: str | None = None) -> str:
     """modelspec.architecture of a base model, as sd-scripts determines it."""
+    if family == "sd3":
+        return "stable-diffusion-3" + (f"-{variant}" if variant else "")
     if family == "sdxl":
         return "stable-diffusion-xl-v1-base"
     if family == "sd2":
@@ -106,9 +117,9 @@ def base_architecture(family: str, prediction_type: str) -> str:
     return "stable-diffusion-v1"
 
 
-def architecture(family: str, prediction_type: str) -> str:
+def architecture(family: str, prediction_type: str, variant: str | None = None) -> str:
     """modelspec.architecture of a LoRA for this base."""
-    return base_architecture(family, prediction_type) + "/lora"
+    return base_architecture(family, prediction_type, variant) + "/lora"
 
 
 def _most_common(values: list) -> object:
@@ -166,7 +177,8 @@ def _training_keys(info: TrainingInfo, family: str) -> dict[str, object]:
         "ss_noise_offset": info.noise_offset,
         "ss_prior_loss_weight": info.prior_loss_weight,
         **dict(info.recipe),
-        "modelspec.architecture": architecture(family, info.prediction_type),
+        "modelspec.architecture": architecture(family, info.prediction_type, info.variant),
+        **({"ss_base_model_version": info.variant} if info.variant else {}),
         "modelspec.title": info.name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": dt.datetime.fromtimestamp(int(finished)).isoformat(),
@@ -206,6 +218,7 @@ def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
         return FAMILY_OF_BASE_MODEL_VERSION[version]
     arch = metadata.get("modelspec.architecture", "")
     for prefix, family in (
+        ("stable-diffusion-3", "sd3"),
         ("stable-diffusion-xl", "sdxl"),
         ("stable-diffusion-v2", "sd2"),
         ("stable-diffusion-v1", "sd1"),

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
+from sd_lora.models.families import denoiser_of
+from sd_lora.models.vae import unscale_latents
 from sd_lora.util.atomic import atomic_path
 
 
@@ -32,7 +34,7 @@ class RenderSettings:
 @torch.no_grad()
 def render(pipe, settings: RenderSettings) -> Image.Image:
     """One image; the same settings and weights always give the same pixels on one device."""
-    unet_param = next(pipe.unet.parameters())
+    unet_param = next(denoiser_of(pipe).parameters())
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     factor = pipe.vae_scale_factor  # 8 for SD's VAE, 4 for the toy base's
     latents = pipe(
@@ -44,7 +46,8 @@ def render(pipe, settings: RenderSettings) -> Image.Image:
         height=settings.height,
         generator=generator,
         latents=torch.randn(
-            (1, pipe.unet.config.in_channels, settings.height // factor, settings.width // factor),
+            (1, denoiser_of(pipe).config.in_channels, settings.height // factor,
+             settings.width // factor),
             generator=generator,
         ).to(unet_param.device, unet_param.dtype),
         output_type="latent",
@@ -55,7 +58,7 @@ def render(pipe, settings: RenderSettings) -> Image.Image:
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> Image.Image:
     vae_param = next(vae.parameters())
-    scaled = latents.to(vae_param.device, vae_param.dtype) / vae.config.scaling_factor
+    scaled = unscale_latents(vae, latents.to(vae_param.device, vae_param.dtype))
     image = vae.decode(scaled).sample[0].float().clamp(-1, 1)  # (3, H, W)
     array = ((image + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)

@@ -12,16 +12,17 @@ from pathlib import Path
 from sd_lora.errors import UserError
 from sd_lora.util import pickles
 
-BUILTIN_BASES = ("toy", "tiny", "tiny-sdxl")
-RANDOM_BASES = ("tiny", "tiny-sdxl")  # random weights, for tests: their images are noise
+BUILTIN_BASES = ("toy", "tiny", "tiny-sdxl", "tiny-sd3")
+RANDOM_BASES = ("tiny", "tiny-sdxl", "tiny-sd3")  # random weights, for tests: their images are noise
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = pickles.PICKLE_SUFFIXES
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 HUB_PREFIX = "hf://"  # `hf://org/name`: a hub id only, never a local path
 HUB_PROBE_TIMEOUT_S = 10
 ACCEPTED_FORMS = (
-    '"toy" (the built-in toy-world model); "tiny" or "tiny-sdxl" (built-in random test '
-    "models); a diffusers folder (SD 1.x, 2.x or SDXL) containing model_index.json; "
+    '"toy" (the built-in toy-world model); "tiny", "tiny-sdxl" or "tiny-sd3" (built-in random '
+    "test models); a diffusers folder (SD 1.x, 2.x, SDXL or SD3/3.5) containing "
+    "model_index.json; "
     'a Hugging Face hub id such as "runwayml/stable-diffusion-v1-5" ("hf://org/name": never '
     "a local path); "
     "or a single-file SD 1.x/2.x/SDXL checkpoint ending in .safetensors"
@@ -33,7 +34,8 @@ class BaseModelError(UserError):
 
 
 def base_kind(base: str) -> str:
-    """What `base` names, without loading anything: "tiny", "toy", "folder", "file" or "hub";
+    """What `base` names, without loading anything: a built-in's name ("toy", "tiny", ...),
+    "folder", "file" or "hub";
     raises BaseModelError for a path that does not exist or a name of no accepted form."""
     base = os.fspath(base)
     path = Path(base).expanduser()

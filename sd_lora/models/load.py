@@ -4,7 +4,8 @@
 - "toy": the built-in base pretrained on the toy world (`sd_lora.models.builtin.toy`), 64 px;
 - "tiny": the built-in random SD 1.x-topology model for plumbing tests (`sd_lora.models.builtin.tiny`);
 - "tiny-sdxl": its SDXL-topology counterpart (`sd_lora.models.builtin.tiny_sdxl`);
-- a local diffusers folder (the one holding `model_index.json`) of SD 1.x, 2.x or SDXL;
+- "tiny-sd3": an SD3.5-topology one (`sd_lora.models.builtin.tiny_sd3`);
+- a local diffusers folder (the one holding `model_index.json`) of SD 1.x, 2.x, SDXL or SD3/3.5;
 - a Hugging Face hub id `org/name`: read from the local cache first (`HF_HUB_CACHE` /
   `HF_HOME`), downloaded only when not cached and `HF_HUB_OFFLINE` is not set; a local path of
   the same name is taken first, unless written `hf://org/name` (what the app passes): then
@@ -25,7 +26,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from safetensors.torch import save_file
 
 from sd_lora.models.bases import (
@@ -41,9 +47,10 @@ from sd_lora.models.bases import (
     hub_repo_id,
 )
 from sd_lora.models.builtin.tiny import build_tiny_pipeline
+from sd_lora.models.builtin.tiny_sd3 import build_tiny_sd3_pipeline
 from sd_lora.models.builtin.tiny_sdxl import build_tiny_sdxl_pipeline
 from sd_lora.models.builtin.toy import toy_base_path
-from sd_lora.models.families import COMPONENTS, freeze, prediction_type_of
+from sd_lora.models.families import COMPONENTS, FLOW, freeze, prediction_type_of
 from sd_lora.models.single_file import load_single_file
 from sd_lora.models.streamed import streamed_components
 from sd_lora.util import pickles
@@ -53,6 +60,7 @@ PIPELINE_CLASSES = {
     "StableDiffusionPipeline": (StableDiffusionPipeline, dict(
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)),
     "StableDiffusionXLPipeline": (StableDiffusionXLPipeline, dict(add_watermarker=False)),
+    "StableDiffusion3Pipeline": (StableDiffusion3Pipeline, {}),
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -74,6 +82,8 @@ def load_pipeline(
         pipe = build_tiny_pipeline()
     elif kind == "tiny-sdxl":
         pipe = build_tiny_sdxl_pipeline()
+    elif kind == "tiny-sd3":
+        pipe = build_tiny_sd3_pipeline()
     elif kind == "toy":
         pipe = _load_toy(dtype)
     elif kind == "folder":
@@ -82,6 +92,11 @@ def load_pipeline(
         pipe = _load_file(path, dtype, prediction_type, allow_pickle)
     else:
         pipe = _load_hub(base, dtype)
+    if prediction_type is not None and prediction_type_of(pipe) == FLOW:
+        raise BaseModelError(
+            f"model.prediction_type = {prediction_type!r} does not apply to {base!r}: SD3 bases "
+            "are trained with rectified flow (the transformer predicts noise minus image), not "
+            "by epsilon or v-prediction; leave model.prediction_type at 'auto'")
     if prediction_type is not None and prediction_type_of(pipe) != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(
             pipe.scheduler.config, prediction_type=prediction_type
@@ -147,7 +162,7 @@ def _check_pipeline_class(index: dict, where: str) -> str:
         return name
     raise BaseModelError(
         f"{where} is a {name} pipeline; supported: {', '.join(PIPELINE_CLASSES)} "
-        "(SD 1.x, 2.x and SDXL text-to-image bases)"
+        "(SD 1.x, 2.x, SDXL and SD3/3.5 text-to-image bases)"
     )
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from sd_lora.models.text import default_time_ids, encode_all, tokenize_all
-from sd_lora.models.vae import encode_posterior
+from sd_lora.models.vae import encode_posterior, scale_latents
 from sd_lora.objective import denoising_loss
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)  # spread over the schedule; each image gets every one
@@ -46,7 +46,7 @@ def make_eval_batch(
 ) -> EvalBatch:
     """Encode the images once (latent mean, no sampling) and fix the noise from `seed`. SDXL's
     size conditioning is that of an uncropped image at the images' size, as when generating."""
-    latents = encode_posterior(vae, pixel_values)[0] * vae.config.scaling_factor
+    latents = scale_latents(vae, encode_posterior(vae, pixel_values)[0])
     k = len(timesteps)
     latents = latents.repeat_interleave(k, dim=0)
     input_ids = tokenize_all(_as_list(tokenizers), captions).repeat_interleave(k, dim=0)

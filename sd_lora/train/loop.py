@@ -29,7 +29,8 @@ from sd_lora.models.text import (
     tokenize_all,
     tokenizers_of,
 )
-from sd_lora.models.vae import encode_posterior
+from sd_lora.models.families import denoiser_name, denoiser_of
+from sd_lora.models.vae import encode_posterior, scale_latents
 from sd_lora.objective import Objective, preserved_target, sample_noise
 from sd_lora.train.checkpoint import (
     WRITE_ERRORS,
@@ -180,7 +181,7 @@ class TrainingLoop:
         """One micro-batch: draw, encode, loss, backward; at the end of an accumulation window
         the optimizer step (undone if it makes a weight non-finite). (loss, step kept)"""
         accelerator, pipe = self.setup.accelerator, self.trainee.pipe
-        unet = self.trainee.models["unet"]
+        unet = self.trainee.models[denoiser_name(pipe)]
         # Under Accelerate's autocast PEFT's fp32 copies of the LoRA inputs change nothing; with
         # a dropout on that path they would change its rounding, so they stay then.
         lora = self.setup.config.lora
@@ -248,7 +249,7 @@ class TrainingLoop:
         preserve = batch["preserve"]
         if not bool(preserve.any()):
             return None
-        unet = self.trainee.models["unet"]
+        unet = self.trainee.models[denoiser_name(self.trainee.pipe)]
         with torch.no_grad(), lora_weight(self.trainee.trained.values(), 0.0):
             frozen = len(self.trainee.models) == 1 and embeddings is not None
             base_embeddings = embeddings if frozen else self.encode(input_ids, batch.get("time_ids"))
@@ -279,8 +280,8 @@ class TrainingLoop:
 
     def _sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         latents = mean + std * sample_noise(mean, self.setup.noise_generator, self.share)
-        unet_dtype = next(self.trainee.pipe.unet.parameters()).dtype
-        return (latents * self.trainee.pipe.vae.config.scaling_factor).to(unet_dtype)
+        unet_dtype = next(denoiser_of(self.trainee.pipe).parameters()).dtype
+        return scale_latents(self.trainee.pipe.vae, latents).to(unet_dtype)
 
     def after_step(self, progress: Progress) -> None:
         cfg, sample = self.setup.config.train, self.setup.config.sample

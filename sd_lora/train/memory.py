@@ -116,10 +116,10 @@ def count_folder(folder: Path) -> ParameterCounts:
 def count_base(base: str) -> ParameterCounts | None:
     """The base's parameter counts without loading it; None when they cannot be known here
     (a hub id not in the cache)."""
-    from sd_lora.models.bases import base_kind
+    from sd_lora.models.bases import RANDOM_BASES, base_kind
 
     kind = base_kind(base)
-    if kind in ("tiny", "tiny-sdxl"):
+    if kind in RANDOM_BASES:
         return None  # a few million parameters: nothing to warn about
     if kind == "file":
         path = Path(base).expanduser()

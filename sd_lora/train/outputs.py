@@ -119,11 +119,13 @@ def render_sample_grid(pipe, cfg: SampleConfig, prompts: list[str], resolution: 
 
 def export_adapters(trained, family: str, prediction_type: str, config: JobConfig, scan,
                     resolution: int, output_dir: Path, started_at: float,
-                    buckets: dict | None = None) -> dict[str, Path]:
+                    buckets: dict | None = None, variant: str | None = None) -> dict[str, Path]:
     """Write the adapter in every configured format; returns {format: path}. `buckets`: the
-    bucket plan (data.buckets.bucket_info) when training was bucketed."""
+    bucket plan (data.buckets.bucket_info) when training was bucketed; `variant`: SD3's
+    (models.families.model_variant)."""
     state = read_adapter_state(trained, family)
-    info = training_info(config, family, prediction_type, scan, resolution, started_at, buckets)
+    info = training_info(config, family, prediction_type, scan, resolution, started_at, buckets,
+                         variant)
     dtype = DTYPES[config.export.dtype]
     files = {}
     for fmt in config.export.formats:
@@ -147,7 +149,8 @@ def adapter_path(output_dir: Path, name: str, fmt: str) -> Path:
 
 
 def training_info(config: JobConfig, family: str, prediction_type: str, scan, resolution: int,
-                  started_at: float, buckets: dict | None = None) -> TrainingInfo:
+                  started_at: float, buckets: dict | None = None,
+                  variant: str | None = None) -> TrainingInfo:
     """What the file's `ss_*`/`modelspec.*` metadata says about this run."""
     lora, train, data = config.lora, config.train, config.data
     bucketing = {}
@@ -172,6 +175,7 @@ def training_info(config: JobConfig, family: str, prediction_type: str, scan, re
         name=train.name,
         family=family,
         prediction_type=prediction_type,
+        variant=variant,
         resolution=resolution,
         base_model=config.model.base,
         steps=train.max_steps,

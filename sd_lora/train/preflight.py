@@ -29,6 +29,7 @@ from sd_lora.util.words import plural
 BASE_KINDS = {
     "tiny": "the built-in random test model, 64 px",
     "tiny-sdxl": "the built-in random SDXL-topology test model, 64 px",
+    "tiny-sd3": "the built-in random SD3.5-topology test model (MMDiT, three text encoders), 64 px",
     "toy": "the built-in toy-world model, 64 px",
     "folder": "a local diffusers folder",
     "file": "a single-file checkpoint",

@@ -47,7 +47,15 @@ from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
 from sd_lora.lora.dropouts import AdapterDropouts, add_dropouts
 from sd_lora.lora.inject import add_lora, lora_named_parameters, pattern_matches
-from sd_lora.models.families import model_family, native_resolution, prediction_type_of
+from sd_lora.models.families import (
+    FLOW,
+    denoiser_name,
+    denoiser_of,
+    model_family,
+    model_variant,
+    native_resolution,
+    prediction_type_of,
+)
 from sd_lora.models.load import load_pipeline
 from sd_lora.models.text import EmbeddingCache, text_encoders_of, tokenizers_of
 from sd_lora.objective import Objective, training_schedule, zero_terminal_snr_scheduler
@@ -156,8 +164,8 @@ def _train(config: JobConfig, resume: bool, show_progress: bool,
     prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
     models = dict(zip(trained, prepared[: len(trained)]))
     optimizer, loader, lr_scheduler = prepared[len(trained) :]
-    objective = Objective.from_config(
-        config.train, training_schedule(pipe.scheduler.config, prediction_type_of(pipe)))
+    objective = Objective.from_config(config.train, training_schedule(
+        pipe.scheduler.config, prediction_type_of(pipe), config.train.flow_shift))
     schedule = objective.schedule
     noise_generator = torch.Generator().manual_seed(config.train.seed)
     progress = Progress(global_step=0, epoch=0, batches_done_in_epoch=0)
@@ -232,7 +240,8 @@ def measured_eval_loss(pipe, schedule, batch: EvalBatch | None, when: str,
     doing = (f"loss {when} on {plural(batch.images, 'training image')} "
              f"({len(EVAL_TIMESTEPS)} timesteps each, fixed noise)")
     with phase("evaluation", doing, eval_chunks(batch.images), unit="batch", bar=bars) as advance:
-        return eval_loss(pipe.unet, text_encoders_of(pipe), schedule, batch, advance=advance)
+        return eval_loss(denoiser_of(pipe), text_encoders_of(pipe), schedule, batch,
+                         advance=advance)
 
 
 def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: DatasetScan,
@@ -255,7 +264,8 @@ def finish_run(loop: TrainingLoop, progress: Progress, seconds: float, scan: Dat
                  for f in job.export.formats]
         with phase("export", "writing " + ", ".join(names)):
             return export_adapters(trained, model_family(pipe), prediction_type_of(pipe), job,
-                                   scan, resolution, output_dir, started, buckets)
+                                   scan, resolution, output_dir, started, buckets,
+                                   model_variant(pipe))
 
     if trainee.ema is not None:  # the raw weights as <name>-raw; everything after uses the average
         if accelerator.is_main_process:
@@ -310,7 +320,8 @@ def load_training_base(config: JobConfig, accelerator: Accelerator, bars: bool =
                           f"{accelerator.num_processes * config.train.batch_size}")
     with phase("model", f"loading the base {config.model.base!r}"), library_bars(bars):
         pipe = load_frozen_base(config.model, config.train.mixed_precision, accelerator.device)
-    if config.train.zero_terminal_snr:  # training and the sample images alike
+    if config.train.zero_terminal_snr and prediction_type_of(pipe) != FLOW:
+        # training and the sample images alike; refused for SD3 by the Objective, naming why
         pipe.scheduler = zero_terminal_snr_scheduler(pipe.scheduler)
         if prediction_type_of(pipe) == "epsilon":
             say("note: train.zero_terminal_snr with an epsilon-prediction base: at the last "
@@ -450,9 +461,11 @@ def add_adapters(pipe, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
     """Inject LoRA; returns the models that train, keyed by component."""
     ranks = parse_patterns(cfg.rank_pattern, "lora.rank_pattern", int)
     alphas = parse_patterns(cfg.alpha_pattern, "lora.alpha_pattern", float)
-    adapted = add_lora(pipe.unet, "unet", cfg.unet_targets, cfg.unet_r, cfg.unet_alpha,
-                       cfg.dropout, ranks, alphas, cfg.use_dora, cfg.conv_r, cfg.conv_alpha)
-    trained = {"unet": pipe.unet}
+    denoiser = denoiser_name(pipe)  # lora.unet_* set SD3's transformer's LoRA too
+    adapted = add_lora(getattr(pipe, denoiser), denoiser, cfg.unet_targets, cfg.unet_r,
+                       cfg.unet_alpha, cfg.dropout, ranks, alphas, cfg.use_dora, cfg.conv_r,
+                       cfg.conv_alpha)
+    trained = {denoiser: getattr(pipe, denoiser)}
     encoders = []
     if cfg.train_text_encoder:
         encoders.append("text_encoder")
@@ -475,7 +488,7 @@ def add_adapters(pipe, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
 def enable_gradient_checkpointing(trained: dict[str, torch.nn.Module]) -> None:
     """Recompute activations in the backward pass: less memory, ~30% more time per step."""
     for name, model in trained.items():
-        if name == "unet":
+        if name in ("unet", "transformer"):  # diffusers
             model.enable_gradient_checkpointing()
         else:  # transformers; non-reentrant so frozen inputs still pass gradients to LoRA
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -485,7 +498,8 @@ def make_optimizer(trained: dict[str, torch.nn.Module], cfg: TrainConfig) -> tor
     """train.optimizer over one parameter group per trained model, each with its learning rate;
     with LoRA+ (train.loraplus_lr_ratio) the up projections (lora_B) in their own groups at
     that many times the rate."""
-    lrs = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_learning_rate,
+    lrs = {"unet": cfg.learning_rate, "transformer": cfg.learning_rate,
+           "text_encoder": cfg.text_encoder_learning_rate,
            "text_encoder_2": cfg.text_encoder_2_learning_rate or cfg.text_encoder_learning_rate}
     groups = []
     for name, model in trained.items():
@@ -524,12 +538,14 @@ def make_validator(trainee: Trainee, setup: RunSetup, held_out: list[Sample], sc
 
     def measure() -> float:
         with eval_mode(trainee.trained.values()):
-            return eval_loss(pipe.unet, text_encoders_of(pipe), setup.objective.schedule, batch)
+            return eval_loss(denoiser_of(pipe), text_encoders_of(pipe),
+                             setup.objective.schedule, batch)
 
     def export_best(step: int) -> None:
         if setup.accelerator.is_main_process:
             export_adapters(trainee.trained, model_family(pipe), prediction_type_of(pipe), best_config,
-                            scan, setup.resolution, setup.output_dir, started, buckets)
+                            scan, setup.resolution, setup.output_dir, started, buckets,
+                            model_variant(pipe))
 
     say(f"validation: {plural(len(samples), 'held-out image')}, every "
         f"{plural(config.train.validation_every, 'step')}"

@@ -8,7 +8,7 @@ train.text_encoder_learning_rate and train.max_steps stand for when left at 0 (t
   that they agree). The toy base is small: at SD's 1e-4 an adapter changed nothing visible. Its
   text encoder learns four times faster than its UNet: a trigger word is a token the base never
   saw, and the text encoder is what makes it a condition (measured: the README's demo table).
-- "tiny", "tiny-sdxl": random test models; the values they always trained with, so that the
+- "tiny", "tiny-sdxl", "tiny-sd3": random test models; the values they always trained with, so that the
   tests that train them keep their figures.
 - any other base (an SD 1.x, 2.x or SDXL folder, file or hub id): the usual community values
   for a style LoRA (1e-4 for the UNet, half that for the text encoder, 1500 steps: the
@@ -36,6 +36,7 @@ RECOMMENDED = {
     "toy": Recommended(5e-4, 2e-3, 300, "the toy base"),
     "tiny": Recommended(1e-4, 5e-5, 200, "the tiny test base"),
     "tiny-sdxl": Recommended(1e-4, 5e-5, 200, "the tiny test base"),
+    "tiny-sd3": Recommended(1e-4, 5e-5, 200, "the tiny test base"),
     "sd": Recommended(1e-4, 5e-5, 1500, "Stable Diffusion bases"),
 }
 PRODIGY_MULTIPLIER = 1.0

@@ -10,7 +10,8 @@ same way:
                           objective.weights(timesteps))
 
 Below it, the small pure functions it is made of. Nothing here knows about optimizers, files or
-Accelerate. A family with another objective (SD3's rectified flow) is another `Objective`.
+Accelerate. SD3's rectified flow (`sd_lora.objective.flow`) is the same `Objective` over a
+`FlowSchedule`: another timestep draw and target, the same noise, loss and masks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from sd_lora.config import LossKind, TrainConfig
+from sd_lora.errors import UserError
 from sd_lora.models.text import Conditioning, unet_forward
+from sd_lora.objective.flow import FLOW, FlowSchedule, sample_flow_timesteps
 
 Share = tuple[int, int] | None  # (this process, processes) when several draw one global batch
 
@@ -31,7 +34,7 @@ Share = tuple[int, int] | None  # (this process, processes) when several draw on
 class Objective:
     """How one run draws noise and timesteps, weighs each sample and measures the loss."""
 
-    schedule: DDPMScheduler  # the base's forward process, with the prediction type to train
+    schedule: DDPMScheduler | FlowSchedule  # the base's forward process and prediction type
     noise_offset: float = 0.0  # see add_noise_offset
     adaptive_noise_scale: float = 0.0
     multires_noise_iterations: int = 0  # see add_multires_noise
@@ -40,12 +43,18 @@ class Objective:
     debiased_estimation: bool = False  # see debiased_weights
     loss_kind: LossKind = "l2"  # see element_loss
     huber_c: float = 0.1
+    timestep_sampling: str = "logit_normal"  # rectified flow only: see objective.flow
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, schedule: DDPMScheduler) -> Objective:
+    def from_config(cls, cfg: TrainConfig, schedule: DDPMScheduler | FlowSchedule) -> Objective:
+        check_options(cfg, schedule)
         return cls(schedule, cfg.noise_offset, cfg.adaptive_noise_scale,
                    cfg.multires_noise_iterations, cfg.multires_noise_discount, cfg.min_snr_gamma,
-                   cfg.debiased_estimation, cfg.loss, cfg.huber_c)
+                   cfg.debiased_estimation, cfg.loss, cfg.huber_c, cfg.timestep_sampling,
+                   cfg.logit_mean, cfg.logit_std, cfg.mode_scale)
 
     def draw(self, latents: torch.Tensor, generator: torch.Generator,
              share: Share = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +65,14 @@ class Objective:
                                    self.multires_noise_discount, generator, share)
         noise = add_noise_offset(noise, self.noise_offset, generator, share, latents,
                                  self.adaptive_noise_scale)
-        timesteps = sample_timesteps(latents.shape[0], self.schedule.config.num_train_timesteps,
-                                     generator, share)
+        if isinstance(self.schedule, FlowSchedule):
+            shape, rows = _rows((latents.shape[0],), share)
+            timesteps = sample_flow_timesteps(self.schedule, shape, generator,
+                                              self.timestep_sampling, self.logit_mean,
+                                              self.logit_std, self.mode_scale)[rows]
+        else:
+            timesteps = sample_timesteps(latents.shape[0], self.schedule.config.num_train_timesteps,
+                                         generator, share)
         return noise, timesteps
 
     def weights(self, timesteps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,8 +96,37 @@ class Objective:
                               weights, wanted, self.loss_kind, self.huber_c, mask)
 
 
-def training_schedule(scheduler_config: dict, prediction_type: str) -> DDPMScheduler:
-    """The forward (noising) process of the base model, with the prediction type to train."""
+# TrainConfig fields that only a DDPM schedule gives a meaning to, with why, and (for the flow
+# ones) what only rectified flow reads: each refused where it would be silently ignored.
+DDPM_ONLY = {
+    "min_snr_gamma": "Min-SNR weighs DDPM timesteps by their signal-to-noise ratio",
+    "debiased_estimation": "debiased estimation weighs DDPM timesteps by their signal-to-noise ratio",
+    "zero_terminal_snr": "zero terminal SNR rescales a DDPM noise schedule",
+}
+FLOW_ONLY = {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0,
+             "mode_scale": 1.29, "flow_shift": 0.0}
+
+
+def check_options(cfg: TrainConfig, schedule) -> None:
+    """Refuse options the base's objective would ignore, naming why."""
+    flow = isinstance(schedule, FlowSchedule)
+    for name, why in DDPM_ONLY.items():
+        if flow and getattr(cfg, name):
+            raise UserError(f"train.{name} does not apply to SD3 bases, which train with "
+                            f"rectified flow: {why}. Set it back to its default "
+                            "(train.timestep_sampling and train.flow_shift shape SD3's timesteps)")
+    for name, default in FLOW_ONLY.items():
+        if not flow and getattr(cfg, name) != default:
+            raise UserError(f"train.{name} applies to SD3 bases (rectified flow) only; this base "
+                            f"trains with a DDPM schedule. Remove it (default {default!r})")
+
+
+def training_schedule(scheduler_config: dict, prediction_type: str,
+                      flow_shift: float = 0.0) -> DDPMScheduler | FlowSchedule:
+    """The forward (noising) process of the base model, with the prediction type to train;
+    SD3's ("flow") is a FlowSchedule, its shift `flow_shift` when > 0, else the scheduler's."""
+    if prediction_type == FLOW:
+        return FlowSchedule.from_scheduler_config(scheduler_config, flow_shift)
     config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     config["prediction_type"] = prediction_type
     return DDPMScheduler.from_config(config)
@@ -188,8 +232,11 @@ def target(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
 ) -> torch.Tensor:
-    """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction)."""
+    """What the denoiser should predict: the noise (epsilon), the velocity (v-prediction), or
+    for rectified flow noise - x0."""
     kind = schedule.config.prediction_type
+    if kind == FLOW:
+        return schedule.velocity(latents, noise)
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
