@@ -256,10 +256,10 @@ class TrainConfig:
     # end; uniform. flow_shift > 0 replaces the base scheduler's shift (SD3: 3.0); a larger
     # shift spends more steps at high noise.
     timestep_sampling: TimestepSampling = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    flow_shift: float = 0.0
+    logit_mean: float = 0.0  # SD3: the mean of logit_normal's normal draw
+    logit_std: float = 1.0  # SD3: the spread of logit_normal's normal draw
+    mode_scale: float = 1.29  # SD3: how far "mode" bends the draw (0: uniform)
+    flow_shift: float = 0.0  # SD3: the noise-level shift; 0: the base scheduler's (SD3: 3.0)
     # With held-out images (data.validation_path or data.validation_split): their denoising loss
     # at fixed timesteps and noise every validation_every steps and at the end, in
     # validation.csv and TensorBoard; the adapter at the best value is written as

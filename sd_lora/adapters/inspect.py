@@ -32,8 +32,10 @@ from sd_lora.formats.peft_diffusers import DiffusersKeyError, from_diffusers
 from sd_lora.util.words import plural
 
 # Layer kinds recognised in module paths, longest first so that `ff.net.0.proj` wins over `proj`.
+# SD3's groups name the attention too (`attn.to_q`, `attn2.to_q`): the kind is the layer's.
 KNOWN_KINDS = sorted(
-    {s for table in TARGET_GROUPS.values() for g in table.values() for s in g},
+    {s.removeprefix("attn.").removeprefix("attn2.")
+     for table in TARGET_GROUPS.values() for g in table.values() for s in g},
     key=len,
     reverse=True,
 )

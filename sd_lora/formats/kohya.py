@@ -29,6 +29,12 @@ through the table of `sd_lora.formats.ldm_checkpoint.unet_module_table`, and `lo
 `lora_te2_` for the two text encoders. Files with diffusers UNet names for SDXL exist too (older
 trainers, diffusers' own converter), and SD 1.x/2.x files with LDM UNet names (some older
 tools); both are read, never written.
+
+SD3 / SD3.5 (as sd-scripts writes and ComfyUI reads): the MMDiT under `lora_unet_` with its
+original module names (`lora_unet_joint_blocks_0_x_block_attn_qkv`, from diffusers'
+`transformer_blocks.0.attn.to_q`, `to_k` and `to_v` fused into one LoRA), CLIP-L and CLIP-G under
+`lora_te1_` / `lora_te2_`; see `sd_lora.formats.mmdit`. Files with diffusers transformer names under
+`lora_unet_` or `lora_transformer_` (OneTrainer; ComfyUI reads them) are read, never written.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import NamedTuple
 
 import torch
 
+from sd_lora.formats import mmdit
 from sd_lora.formats.adapter_state import (
     CONTEXT_WIDTH_FAMILY,
     FAMILY_NAMES,
@@ -57,6 +64,7 @@ WRITE_PREFIXES: dict[str, dict[str, str]] = {
     "sd1": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sd2": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    "sd3": {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
 }
 # Extra prefixes accepted on read, never written. diffusers' `convert_state_dict_to_kohya` writes
 # `lora_te1_` for SD 1.x, which sd-scripts and InvokeAI ignore.
@@ -64,8 +72,13 @@ READ_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "sd1": {"text_encoder": ("lora_te1",)},
     "sd2": {"text_encoder": ("lora_te1",)},
     "sdxl": {},
+    "sd3": {},
 }
+# The UNet families (with a reference module table in `adapters.files`), and all kohya reads.
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
+KOHYA_FAMILIES = (*SUPPORTED_FAMILIES, "sd3")
+# Diffusers-named SD3 transformer modules are also read under this prefix (OneTrainer's).
+TRANSFORMER_ALIAS = "lora_transformer"
 # The UNet block layout each family's LDM module names follow: every SD 1.x/2.x UNet has SD's
 # four levels, every SDXL UNet (base 1.0 and its fine-tunes) SDXL base's three; the names depend
 # on nothing else (transformer depth only adds transformer_blocks_N).
@@ -91,6 +104,7 @@ WRITES_LDM_UNET = ("sdxl",)
 
 # Model-free parsing: which component a prefix belongs to, longest prefix first.
 PREFIX_COMPONENTS: tuple[tuple[str, str], ...] = (
+    ("lora_transformer_", "transformer"),
     ("lora_unet_", "unet"),
     ("lora_te1_", "text_encoder"),
     ("lora_te2_", "text_encoder_2"),
@@ -125,9 +139,9 @@ class KohyaKey(NamedTuple):
 
 
 def _check_family(family: str, action: str) -> None:
-    if family not in SUPPORTED_FAMILIES:
+    if family not in KOHYA_FAMILIES:
         raise KohyaKeyError(
-            f"{action} kohya files for family {family!r}: unknown; use one of {SUPPORTED_FAMILIES}"
+            f"{action} kohya files for family {family!r}: unknown; use one of {KOHYA_FAMILIES}"
         )
 
 
@@ -145,7 +159,13 @@ def _ldm_table(family: str) -> dict[str, str]:
 
 
 def written_path(family: str, component: str, path: str) -> str:
-    """The module path a kohya file spells: LDM for an SDXL UNet, else the canonical path."""
+    """The module path a kohya file spells: LDM for an SDXL UNet, the original MMDiT name for an
+    SD3 transformer (one fused qkv for to_q, to_k and to_v), else the canonical path."""
+    if component == "transformer" and family == "sd3":
+        try:
+            return mmdit.original_name(path).path
+        except mmdit.MmditKeyError as e:
+            raise KohyaKeyError(str(e)) from None
     if component == "unet" and family in WRITES_LDM_UNET:
         try:
             return map_module_name(path, _ldm_table(family))
@@ -165,10 +185,20 @@ def to_kohya(state: AdapterState, dtype: torch.dtype = torch.float16) -> dict[st
     for component, modules in state.modules.items():
         if component not in prefixes:
             raise KohyaKeyError(f"{state.family} has no kohya prefix for component {component!r}")
-        for path, module in modules.items():
-            name = kohya_module_name(prefixes[component], written_path(state.family, component, path))
+        for path, module in _written_modules(state.family, component, modules).items():
+            name = kohya_module_name(prefixes[component], path)
             tensors.update(module_tensors(name, module, dtype))
     return tensors
+
+
+def _written_modules(family: str, component: str, modules: dict) -> dict:
+    """{path as the file spells it: module}; an SD3 transformer's q/k/v fused into one module."""
+    if component == "transformer" and family == "sd3":
+        try:
+            return mmdit.to_original_modules(modules)
+        except mmdit.MmditKeyError as e:
+            raise KohyaKeyError(str(e)) from None
+    return {written_path(family, component, path): module for path, module in modules.items()}
 
 
 def parse_kohya_key(key: str) -> KohyaKey:
@@ -193,33 +223,58 @@ def is_kohya(keys) -> bool:
 
 
 def lookup_table(module_paths: dict[str, list[str]], family: str) -> dict[str, tuple[str, str]]:
-    """kohya module name -> (component, canonical module path), aliases included."""
+    """kohya module name -> (component, canonical module path), aliases included. An SD3
+    transformer's original MMDiT spelling maps to (component, original path): `_read_modules`
+    turns it into diffusers paths (a fused qkv into three)."""
     table: dict[str, tuple[str, str]] = {}
     prefixes = WRITE_PREFIXES[family]
     for component, paths in module_paths.items():
         if component not in prefixes:
             raise KohyaKeyError(f"{family} has no kohya prefix for component {component!r}")
-        names = (prefixes[component], *READ_ALIASES[family].get(component, ()))
-        for path in paths:
-            canonical = canonical_name(component, path)
-            # Also without `text_model_`: diffusers' converter writes that under transformers 5.
-            # A UNet's LDM name too (what sd-scripts writes for SDXL; some SD 1.x tools too).
-            spellings = {canonical, canonical.removeprefix(TEXT_MODEL_LEVEL)}
-            if component == "unet":
-                try:
-                    spellings.add(map_module_name(canonical, _ldm_table(family)))
-                except UnmappedKeyError:
-                    pass  # a layer outside SDXL's layout: only its diffusers spelling
-            for prefix in names:
-                for spelling in spellings:
-                    name = kohya_module_name(prefix, spelling)
-                    other = table.setdefault(name, (component, canonical))
-                    if other != (component, canonical):
-                        raise KohyaKeyError(
-                            f"kohya name {name!r} is ambiguous: it is both {other} and "
-                            f"{(component, canonical)}"
-                        )
+        if component == "transformer" and family == "sd3":
+            entries = _mmdit_entries(prefixes[component], paths)
+        else:
+            entries = _entries(family, component, paths)
+        for name, target in entries:
+            other = table.setdefault(name, target)
+            if other != target:
+                raise KohyaKeyError(
+                    f"kohya name {name!r} is ambiguous: it is both {other} and {target}"
+                )
     return table
+
+
+def _entries(family: str, component: str, paths: list[str]):
+    """(kohya name, (component, canonical path)) for every spelling of a UNet or CLIP module."""
+    names = (WRITE_PREFIXES[family][component], *READ_ALIASES[family].get(component, ()))
+    for path in paths:
+        canonical = canonical_name(component, path)
+        # Also without `text_model_`: diffusers' converter writes that under transformers 5.
+        # A UNet's LDM name too (what sd-scripts writes for SDXL; some SD 1.x tools too).
+        spellings = {canonical, canonical.removeprefix(TEXT_MODEL_LEVEL)}
+        if component == "unet":
+            try:
+                spellings.add(map_module_name(canonical, _ldm_table(family)))
+            except UnmappedKeyError:
+                pass  # a layer outside SDXL's layout: only its diffusers spelling
+        for prefix in names:
+            for spelling in spellings:
+                yield kohya_module_name(prefix, spelling), (component, canonical)
+
+
+def _mmdit_entries(prefix: str, paths: list[str]):
+    """SD3 transformer names: diffusers paths (under `prefix` and `lora_transformer`) and the
+    original MMDiT ones; a fused qkv only where the model has all three of its layers."""
+    present = set(paths)
+    for path in paths:
+        for alias in (prefix, TRANSFORMER_ALIAS):
+            yield kohya_module_name(alias, path), ("transformer", path)
+        try:
+            original = mmdit.original_name(path).path
+        except mmdit.MmditKeyError:
+            continue  # a layer the original naming does not hold: its diffusers spelling only
+        if set(mmdit.diffusers_paths(original)) <= present:
+            yield kohya_module_name(prefix, original), ("transformer", original)
 
 
 def _group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -328,17 +383,36 @@ def from_kohya(
     for name, parts in groups.items():
         if name not in table:
             continue
-        component, path = table[name]
-        if path in modules.get(component, {}):
-            raise KohyaKeyError(f"{component} module {path!r} appears twice (e.g. as {name!r})")
-        modules.setdefault(component, {})[path] = module_from_parts(parts)
+        component, resolved = table[name]
+        for path, module in _read_modules(family, component, resolved, module_from_parts(parts)).items():
+            if path in modules.get(component, {}):
+                raise KohyaKeyError(f"{component} module {path!r} appears twice (e.g. as {name!r})")
+            modules.setdefault(component, {})[path] = module
     unmatched = {name: "no module of that name in the target model" for name in unmapped}
     return AdapterState(family=family, modules=modules, unmatched=unmatched)
+
+
+def _read_modules(family: str, component: str, path: str, module) -> dict:
+    """{canonical path: module} for one file module resolved to `path`: itself, except an SD3
+    transformer module under its original MMDiT name (a fused qkv splits into q, k and v)."""
+    if not (component == "transformer" and family == "sd3" and mmdit.is_original(path)):
+        return {path: module}
+    try:
+        return mmdit.from_original_module(path, module)
+    except mmdit.MmditKeyError as e:
+        raise KohyaKeyError(str(e)) from None
 
 
 def likely_cause(names: list[str], tensors: dict[str, torch.Tensor], family: str) -> str:
     """Why a file's modules do not match the base, from their names and shapes."""
     base = FAMILY_NAMES[family]
+    # UNet names never start with transformer_blocks (theirs sit inside attentions_N).
+    mmdit_named = any(n.startswith(("lora_unet_joint_blocks_", "lora_unet_transformer_blocks_",
+                                    f"{TRANSFORMER_ALIAS}_")) for n in names)
+    if mmdit_named and family != "sd3":
+        return f"this looks like an SD3 LoRA (MMDiT joint_blocks or transformer names); the base is {base}"
+    if family == "sd3":
+        return _sd3_cause(names, mmdit_named)
     if any(n.startswith("lora_te2_") for n in names) or any(
             part in n for n in names for part in ("input_blocks_", "output_blocks_", "middle_block_")):
         return f"this looks like an SDXL LoRA (LDM block names or a second text encoder); the base is {base}"
@@ -349,4 +423,16 @@ def likely_cause(names: list[str], tensors: dict[str, torch.Tensor], family: str
             if other is not None and other != family:
                 return (f"its cross-attention reads text features {width} wide, as "
                         f"{FAMILY_NAMES[other]} does; the base is {base}")
+    return "the adapter is for another architecture, or its layout is one sd-lora does not know"
+
+
+def _sd3_cause(names: list[str], mmdit_named: bool) -> str:
+    """Why names do not match an SD3 base: a UNet LoRA, or an MMDiT of another depth."""
+    if any(part in n for n in names for part in ("input_blocks_", "output_blocks_", "middle_block_",
+                                                  "down_blocks_", "up_blocks_", "mid_block_")):
+        return "this looks like a UNet LoRA (SD 1.x, SD 2.x or SDXL); the base is SD 3.x"
+    if mmdit_named:
+        return ("its MMDiT blocks or layers differ from the base's: is it for another SD3 model? "
+                "(SD 3.5 Large has 38 blocks; SD 3.5 Medium and SD 3 Medium 24, and only SD 3.5 "
+                "Medium a second attention, attn2, in blocks 0-12)")
     return "the adapter is for another architecture, or its layout is one sd-lora does not know"

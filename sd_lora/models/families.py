@@ -3,8 +3,12 @@ native size; freezing it."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import DiffusionPipeline
+
+if TYPE_CHECKING:  # the family is read off a loaded pipeline; naming its class needs no import
+    from diffusers import DiffusionPipeline
 
 COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 # SD3 is trained with rectified flow: the transformer predicts (noise - image), which no
