@@ -77,9 +77,91 @@ def test_tiny_sd3_trains_and_diffusers_loads_its_exports_like_the_trained_model(
         keys = set(f.keys())
     assert "transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight" in keys
     assert "transformer.transformer_blocks.0.attn2.to_q.lora_B.weight" in keys
-    for fmt in ("diffusers",):
-        fresh = load_pipeline("tiny-sd3")
-        fresh.load_lora_weights(str(result.adapter_files[fmt]))
-        diff = max_diff(sd3_outputs(fresh), want)
-        print(f"{fmt}: diffusers' StableDiffusion3Pipeline vs the trained model {diff:.1e}")
-        assert diff < FP32_TOLERANCE, fmt
+    fresh = load_pipeline("tiny-sd3")
+    fresh.load_lora_weights(str(result.adapter_files["diffusers"]))
+    diff = max_diff(sd3_outputs(fresh), want)
+    print(f"diffusers file: diffusers' StableDiffusion3Pipeline vs the trained model {diff:.1e}")
+    assert diff < FP32_TOLERANCE
+    with safe_open(str(result.adapter_files["kohya"]), "pt") as f:
+        kohya, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight" in kohya
+    assert "lora_unet_joint_blocks_1_context_block_attn_qkv.alpha" in kohya
+    assert "lora_unet_joint_blocks_0_x_block_attn2_qkv.lora_up.weight" in kohya
+    assert "lora_te2_text_model_encoder_layers_2_self_attn_out_proj.lora_up.weight" in kohya
+    assert metadata["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert metadata["ss_base_model_version"] == "5-medium"
+    assert "modelspec.prediction_type" not in metadata  # modelspec has no value for flow
+    fresh = load_pipeline("tiny-sd3")
+    comfyui_apply(fresh, kohya)
+    diff = max_diff(sd3_outputs(fresh), want)
+    print(f"kohya file: ComfyUI's formula on the original MMDiT vs the trained model {diff:.1e}")
+    assert diff < FP32_TOLERANCE
+
+
+def test_sd3_resumed_after_a_kill_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from sd_lora.train.recipe import train
+
+    def job(out):  # EMA and text-encoder caching too: their state resumes with the run
+        return sd3_job(out, "train.max_steps=5", "train.checkpoint_every=0", "train.ema_decay=0.9",
+                       "lora.train_text_encoder=false", "data.cache_text_encoder_outputs=true",
+                       'train.timestep_sampling="mode"')
+
+    straight = train(job(tmp_path / "a"), show_progress=False)
+    resumed = killed_then_resumed(job(tmp_path / "b"), monkeypatch)
+    for fmt in ("kohya", "diffusers"):
+        a, b = load_file(straight.adapter_files[fmt]), load_file(resumed.adapter_files[fmt])
+        assert a.keys() == b.keys()
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0, fmt
+
+
+def test_diffusers_reads_nothing_of_an_sd3_kohya_file(tmp_path):
+    """diffusers 0.42.1's SD3 loader has no kohya converter: it warns and adapts no layer. So
+    the diffusers export is the file for diffusers; the kohya one is checked by ComfyUI's
+    formula below. (If a diffusers release starts reading it, this test says so.)"""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from sd_lora.adapters.files import save_adapter
+    from sd_lora.lora.inject import add_lora, read_adapter_state
+    from tests.lora_helpers import fill_lora_B
+
+    pipe = load_pipeline("tiny-sd3")
+    add_lora(pipe.transformer, "transformer", ("attn",), 4, 4.0)
+    fill_lora_B([pipe.transformer])
+    path = save_adapter(read_adapter_state({"transformer": pipe.transformer}, "sd3"),
+                        tmp_path / "k.safetensors", format="kohya", dtype=torch.float32)
+    fresh = load_pipeline("tiny-sd3")
+    fresh.load_lora_weights(str(path))
+    assert not any(isinstance(m, BaseTunerLayer) for m in fresh.transformer.modules())
+
+
+def comfyui_apply(pipe, kohya: dict[str, torch.Tensor], strength: float = 1.0) -> None:
+    """Apply a kohya file the way ComfyUI does (comfy/lora.py's key map and weight patch):
+    `lora_unet_<name>` patches `diffusion_model.<name>.weight` of the ORIGINAL MMDiT state dict,
+    `lora_te1_`/`lora_te2_` CLIP-L's/CLIP-G's `text_model` weights, each by
+    strength * alpha / rank * up @ down (rank: lora_down's rows). The MMDiT is patched in its
+    original layout (names from our table, the layout proved by diffusers' converter in
+    test_sd3_formats) and converted back with diffusers' own converter."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from tests.test_sd3_formats import original_state_dict
+
+    original = original_state_dict(pipe.transformer.state_dict())
+    encoders = {"lora_te1_": pipe.text_encoder, "lora_te2_": pipe.text_encoder_2}
+    for key in [k for k in kohya if k.endswith(".lora_down.weight")]:
+        name = key.removesuffix(".lora_down.weight")
+        down, up = kohya[key].double(), kohya[f"{name}.lora_up.weight"].double()
+        alpha = float(kohya[f"{name}.alpha"]) if f"{name}.alpha" in kohya else down.shape[0]
+        delta = strength * alpha / down.shape[0] * (up @ down)
+        if name.startswith("lora_unet_"):
+            target = next(k for k in original if k.endswith(".weight")
+                          and k.removesuffix(".weight").replace(".", "_") == name.removeprefix("lora_unet_"))
+            original[target] = (original[target].double() + delta).float()
+            continue
+        prefix = next(p for p in encoders if name.startswith(p))
+        model = encoders[prefix]
+        module = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and
+                      ("text_model_" + n.replace(".", "_")).endswith(name.removeprefix(prefix)))
+        module.weight.data = (module.weight.double() + delta).float()
+    pipe.transformer.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(original))

@@ -220,7 +220,7 @@ class EmbeddingCache:
         rows = [found[c] for c in captions]
         hidden = torch.stack([h for h, _ in rows])
         pooled = None if rows[0][1] is None else torch.stack([p for _, p in rows])
-        if pooled is None or time_ids is None:  # SD 1.x/2.x; SD3 (no size conditioning)
+        if pooled is None or self.denoiser == "transformer":  # SD 1.x/2.x; SD3: no sizes
             return Conditioning(hidden, pooled, denoiser=self.denoiser)
         return Conditioning(hidden, pooled, time_ids.to(hidden.device, hidden.dtype))
 
