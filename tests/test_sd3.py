@@ -165,3 +165,67 @@ def comfyui_apply(pipe, kohya: dict[str, torch.Tensor], strength: float = 1.0) -
                       ("text_model_" + n.replace(".", "_")).endswith(name.removeprefix(prefix)))
         module.weight.data = (module.weight.double() + delta).float()
     pipe.transformer.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(original))
+
+
+# --- the rectified-flow objective, against diffusers' own SD3 pieces ----------------------------
+
+
+@pytest.mark.parametrize("sampling", ["logit_normal", "mode", "uniform"])
+def test_flow_draws_are_diffusers_sd3_densities_then_the_shift(sampling):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from sd_lora.objective.flow import FlowSchedule, flow_density_draw, sample_flow_timesteps
+
+    ours = flow_density_draw((64,), torch.Generator().manual_seed(5), sampling, 0.0, 1.0, 1.29)
+    theirs = compute_density_for_timestep_sampling(sampling, 64, 0.0, 1.0, 1.29,
+                                                   generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    schedule = FlowSchedule.from_scheduler_config(scheduler.config)
+    grid = torch.linspace(1.0, 1 / 1000, 1000)  # the scheduler's unshifted sigmas
+    assert torch.allclose(schedule.shifted(grid), scheduler.sigmas, atol=1e-6)
+    timesteps = sample_flow_timesteps(schedule, (64,), torch.Generator().manual_seed(5), sampling)
+    assert torch.allclose(timesteps, schedule.shifted(ours) * 1000, atol=1e-3)
+
+
+def test_flow_noising_and_target_are_the_schedulers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sd_lora.objective import target
+    from sd_lora.objective.flow import FlowSchedule
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    schedule = FlowSchedule.from_scheduler_config(scheduler.config, shift=2.0)
+    assert schedule.config.shift == 2.0  # train.flow_shift replaces the scheduler's
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 16, 4, 4, generator=gen), torch.randn(3, 16, 4, 4, generator=gen)
+    t = scheduler.timesteps[[0, 500, 999]]
+    schedule = FlowSchedule.from_scheduler_config(scheduler.config)
+    ours = schedule.add_noise(x0, noise, t)
+    theirs = torch.cat([scheduler.scale_noise(x0[i:i + 1], t[i:i + 1], noise[i:i + 1])
+                        for i in range(3)])
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.equal(target(schedule, x0, noise, t), noise - x0)
+
+
+@pytest.mark.parametrize("option", ["train.min_snr_gamma=5", "train.debiased_estimation=true",
+                                    "train.zero_terminal_snr=true"])
+def test_ddpm_only_options_are_refused_for_sd3_naming_why(tmp_path, option):
+    from sd_lora.errors import UserError
+    from sd_lora.train.recipe import train
+
+    with pytest.raises(UserError, match=r"does not apply to SD3 bases.*rectified flow"):
+        train(sd3_job(tmp_path, option), show_progress=False)
+
+
+def test_flow_options_are_refused_for_unet_bases_and_v_prediction_for_sd3(tmp_path):
+    from sd_lora.errors import UserError
+    from sd_lora.models.bases import BaseModelError
+    from sd_lora.train.recipe import train
+
+    job = sd3_job(tmp_path, 'model.base="tiny"', 'train.timestep_sampling="uniform"')
+    with pytest.raises(UserError, match=r"train.timestep_sampling applies to SD3 bases"):
+        train(job, show_progress=False)
+    with pytest.raises(BaseModelError, match=r"SD3 bases are trained with rectified flow"):
+        load_pipeline("tiny-sd3", prediction_type="v_prediction")
