@@ -3,10 +3,13 @@
     .venv/bin/python bench/train_speed.py                  # tiny (64 px) and SD 1.5 (256 px)
     .venv/bin/python bench/train_speed.py --only tiny --json /tmp/speed.json
     .venv/bin/python bench/train_speed.py --only sdxl --precision bf16   # SDXL, 512 px
+    .venv/bin/python bench/train_speed.py --only sd35m    # SD3.5 Medium, 512 px, bf16, cached
 
 Bases: the built-in `tiny` pipeline, the full SD 1.5 architecture (UNet, CLIP ViT-L text
 encoder, VAE) and the full SDXL base architecture (UNet, CLIP ViT-L and OpenCLIP ViT-bigG, VAE;
-only with --only sdxl, it is slow on a CPU), built with random weights from the bundled configs;
+only with --only sdxl, it is slow on a CPU) and the full SD3.5 Medium transformer (MMDiT-X,
+2.5B parameters) with SD3's 16-channel VAE (only with --only sd35m: bf16, cached text
+embeddings, as SD3 is trained on a CPU at all), built with random weights from the bundled configs;
 speed does not depend on the weight values, and nothing is downloaded. For each base it measures fp32 and bf16 (fp16 too when
 CUDA is present), with and without gradient checkpointing, and two kinds of step:
 
@@ -41,7 +44,10 @@ from accelerate.utils import set_seed
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -50,8 +56,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sd_lora.config import JobConfig, LoraConfig, ModelConfig, TrainConfig
 from sd_lora.lora.inject import lora_parameters
-from sd_lora.models.families import freeze, prediction_type_of
+from sd_lora.models.families import denoiser_name, freeze, prediction_type_of
 from sd_lora.models.text import (
+    SD3_T5_TOKENS,
+    Conditioning,
     default_time_ids,
     encode_all,
     text_encoders_of,
@@ -71,9 +79,12 @@ from sd_lora.train.recipe import (
 from sd_lora.util.dtypes import weight_dtype
 
 RESULT_TAG = "BENCH_RESULT "  # the child's one line of stdout that the parent reads
-DEFAULT_RESOLUTION = {"tiny": 64, "sd15": 256, "sdxl": 512}  # tiny at its native size
-DEFAULT_STEPS = {"tiny": 20, "sd15": 3, "sdxl": 2}
-BATCH_SIZE = {"tiny": 4, "sd15": 1, "sdxl": 1}
+DEFAULT_RESOLUTION = {"tiny": 64, "sd15": 256, "sdxl": 512, "tiny-sd3": 64, "sd35m": 512}
+DEFAULT_STEPS = {"tiny": 20, "sd15": 3, "sdxl": 2, "tiny-sd3": 10, "sd35m": 2}
+BATCH_SIZE = {"tiny": 4, "sd15": 1, "sdxl": 1, "tiny-sd3": 4, "sd35m": 1}
+# SD3 on a CPU: bf16 and the cached step only (T5-XXL alone is 4.7B parameters, 9.5 GB in bf16:
+# its outputs are what an SD3 run caches); its text conditioning is random, shaped as SD3's.
+CACHED_ONLY = {"sd35m": "bf16"}
 LORA = dict(unet_r=16, unet_alpha=16.0, unet_targets=("attn",),
             text_encoder_r=8, text_encoder_alpha=8.0, text_encoder_targets=("attn",))
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # our label -> Accelerate's
@@ -81,6 +92,12 @@ CAPTION = "a photo of a red bicycle leaning against a brick wall, soft evening l
 CONFIGS = Path(__file__).resolve().parent.parent / "sd_lora/assets/configs"
 SD15_CONFIGS = CONFIGS / "stable-diffusion-v1-5"
 SDXL_CONFIGS = CONFIGS / "stable-diffusion-xl-base-1.0"
+SD35M_CONFIGS = CONFIGS / "stable-diffusion-3.5-medium"
+SD3_VAE = dict(  # SD3's VAE: SD's encoder and decoder with 16 latent channels, no quant convs
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, latent_channels=16, norm_num_groups=32, scaling_factor=1.5305,
+    shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
 CACHING_NOTE = ("'full' is the step without caches; 'cached' the step with data.cache_latents and "
                 "data.cache_text_encoder_outputs (text encoders frozen).")
 
@@ -132,9 +149,9 @@ def run_one(case: Case) -> dict:
 
 def build_base(base: str, precision: str, device):
     """A frozen pipeline in the trainer's dtypes: base weights in the training precision, VAE fp32."""
-    if base == "tiny":
-        return load_frozen_base(ModelConfig(base="tiny"), MIXED_PRECISION[precision], device)
-    build = build_sdxl_pipeline if base == "sdxl" else build_sd15_pipeline
+    if base in ("tiny", "tiny-sd3"):
+        return load_frozen_base(ModelConfig(base=base), MIXED_PRECISION[precision], device)
+    build = {"sdxl": build_sdxl_pipeline, "sd35m": build_sd35m_pipeline}.get(base, build_sd15_pipeline)
     pipe = freeze(build(precision))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -178,6 +195,19 @@ def build_sdxl_pipeline(precision: str):
         tokenizer=clip_tokenizer(), tokenizer_2=open_clip_tokenizer(), unet=unet,
         scheduler=EulerDiscreteScheduler.from_config(scheduler_config), add_watermarker=False,
     )
+
+
+def build_sd35m_pipeline(precision: str):
+    """SD3.5 Medium's transformer and SD3's VAE with random weights, without text encoders (the
+    cached step reads their outputs; see CACHED_ONLY)."""
+    config = json.loads((SD35M_CONFIGS / "transformer" / "config.json").read_text())
+    with default_dtype(weight_dtype(MIXED_PRECISION[precision])):
+        transformer = SD3Transformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=AutoencoderKL(**SD3_VAE),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=None, tokenizer_3=None)
 
 
 @contextmanager
@@ -228,13 +258,16 @@ def full_step(loop, pixels, captions):
 def cached_step(loop, pixels, captions):
     """train_micro_batch without the VAE and text encoder: their outputs are computed once here."""
     trainee, setup = loop.trainee, loop.setup
-    accelerator, unet = setup.accelerator, trainee.models["unet"]
-    latents = loop.encode_images(pixels)  # (B, 4, H/8, W/8)
-    with torch.no_grad():
-        input_ids = tokenize_all(tokenizers_of(trainee.pipe), captions).to(accelerator.device)
-        size = pixels.shape[-1]
-        embeddings = encode_all(text_encoders_of(trainee.pipe), input_ids,  # (B, 77, 768 or 2048)
-                                default_time_ids(len(captions), size, size))
+    accelerator, unet = setup.accelerator, trainee.models[denoiser_name(trainee.pipe)]
+    latents = loop.encode_images(pixels)  # (B, 4 or 16, H/8, W/8)
+    if trainee.pipe.text_encoder is None:  # sd35m: SD3's conditioning, shaped (see CACHED_ONLY)
+        embeddings = random_sd3_conditioning(trainee.pipe, len(captions), latents.dtype)
+    else:
+        with torch.no_grad():
+            input_ids = tokenize_all(tokenizers_of(trainee.pipe), captions).to(accelerator.device)
+            size = pixels.shape[-1]
+            embeddings = encode_all(text_encoders_of(trainee.pipe), input_ids,  # (B, 77, 768 or 2048)
+                                    default_time_ids(len(captions), size, size))
 
     def step() -> float:
         # Same order and extras (clipping, schedule) as train_micro_batch, so the difference
@@ -251,6 +284,16 @@ def cached_step(loop, pixels, captions):
         return float(loss.detach())  # float() waits for the device, so the timing is complete
 
     return step
+
+
+def random_sd3_conditioning(pipe, batch: int, dtype) -> Conditioning:
+    """(B, 77 + 256, 4096) states and (B, 2048) pooled, as SD3's three encoders give them."""
+    config = pipe.transformer.config
+    generator = torch.Generator().manual_seed(1)
+    states = torch.randn(batch, 77 + SD3_T5_TOKENS, config.joint_attention_dim, generator=generator)
+    pooled = torch.randn(batch, config.pooled_projection_dim, generator=generator)
+    device = pipe.transformer.device
+    return Conditioning(states.to(device, dtype), pooled.to(device, dtype), denoiser="transformer")
 
 
 def time_steps(step, count: int) -> list[float]:
@@ -331,9 +374,9 @@ def all_cases(args) -> list[Case]:
         Case(base, args.resolution or DEFAULT_RESOLUTION[base], precision, checkpointing, cached,
              BATCH_SIZE[base], args.steps or DEFAULT_STEPS[base])
         for base in bases
-        for precision in precisions
+        for precision in ([CACHED_ONLY[base]] if base in CACHED_ONLY else precisions)
         for checkpointing in (False, True)
-        for cached in (False, True)
+        for cached in ((True,) if base in CACHED_ONLY else (False, True))
     ]
 
 
@@ -422,7 +465,7 @@ def run_all(args) -> tuple[list[dict], dict]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["tiny", "sd15", "sdxl"],
+    parser.add_argument("--only", choices=["tiny", "sd15", "sdxl", "tiny-sd3", "sd35m"],
                         help="run one base only (sdxl runs only when named here)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="one precision only")
     parser.add_argument("--steps", type=int, help="timed steps per configuration "
