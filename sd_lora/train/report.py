@@ -36,6 +36,7 @@ from sd_lora.data.loader import centre_crop_batch
 from sd_lora.generate.render import RenderSettings, image_grid, render
 from sd_lora.lora.inject import lora_weight
 from sd_lora.models.bases import RANDOM_BASES
+from sd_lora.models.families import denoiser_of
 from sd_lora.models.text import text_encoders_of, tokenizers_of
 from sd_lora.train.evaluate import eval_chunks, eval_loss, make_eval_batch
 from sd_lora.train.outputs import sample_prompts
@@ -202,7 +203,7 @@ def compare_losses(pipe, schedule, models, images: ImageSet, advance=None) -> Lo
     losses = []
     for weight in (0.0, 1.0):
         with lora_weight(models, weight):
-            losses.append(eval_loss(pipe.unet, text_encoders_of(pipe), schedule, batch,
+            losses.append(eval_loss(denoiser_of(pipe), text_encoders_of(pipe), schedule, batch,
                                     advance=advance))
     return LossComparison(
         images.source, len(images.captions), round(losses[0], 6), round(losses[1], 6), images.name
