@@ -140,7 +140,10 @@ def encode_all(text_encoders: Sequence[torch.nn.Module], input_ids: torch.Tensor
 
 
 def clip_window(encoder: torch.nn.Module) -> int:
-    return int(getattr(encoder.config, "max_position_embeddings", 77))
+    """The tokens a CLIP encoder reads (77). A trained encoder may come wrapped for several
+    processes (DistributedDataParallel), its config on the model inside."""
+    config = getattr(encoder, "module", encoder).config
+    return int(getattr(config, "max_position_embeddings", 77))
 
 
 def encode_clips(encoders, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
