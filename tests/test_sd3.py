@@ -211,12 +211,16 @@ def test_flow_noising_and_target_are_the_schedulers():
 
 @pytest.mark.parametrize("option", ["train.min_snr_gamma=5", "train.debiased_estimation=true",
                                     "train.zero_terminal_snr=true"])
-def test_ddpm_only_options_are_refused_for_sd3_naming_why(tmp_path, option):
+def test_ddpm_only_options_are_refused_for_sd3_naming_why(tmp_path, option, capsys):
+    from sd_lora.cli.main import main
     from sd_lora.errors import UserError
     from sd_lora.train.recipe import train
 
     with pytest.raises(UserError, match=r"does not apply to SD3 bases.*rectified flow"):
         train(sd3_job(tmp_path, option), show_progress=False)
+    # `sd-lora check` says so too: the family is known from the base's name, before any load
+    assert main(["check", str(SAMPLE_DATA), "--set", 'model.base="tiny-sd3"', "--set", option]) == 2
+    assert "does not apply to SD3 bases" in capsys.readouterr().err
 
 
 def test_flow_options_are_refused_for_unet_bases_and_v_prediction_for_sd3(tmp_path):

@@ -59,6 +59,27 @@ def base_kind(base: str) -> str:
     )
 
 
+# The pipeline class a diffusers folder's model_index.json names -> the family it trains as.
+PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
+BUILTIN_FAMILIES = {"toy": "sd1", "tiny": "sd1", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
+
+
+def declared_family(base: str) -> str | None:
+    """The family a built-in or a diffusers folder declares, without loading it ("sd3",
+    "sdxl", "sd1"; None when it takes a load to know: SD 1.x vs 2.x, files, hub ids), so that
+    settings the family cannot use are refused before minutes of loading."""
+    import json
+
+    if base in BUILTIN_FAMILIES:
+        return BUILTIN_FAMILIES[base]
+    index = Path(os.fspath(base)).expanduser() / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return PIPELINE_FAMILIES.get(name)
+
+
 def builtin_suggestion(base: str) -> str:
     """'; did you mean 'toy'?' for a near miss of a built-in base's name ("Toy", "tiny_sdxl",
     "toys"), else ''. Built-in names are exact (lower-case): "Toy" could be a folder's name."""

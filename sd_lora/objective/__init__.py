@@ -50,7 +50,7 @@ class Objective:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, schedule: DDPMScheduler | FlowSchedule) -> Objective:
-        check_options(cfg, schedule)
+        check_options(cfg, isinstance(schedule, FlowSchedule))
         return cls(schedule, cfg.noise_offset, cfg.adaptive_noise_scale,
                    cfg.multires_noise_iterations, cfg.multires_noise_discount, cfg.min_snr_gamma,
                    cfg.debiased_estimation, cfg.loss, cfg.huber_c, cfg.timestep_sampling,
@@ -107,9 +107,8 @@ FLOW_ONLY = {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std"
              "mode_scale": 1.29, "flow_shift": 0.0}
 
 
-def check_options(cfg: TrainConfig, schedule) -> None:
-    """Refuse options the base's objective would ignore, naming why."""
-    flow = isinstance(schedule, FlowSchedule)
+def check_options(cfg: TrainConfig, flow: bool) -> None:
+    """Refuse options the base's objective (rectified `flow` or DDPM) would ignore, naming why."""
     for name, why in DDPM_ONLY.items():
         if flow and getattr(cfg, name):
             raise UserError(f"train.{name} does not apply to SD3 bases, which train with "

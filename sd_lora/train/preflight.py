@@ -20,7 +20,8 @@ from sd_lora.data.scan import (
     size_warning,
 )
 from sd_lora.data.sd_scripts_toml import DatasetToml, apply_settings, read_dataset_toml
-from sd_lora.models.bases import base_kind
+from sd_lora.models.bases import base_kind, declared_family
+from sd_lora.objective import check_options
 from sd_lora.train.memory import plan_line
 from sd_lora.train.recommended import plan_line as settings_line
 from sd_lora.train.recommended import with_recommended
@@ -164,6 +165,8 @@ def check_job(config: JobConfig) -> JobCheck:
     rates and steps left at 0 become the base's recommendation (sd_lora.train.recommended)."""
     config = with_recommended(config)
     base = BASE_KINDS[base_kind(config.model.base)]
+    if (family := declared_family(config.model.base)) is not None:  # else once it has loaded
+        check_options(config.train, flow=family == "sd3")
     min_side = config.data.resolution or 0
     exts = config.data.caption_extensions
     if config.data.dataset_config:
