@@ -77,6 +77,11 @@ class ModelConfig:
     # sd-scripts and diffusers' trainer do), except fp32 under fp16, where the SD VAEs overflow;
     # "fp32" always (for a base whose VAE misbehaves in bf16; costs time and memory).
     vae_precision: VaePrecision = "auto"
+    # SD3's T5-XXL text encoder (4.7B parameters, 9.5 GB in bf16). false: not loaded, zeros in
+    # its place as diffusers' pipeline does; prompts then reach the model through the two
+    # CLIPs alone (77 tokens), with weaker prompt following and text in images. T5 never
+    # trains. Other families have no T5 and ignore it.
+    load_t5: bool = True
 
 
 @dataclass(frozen=True)

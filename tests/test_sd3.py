@@ -258,3 +258,24 @@ def test_sd3_trains_with_buckets_validation_and_the_report(tmp_path):
     with safe_open(str(result.adapter_files["kohya"]), "pt") as f:
         buckets = json.loads(f.metadata()["ss_bucket_info"])
     assert len(buckets["buckets"]) == 2, buckets  # both shapes trained at their own size
+
+
+def test_an_sd3_folder_loads_and_trains_without_t5_reading_none_of_it(tmp_path):
+    """model.load_t5 = false: T5's folder is never read (here: its weights are gone), zeros
+    stand in its place as in diffusers' pipeline, and training runs on the CLIPs alone."""
+    import shutil
+
+    folder = tmp_path / "sd3-folder"
+    load_pipeline("tiny-sd3").save_pretrained(folder)
+    with_t5 = load_pipeline(str(folder))
+    assert with_t5.text_encoder_3 is not None  # the folder loads whole by default
+    shutil.rmtree(folder / "text_encoder_3")
+    pipe = load_pipeline(str(folder), load_t5=False)
+    assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
+    ours = encode_all(text_encoders_of(pipe), tokenize_all(tokenizers_of(pipe), PROMPTS))
+    theirs = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False)
+    assert torch.equal(ours.hidden_states, theirs[0]) and torch.equal(ours.pooled, theirs[2])
+    assert not ours.hidden_states[:, 77:].any()  # T5's part: zeros
+    result = train_keeping_loop(sd3_job(tmp_path / "run", f'model.base="{folder}"',
+                                        "model.load_t5=false", "train.max_steps=2"))[0]
+    assert result.steps == 2 and result.adapter_files["kohya"].is_file()

@@ -63,14 +63,17 @@ PIPELINE_CLASSES = {
     "StableDiffusion3Pipeline": (StableDiffusion3Pipeline, {}),
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# What a pipeline without SD3's T5 is given in its place (diffusers skips loading a None).
+T5_PARTS = (("text_encoder_3", None), ("tokenizer_3", None))
 
 
 def load_pipeline(
     base: str, *, dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, load_t5: bool = True,
 ) -> DiffusionPipeline:
     """Load `base` frozen, in `dtype`; `prediction_type` overrides the scheduler's when given.
-    A .ckpt base is refused unless `allow_pickle` (see sd_lora.util.pickles)."""
+    A .ckpt base is refused unless `allow_pickle` (see sd_lora.util.pickles). Without
+    `load_t5` an SD3 base comes without its T5 encoder (see config.ModelConfig.load_t5)."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise BaseModelError(
             f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}"
@@ -78,6 +81,7 @@ def load_pipeline(
     base = os.fspath(base)
     path = Path(base).expanduser()
     kind = base_kind(base)
+    skipped = {} if load_t5 else dict(T5_PARTS)
     if kind == "tiny":
         pipe = build_tiny_pipeline()
     elif kind == "tiny-sdxl":
@@ -87,11 +91,13 @@ def load_pipeline(
     elif kind == "toy":
         pipe = _load_toy(dtype)
     elif kind == "folder":
-        pipe = _load_folder(path, dtype)
+        pipe = _load_folder(path, dtype, skipped)
     elif kind == "file":
         pipe = _load_file(path, dtype, prediction_type, allow_pickle)
     else:
-        pipe = _load_hub(base, dtype)
+        pipe = _load_hub(base, dtype, skipped)
+    if not load_t5 and getattr(pipe, "text_encoder_3", None) is not None:
+        pipe.text_encoder_3, pipe.tokenizer_3 = None, None  # built with it (built-ins, files)
     if prediction_type is not None and prediction_type_of(pipe) == FLOW:
         raise BaseModelError(
             f"model.prediction_type = {prediction_type!r} does not apply to {base!r}: SD3 bases "
@@ -166,7 +172,7 @@ def _check_pipeline_class(index: dict, where: str) -> str:
     )
 
 
-def _load_folder(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+def _load_folder(path: Path, dtype: torch.dtype, skipped: dict | None = None) -> DiffusionPipeline:
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise BaseModelError(
@@ -175,7 +181,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
         )
     name = _check_pipeline_class(json.loads(index_file.read_text()), str(path))
     try:
-        return _from_pretrained(str(path), dtype, name)
+        return _from_pretrained(str(path), dtype, name, **_for(name, skipped))
     except (OSError, ValueError) as e:
         raise BaseModelError(
             f"{path}: a component of this diffusers folder cannot be loaded (weights are read "
@@ -187,8 +193,9 @@ def _from_pretrained(source: str, dtype: torch.dtype, class_name: str = "StableD
                      **kwargs) -> DiffusionPipeline:
     cls, extra = PIPELINE_CLASSES[class_name]
     # The models read tensor by tensor in `dtype` (half the peak memory, see models.streamed);
-    # from_pretrained loads whatever that left out.
-    streamed = streamed_components(Path(source), dtype)
+    # from_pretrained loads whatever that left out. Components given in kwargs (None: skipped)
+    # are not read at all.
+    streamed = streamed_components(Path(source), dtype, skip=tuple(kwargs))
     return cls.from_pretrained(
         source,
         dtype=dtype,
@@ -202,7 +209,12 @@ def _from_pretrained(source: str, dtype: torch.dtype, class_name: str = "StableD
 # --- Hugging Face hub -----------------------------------------------------------------------
 
 
-def _load_hub(base: str, dtype: torch.dtype) -> DiffusionPipeline:
+def _for(class_name: str, skipped: dict | None) -> dict:
+    """`skipped` (SD3's T5 parts) for an SD3 pipeline; other classes have no such components."""
+    return dict(skipped or {}) if class_name == "StableDiffusion3Pipeline" else {}
+
+
+def _load_hub(base: str, dtype: torch.dtype, skipped: dict | None = None) -> DiffusionPipeline:
     """Always from the repo's folder in the hub cache (fetched there first if allowed): a repo
     id handed to diffusers is read as a local folder when one of that name exists."""
     from huggingface_hub import (
@@ -217,7 +229,8 @@ def _load_hub(base: str, dtype: torch.dtype) -> DiffusionPipeline:
     if isinstance(cached_index, str):
         name = _check_pipeline_class(json.loads(Path(cached_index).read_text()), repo_id)
         try:
-            return _from_pretrained(str(Path(cached_index).parent), dtype, name)
+            return _from_pretrained(str(Path(cached_index).parent), dtype, name,
+                                    **_for(name, skipped))
         except (OSError, ValueError):
             pass  # partly cached: fetch the rest below, if allowed
     not_here = (
@@ -245,8 +258,9 @@ def _load_hub(base: str, dtype: torch.dtype) -> DiffusionPipeline:
     name = _check_pipeline_class(json.loads(Path(index).read_text()), repo_id)
     cls, extra = PIPELINE_CLASSES[name]
     try:  # `extra` names the components not to fetch (safety checker, feature extractor)
-        folder = cls.download(repo_id, cache_dir=cache, use_safetensors=True, **extra)
-        return _from_pretrained(str(folder), dtype, name)
+        folder = cls.download(repo_id, cache_dir=cache, use_safetensors=True, **extra,
+                              **_for(name, skipped))
+        return _from_pretrained(str(folder), dtype, name, **_for(name, skipped))
     except Exception as e:
         raise BaseModelError(f"base {base!r}: downloading or loading it failed: {e}") from e
 

@@ -448,7 +448,8 @@ def check_process_count(processes: int) -> None:
 def load_frozen_base(cfg: ModelConfig, mixed_precision: str, device: torch.device):
     prediction_type = None if cfg.prediction_type == "auto" else cfg.prediction_type
     pipe = load_pipeline(cfg.base, dtype=weight_dtype(mixed_precision),
-                         prediction_type=prediction_type, allow_pickle=cfg.allow_pickle)
+                         prediction_type=prediction_type, allow_pickle=cfg.allow_pickle,
+                         load_t5=cfg.load_t5)
     # bf16 keeps fp32's range, so the VAE stays in it (on the full SD 1.5 at 256 px an fp32
     # encode took most of an uncached step); fp16 overflows in the SD VAEs.
     if cfg.vae_precision == "fp32" or pipe.vae.dtype == torch.float16:
