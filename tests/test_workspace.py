@@ -132,7 +132,7 @@ def test_list_and_resolve_bases(workspace, tmp_path):
     (models / "old.ckpt").write_bytes(b"x")
     (tmp_path / "elsewhere.safetensors").write_bytes(b"x")
     (models / "out.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
-    assert list_bases(workspace) == ["toy", "tiny", "tiny-sdxl", "checkpoints/v1-5.safetensors", "sd15"]
+    assert list_bases(workspace) == ["toy", "tiny", "tiny-sdxl", "tiny-sd3", "checkpoints/v1-5.safetensors", "sd15"]
     assert resolve_base(workspace, "toy") == "toy"
 
     assert resolve_base(workspace, "tiny") == "tiny"

@@ -17,16 +17,29 @@ Every adapter is checked (family, module paths, shapes) before any weight is tou
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from sd_lora.adapters.block_weights import BlockWeightError
-from sd_lora.adapters.files import component_modules
+from sd_lora.adapters.files import (
+    adapter_from_tensors,
+    component_modules,
+    detect_family,
+    pipeline_module_paths,
+    read_tensors,
+)
 from sd_lora.adapters.use import AdapterUse
 from sd_lora.errors import UserError
-from sd_lora.formats.adapter_state import AdapterState, applied_delta, delta_shape, fits
+from sd_lora.formats.adapter_state import (
+    FAMILY_NAMES,
+    AdapterState,
+    applied_delta,
+    delta_shape,
+    fits,
+)
 from sd_lora.models.families import model_family
 from sd_lora.util.words import plural
 
@@ -52,8 +65,9 @@ class AppliedAdapters:
             blocks = "" if entry.blocks is None else (
                 ", blocks " + ",".join(f"{w:g}" for w in entry.blocks)
             )
+            denoiser = "transformer" if entry.adapter.family == "sd3" else "unet"
             lines.append(
-                f"{entry.label(i)}: unet x{entry.unet:g}, text x{entry.text_encoder:g}"
+                f"{entry.label(i)}: {denoiser} x{entry.unet:g}, text x{entry.text_encoder:g}"
                 f"{blocks} ({parts})"
             )
         return "\n".join(lines)
@@ -78,10 +92,7 @@ def check_fits(pipe, entries: Sequence[AdapterUse[AdapterState]], layers=None) -
     for i, entry in enumerate(entries):
         name = entry.label(i)
         if entry.adapter.family != family:
-            raise AdapterApplyError(
-                f"{name} was trained for {entry.adapter.family!r} but the pipeline is {family!r}; "
-                f"use an adapter made for a {family} base (or load the matching base model)"
-            )
+            raise AdapterApplyError(family_mismatch(name, entry.adapter.family, family))
         counts = {}
         for component, modules in entry.adapter.modules.items():
             if component not in layers:
@@ -108,6 +119,26 @@ def check_fits(pipe, entries: Sequence[AdapterUse[AdapterState]], layers=None) -
         _check_block_weights(entry, name)
         coverage.append(counts)
     return coverage
+
+
+def family_mismatch(name, adapter_family: str, base_family: str) -> str:
+    """The sentence that refuses an adapter of one family for a base of another."""
+    ours, theirs = FAMILY_NAMES[adapter_family], FAMILY_NAMES[base_family]  # "SD ...": "an"
+    return (f"{name} was trained for {adapter_family!r} but the pipeline is {base_family!r} "
+            f"(an {ours} adapter on an {theirs} base); use an adapter made for an {theirs} base "
+            f"(or load an {ours} base)")
+
+
+def load_for(pipe, path: str | os.PathLike, allow_pickle: bool = False, name: str | None = None
+             ) -> AdapterState:
+    """`load_adapter` against `pipe`'s own module paths, its family checked first: a kohya file
+    of another family would otherwise fail on its names (an SD3 file's MMDiT names on a UNet)
+    rather than on what is wrong."""
+    tensors, metadata = read_tensors(path, allow_pickle)
+    family, base = detect_family(tensors, metadata), model_family(pipe)
+    if family is not None and family != base:
+        raise AdapterApplyError(family_mismatch(name or str(path), family, base))
+    return adapter_from_tensors(tensors, metadata, pipeline_module_paths(pipe), source=path)
 
 
 def _check_block_weights(entry: AdapterUse[AdapterState], name: str) -> None:

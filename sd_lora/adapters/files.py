@@ -3,12 +3,13 @@
 `save_adapter` writes atomically, with the community metadata and hashes computed from the bytes
 actually written. `load_adapter` detects the layout from the keys and resolves kohya names through
 the target model's module paths (`pipeline_module_paths(pipe)`), or, without a model, through
-those of the standard SD 1.x / 2.x architectures (`reference_module_paths`).
+those of the standard SD 1.x / 2.x, SDXL or SD3 / 3.5 architectures (`reference_module_paths`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from pathlib import Path
@@ -179,16 +180,27 @@ def detect_format(keys, path: str | os.PathLike = "adapter") -> str:
     if peft_diffusers.is_diffusers(keys):
         return "diffusers"
     raise AdapterFileError(
-        f"{path}: not a LoRA in the kohya (lora_unet_*/lora_te_*) or diffusers (unet.*.lora_A) "
+        f"{path}: not a LoRA in the kohya (lora_unet_*/lora_te_*) or diffusers (unet.*.lora_A, "
+        "transformer.*.lora_A) "
         f"layout; first keys: {sorted(keys)[:5]}"
     )
 
 
+# Key prefixes only an SD3 MMDiT's LoRA has: the original names (sd-scripts, ComfyUI), diffusers
+# names under kohya prefixes (OneTrainer; a UNet's transformer_blocks sit inside attentions_N),
+# and the diffusers layout's component.
+SD3_KEY_PREFIXES = ("lora_unet_joint_blocks_", "lora_unet_transformer_blocks_",
+                    f"{kohya.TRANSFORMER_ALIAS}_", "transformer.")
+
+
 def detect_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
-    """The family the metadata states, else the one the cross-attention width implies."""
+    """The family the metadata states, else the one the keys (SD3's MMDiT, SDXL's second
+    text encoder) or the cross-attention width imply."""
     family = family_from_metadata(metadata)
     if family is not None:
         return family
+    if any(k.startswith(SD3_KEY_PREFIXES) for k in tensors):
+        return "sd3"
     if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in tensors):
         return "sdxl"
     for key, tensor in tensors.items():
@@ -209,7 +221,7 @@ def load_adapter(
     """Read an adapter file of either layout; its metadata lands in `state.metadata`.
 
     `module_paths` (from `pipeline_module_paths(pipe)`) resolves kohya names against that model;
-    without it the standard SD 1.x/2.x module paths are used. `family` overrides what the file
+    without it the standard module paths of the file's family are used (`reference_module_paths`). `family` overrides what the file
     states. A `.pt`/`.ckpt` adapter is refused unless `allow_pickle` (see sd_lora.util.pickles).
     """
     tensors, metadata = read_tensors(path, allow_pickle)
@@ -248,7 +260,7 @@ def adapter_from_tensors(
             f"{source}: the file does not state its base family (no ss_base_model_version or "
             "modelspec.architecture) and its shapes do not tell (no cross-attention to_k layer to "
             "measure); add ss_base_model_version to its metadata (e.g. 'sd_v1'), or, from Python, "
-            "pass family='sd1'|'sd2'|'sdxl' to load_adapter"
+            "pass family='sd1'|'sd2'|'sdxl'|'sd3' to load_adapter"
         )
     try:
         if layout == "kohya":
@@ -284,7 +296,8 @@ def _layers(component: str, model: torch.nn.Module) -> dict[str, torch.nn.Module
 
 
 def component_modules(pipe) -> dict[str, dict[str, torch.nn.Module]]:
-    """Every Linear/Conv2d of unet/text_encoder(s), keyed by canonical path (`text_model.` kept)."""
+    """Every Linear/Conv2d of the denoiser (unet or SD3's transformer) and text encoder(s), keyed
+    by canonical path (`text_model.` kept)."""
     return {
         component: _layers(component, getattr(pipe, component))
         for component in COMPONENTS
@@ -322,32 +335,68 @@ SDXL_UNET_LAYOUT = dict(
     projection_class_embeddings_input_dim=6 * 8 + 8,
 )
 SDXL_TEXT_LAYERS = (12, 32)
+# SD3 / SD3.5: the MMDiT's names come from the bundled transformer configs (block count,
+# MMDiT-X blocks, QK norms); its encoders are CLIP-L (12 layers) and CLIP-G (32), both with
+# their text projections. SD3.5 Large has 38 blocks, Medium 24 of which 0-12 hold a second
+# attention (attn2): the reference is their union, so a file for either resolves (names only:
+# a layer's row order follows its shape, see formats.mmdit.swaps_scale_shift).
+SD3_CONFIGS = ("stable-diffusion-3.5-medium", "stable-diffusion-3.5-large")
+SD3_TEXT_LAYERS = (12, 32)
+# Widths shrunk to 8 on the meta device: module names depend on none of them.
+SD3_TINY_WIDTHS = dict(attention_head_dim=8, num_attention_heads=1, caption_projection_dim=8,
+                       joint_attention_dim=8, pooled_projection_dim=8, pos_embed_max_size=4,
+                       sample_size=4)
 
 
-def _meta_text_encoder(layers: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _meta_text_encoder(layers: int, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(CLIPTextConfig(num_hidden_layers=layers, hidden_size=8,
-                                        intermediate_size=8, num_attention_heads=1))
+    config = CLIPTextConfig(num_hidden_layers=layers, hidden_size=8, intermediate_size=8,
+                            num_attention_heads=1, projection_dim=8)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def sd3_reference_config() -> dict:
+    """The SD3 transformer config whose module names cover SD3.5 Medium's and Large's (and
+    SD3 Medium's, a subset): Large's block count, Medium's attn2 blocks, tiny widths."""
+    from sd_lora.models.single_file import bundled_folder
+
+    configs = [json.loads((bundled_folder(name) / "transformer" / "config.json").read_text())
+               for name in SD3_CONFIGS]
+    base = {k: v for k, v in configs[0].items() if not k.startswith("_")}
+    return dict(base, **SD3_TINY_WIDTHS,
+                num_layers=max(c["num_layers"] for c in configs),
+                dual_attention_layers=tuple(sorted({i for c in configs
+                                                    for i in c.get("dual_attention_layers", ())})))
+
+
+def _reference_models(family: str) -> list[tuple[str, torch.nn.Module]]:
+    """(component, model) of the standard architecture of `family`, built on the meta device."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    if family == "sd3":
+        return [("transformer", SD3Transformer2DModel(**sd3_reference_config())),
+                ("text_encoder", _meta_text_encoder(SD3_TEXT_LAYERS[0], projection=True)),
+                ("text_encoder_2", _meta_text_encoder(SD3_TEXT_LAYERS[1], projection=True))]
+    if family == "sdxl":
+        return [("unet", UNet2DConditionModel(**SDXL_UNET_LAYOUT)),
+                ("text_encoder", _meta_text_encoder(SDXL_TEXT_LAYERS[0])),
+                ("text_encoder_2", _meta_text_encoder(SDXL_TEXT_LAYERS[1]))]
+    return [("unet", UNet2DConditionModel(**SD_UNET_LAYOUT)),
+            ("text_encoder", _meta_text_encoder(SD_TEXT_LAYERS))]
 
 
 @functools.cache
 def _reference_paths(family: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    from diffusers import UNet2DConditionModel
-
     with torch.device("meta"):
-        if family == "sdxl":
-            models = [("unet", UNet2DConditionModel(**SDXL_UNET_LAYOUT)),
-                      ("text_encoder", _meta_text_encoder(SDXL_TEXT_LAYERS[0])),
-                      ("text_encoder_2", _meta_text_encoder(SDXL_TEXT_LAYERS[1]))]
-        else:
-            models = [("unet", UNet2DConditionModel(**SD_UNET_LAYOUT)),
-                      ("text_encoder", _meta_text_encoder(SD_TEXT_LAYERS))]
+        models = _reference_models(family)
     return tuple((component, tuple(_layers(component, model))) for component, model in models)
 
 
 def reference_module_paths(family: str) -> dict[str, list[str]]:
-    """Module paths of the standard SD 1.x/2.x or SDXL architecture, for reading without a model."""
-    if family not in kohya.SUPPORTED_FAMILIES:
-        raise NotImplementedError(f"no reference module table for family {family!r}")
+    """Module paths of the standard SD 1.x/2.x, SDXL or SD3/3.5 architecture, for reading
+    without a model."""
+    if family not in kohya.KOHYA_FAMILIES:
+        raise NotImplementedError(f"no reference module table for family {family!r}; "
+                                  f"known: {kohya.KOHYA_FAMILIES}")
     return {component: list(paths) for component, paths in _reference_paths(family)}

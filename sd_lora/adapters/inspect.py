@@ -1,8 +1,9 @@
 """What is in an adapter file: layout, base family, adapted layers, ranks, alphas, metadata, hashes.
 
 `inspect_adapter(path)` returns a plain dict (JSON-friendly); `format_inspection(info)` renders it
-for `sd-lora inspect`. A file whose names cannot be resolved against the standard SD 1.x/2.x
-module table is still described from its raw key names, with the problem listed.
+for `sd-lora inspect`. A file whose names cannot be resolved against its family's standard module
+table (`files.reference_module_paths`) is still described from its raw key names, with the
+problem listed.
 """
 
 from __future__ import annotations
@@ -82,14 +83,16 @@ def _from_state(state) -> dict:
     }
 
 
-def _from_raw(tensors, metadata, layout: str) -> dict:
+def _from_raw(tensors, metadata, layout: str, family: str | None) -> dict:
     """Files whose names or family do not resolve: describe them from the keys alone."""
     if layout == "diffusers":  # the family plays no part in reading this layout
         return _from_state(from_diffusers(tensors, metadata, family="sd1"))
     groups: dict[str, dict[str, dict]] = {}
     for key, tensor in tensors.items():
         parsed = parse_kohya_key(key)
-        groups.setdefault(parsed.component, {}).setdefault(parsed.module, {})[parsed.kind] = tensor
+        # sd-scripts writes SD3's transformer under lora_unet_ too: name the component it is
+        component = "transformer" if family == "sd3" and parsed.component == "unet" else parsed.component
+        groups.setdefault(component, {}).setdefault(parsed.module, {})[parsed.kind] = tensor
     components = {}
     for component, modules in groups.items():
         pairs = [p for p in modules.values() if "lora_down" in p]
@@ -146,7 +149,7 @@ def inspect_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     except AdapterFileError as e:
         problems.append(str(e))
         try:
-            components = _from_raw(tensors, metadata, layout)
+            components = _from_raw(tensors, metadata, layout, family)
         except (KohyaKeyError, DiffusersKeyError) as raw_error:
             problems.append(str(raw_error))
             components = {}

@@ -21,7 +21,7 @@ class AdapterUse(Generic[Source]):
     swaps `adapter` (`loaded`) and keeps the strengths."""
 
     adapter: Source
-    unet: float = 1.0  # A1111's UNet multiplier
+    unet: float = 1.0  # A1111's UNet multiplier (SD3: the transformer's)
     text_encoder: float = 1.0  # A1111's text-encoder multiplier (both of SDXL's encoders)
     blocks: tuple[float, ...] | None = None  # LBW: 17 (or 26) weights, BASE first; None: all 1
     name: str | None = None  # in messages, tags and PNG parameters
@@ -40,7 +40,9 @@ class AdapterUse(Generic[Source]):
         )
 
     def strength(self, component: str) -> float:
-        return float(self.unet if component == "unet" else self.text_encoder)
+        """`text_encoder` for every text encoder, `unet` for the denoiser: the UNet, or SD3's
+        transformer (A1111 and ComfyUI apply their UNet multiplier to it)."""
+        return float(self.text_encoder if component.startswith("text_encoder") else self.unet)
 
     def module_strength(self, component: str, path: str) -> float:
         """The component's strength times the module's block weight (when block weights are set)."""

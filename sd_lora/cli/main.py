@@ -277,24 +277,21 @@ def _quote(text: str) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from sd_lora.adapters.apply import apply_adapters
-    from sd_lora.adapters.files import load_adapter, pipeline_module_paths
+    from sd_lora.adapters.apply import apply_adapters, load_for
     from sd_lora.formats.metadata import short_hash
     from sd_lora.generate.images import generate_images, resolve_adapter_choice
     from sd_lora.generate.render import RenderSettings
     from sd_lora.models.families import native_resolution
     from sd_lora.models.load import load_pipeline
-    from sd_lora.models.schedulers import set_sampler
+    from sd_lora.models.schedulers import set_pipeline_sampler
 
     # Before the model loads: a typo costs nothing.
     choices = [resolve_adapter_choice(text) for text in args.lora]  # each file found, or refused
     check_generate_args(args)
     pipe = load_pipeline(args.base, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
-    sampler = set_sampler(pipe, args.sampler)
-    paths = pipeline_module_paths(pipe)
-    uses = [c.loaded(load_adapter(c.adapter, paths, allow_pickle=args.allow_pickle))
-            for c in choices]
+    sampler = set_pipeline_sampler(pipe, args.sampler)
+    uses = [c.loaded(load_for(pipe, c.adapter, args.allow_pickle, c.name)) for c in choices]
     apply_adapters(pipe, uses)
     size = native_resolution(pipe)
     settings = RenderSettings(

@@ -122,15 +122,12 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _merge_into_base(args, choices) -> int:
-    from sd_lora.adapters.apply import apply_adapters
-    from sd_lora.adapters.files import load_adapter, pipeline_module_paths
+    from sd_lora.adapters.apply import apply_adapters, load_for
     from sd_lora.models.load import load_pipeline
     from sd_lora.models.single_file import save_single_file
 
     pipe = load_pipeline(args.into, allow_pickle=args.allow_pickle)
-    paths = pipeline_module_paths(pipe)
-    applied = apply_adapters(pipe, [c.loaded(load_adapter(c.adapter, paths,
-                                                          allow_pickle=args.allow_pickle))
+    applied = apply_adapters(pipe, [c.loaded(load_for(pipe, c.adapter, args.allow_pickle, c.name))
                                     for c in choices])
     out = save_single_file(pipe, args.out, _torch_dtype(args.dtype))
     matched = sum(sum(c.values()) for c in applied.coverage) if applied.coverage else 0

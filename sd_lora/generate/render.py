@@ -6,7 +6,9 @@ Latents are decoded here rather than inside the pipeline so that the VAE may kee
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,25 +36,37 @@ class RenderSettings:
 @torch.no_grad()
 def render(pipe, settings: RenderSettings) -> Image.Image:
     """One image; the same settings and weights always give the same pixels on one device."""
-    unet_param = next(denoiser_of(pipe).parameters())
+    denoiser_param = next(denoiser_of(pipe).parameters())
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     factor = pipe.vae_scale_factor  # 8 for SD's VAE, 4 for the toy base's
-    latents = pipe(
-        prompt=settings.prompt,
-        negative_prompt=settings.negative_prompt or None,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        width=settings.width,
-        height=settings.height,
-        generator=generator,
-        latents=torch.randn(
-            (1, denoiser_of(pipe).config.in_channels, settings.height // factor,
-             settings.width // factor),
+    with seeded_global_rng(settings.seed, denoiser_param.device):
+        latents = pipe(
+            prompt=settings.prompt,
+            negative_prompt=settings.negative_prompt or None,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            width=settings.width,
+            height=settings.height,
             generator=generator,
-        ).to(unet_param.device, unet_param.dtype),
-        output_type="latent",
-    ).images
+            latents=torch.randn(
+                (1, denoiser_of(pipe).config.in_channels, settings.height // factor,
+                 settings.width // factor),
+                generator=generator,
+            ).to(denoiser_param.device, denoiser_param.dtype),
+            output_type="latent",
+        ).images
     return decode_latents(pipe.vae, latents)
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """The global RNGs seeded with `seed`, and restored after: a pipeline that draws noise
+    without our generator (SD3's passes none to its scheduler, so its ancestral Euler draws
+    from the global RNG) still gives the same pixels for the same seed."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 @torch.no_grad()

@@ -1,6 +1,17 @@
-"""Sampling schedulers by the names A1111 users know, built from the base's own schedule."""
+"""Sampling schedulers by the names A1111 users know, built from the base's own schedule: the
+one place `generate` and the app set a loaded pipeline's sampler (`set_pipeline_sampler`).
+
+UNet bases (SD 1.x, 2.x, SDXL) take every sampler of SAMPLERS, built from the base's own noise
+schedule. SD3's bases sample along a rectified flow, which those DDPM samplers do not: they get
+diffusers' flow-matching Euler (the scheduler SD3 ships with), plain ("Euler") or ancestral
+("Euler a": each step re-noises the predicted image to the next noise level with fresh noise,
+as A1111's ancestral samplers do), with the base's own shift.
+"""
 
 from __future__ import annotations
+
+from sd_lora.errors import UserError
+from sd_lora.models.families import FLOW, prediction_type_of
 
 # A1111 name -> (diffusers scheduler class, extra config). Keys are what PNG `Sampler:` fields
 # say. Classes by name: diffusers is imported when a sampler is set, so that `sd-lora --help`
@@ -45,4 +56,31 @@ def set_sampler(pipe, name: str) -> str:
     canonical = sampler_name(name)
     class_name, extra = SAMPLERS[canonical]
     pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
+    return canonical
+
+
+# SD3: A1111 name -> FlowMatchEulerDiscreteScheduler's stochastic_sampling.
+FLOW_SAMPLERS = {"Euler": False, "Euler a": True}
+
+
+class SamplerError(UserError):
+    """A sampler the loaded base cannot sample with; the message names both and the choices."""
+
+
+def set_pipeline_sampler(pipe, name: str) -> str:
+    """Set `pipe`'s sampler named `name` (either spelling) from the base's current scheduler
+    config; returns the canonical A1111 name, which the PNG parameters record."""
+    if prediction_type_of(pipe) != FLOW:
+        return set_sampler(pipe, name)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    canonical = sampler_name(name)
+    if canonical not in FLOW_SAMPLERS:
+        raise SamplerError(
+            f"sampler {canonical!r} is for the UNet bases' noise schedules; this SD 3.x base "
+            f"samples along a rectified flow: choose one of {list(FLOW_SAMPLERS)} "
+            "(on the command line: --sampler euler or euler_a)"
+        )
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, stochastic_sampling=FLOW_SAMPLERS[canonical])
     return canonical

@@ -46,7 +46,7 @@ from sd_lora.generate.png_info import format_lora_tag
 from sd_lora.generate.render import RenderSettings, a1111_parameters, image_grid, render, save_png
 from sd_lora.models.families import model_family, native_resolution
 from sd_lora.models.load import load_pipeline
-from sd_lora.models.schedulers import DEFAULT_SAMPLER, sampler_name, set_sampler
+from sd_lora.models.schedulers import DEFAULT_SAMPLER, sampler_name, set_pipeline_sampler
 from sd_lora.services.workspace import Workspace, checkpoint_problem, resolve_base
 from sd_lora.util.pickles import is_pickle
 
@@ -302,8 +302,8 @@ class GenerationSession:
         return request.seed if request.seed != -1 else random.SystemRandom().randrange(MAX_SEED)
 
     def _settings(self, request: GenerateRequest, seed: int) -> RenderSettings:
-        self._pipe.scheduler = self._scheduler  # set_sampler derives from the current config
-        sampler = set_sampler(self._pipe, request.sampler)
+        self._pipe.scheduler = self._scheduler  # the sampler derives from the current config
+        sampler = set_pipeline_sampler(self._pipe, request.sampler)
         size = native_resolution(self._pipe)
         return RenderSettings(
             prompt=request.prompt, seed=seed, negative_prompt=request.negative_prompt,
