@@ -74,9 +74,9 @@ READ_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "sdxl": {},
     "sd3": {},
 }
-# The UNet families (with a reference module table in `adapters.files`), and all kohya reads.
-SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
-KOHYA_FAMILIES = (*SUPPORTED_FAMILIES, "sd3")
+# The families kohya files are written and read for: the UNet ones, and SD3's MMDiT.
+UNET_FAMILIES = ("sd1", "sd2", "sdxl")
+KOHYA_FAMILIES = (*UNET_FAMILIES, "sd3")
 # Diffusers-named SD3 transformer modules are also read under this prefix (OneTrainer's).
 TRANSFORMER_ALIAS = "lora_transformer"
 # The UNet block layout each family's LDM module names follow: every SD 1.x/2.x UNet has SD's
@@ -230,7 +230,10 @@ def lookup_table(module_paths: dict[str, list[str]], family: str) -> dict[str, t
     prefixes = WRITE_PREFIXES[family]
     for component, paths in module_paths.items():
         if component not in prefixes:
-            raise KohyaKeyError(f"{family} has no kohya prefix for component {component!r}")
+            raise KohyaKeyError(
+                f"the target model has a {component!r}, which {FAMILY_NAMES[family]} models do "
+                f"not (they have {sorted(prefixes)}): the file is {FAMILY_NAMES[family]}'s and "
+                "the model another family's; load the adapter onto a base of its family")
         if component == "transformer" and family == "sd3":
             entries = _mmdit_entries(prefixes[component], paths)
         else:

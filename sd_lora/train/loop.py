@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from sd_lora.config import JobConfig, flat_config
 from sd_lora.lora.inject import lora_parameters, lora_weight, uncast_inputs
+from sd_lora.models.families import denoiser_name, denoiser_of
 from sd_lora.models.text import (
     EmbeddingCache,
     encode_all,
@@ -29,7 +30,6 @@ from sd_lora.models.text import (
     tokenize_all,
     tokenizers_of,
 )
-from sd_lora.models.families import denoiser_name, denoiser_of
 from sd_lora.models.vae import encode_posterior, scale_latents
 from sd_lora.objective import Objective, preserved_target, sample_noise
 from sd_lora.train.checkpoint import (
