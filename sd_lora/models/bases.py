@@ -25,7 +25,7 @@ ACCEPTED_FORMS = (
     "model_index.json; "
     'a Hugging Face hub id such as "runwayml/stable-diffusion-v1-5" ("hf://org/name": never '
     "a local path); "
-    "or a single-file SD 1.x/2.x/SDXL checkpoint ending in .safetensors"
+    "or a single-file SD 1.x/2.x/SDXL/SD3.5 checkpoint ending in .safetensors"
 )
 
 

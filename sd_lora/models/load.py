@@ -10,8 +10,9 @@
   `HF_HOME`), downloaded only when not cached and `HF_HUB_OFFLINE` is not set; a local path of
   the same name is taken first, unless written `hf://org/name` (what the app passes): then
   nothing on disk outside the hub cache is looked at;
-- a single-file A1111/LDM `.safetensors` checkpoint of SD 1.x, 2.x or SDXL, loaded offline
-  (`sd_lora.models.single_file`). Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused
+- a single-file A1111/LDM `.safetensors` checkpoint of SD 1.x, 2.x or SDXL, or an SD3.5 one
+  (Stability's layout, with or without text encoders), loaded offline
+  (`sd_lora.models.single_file`, `single_file_sd3`). Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused
   unless `allow_pickle`, and then read by torch's weights-only unpickler (`sd_lora.util.pickles`).
 
 Every loaded pipeline is frozen (no parameter requires grad) and in eval mode, in `dtype`;
@@ -93,7 +94,7 @@ def load_pipeline(
     elif kind == "folder":
         pipe = _load_folder(path, dtype, skipped)
     elif kind == "file":
-        pipe = _load_file(path, dtype, prediction_type, allow_pickle)
+        pipe = _load_file(path, dtype, prediction_type, allow_pickle, load_t5)
     else:
         pipe = _load_hub(base, dtype, skipped)
     if not load_t5 and getattr(pipe, "text_encoder_3", None) is not None:
@@ -131,7 +132,7 @@ def _cast(pipe: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeline:
 
 
 def _load_file(path: Path, dtype: torch.dtype, prediction_type: str | None,
-               allow_pickle: bool = False) -> DiffusionPipeline:
+               allow_pickle: bool = False, load_t5: bool = True) -> DiffusionPipeline:
 
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
@@ -140,7 +141,7 @@ def _load_file(path: Path, dtype: torch.dtype, prediction_type: str | None,
         return _load_pickled_checkpoint(path, dtype, prediction_type, load_single_file)
     if suffix not in SINGLE_FILE_SUFFIXES:
         raise BaseModelError(f"{path}: unknown file type {suffix!r}. Accepted: {ACCEPTED_FORMS}")
-    return load_single_file(path, dtype, prediction_type)
+    return load_single_file(path, dtype, prediction_type, load_t5)  # SD3: T5 left unread
 
 
 def _load_pickled_checkpoint(path: Path, dtype, prediction_type, load_single_file):

@@ -1,4 +1,5 @@
 """Load an A1111/LDM single-file `.safetensors` checkpoint (SD 1.x, 2.x, SDXL) with no network access.
+SD3 / SD3.5 files (`model.diffusion_model.joint_blocks.*`) go to `single_file_sd3`.
 
 The diffusers config comes from, in order, whichever first matches the file's tensors exactly:
 1. the configs that `save_single_file` stored in the file's metadata (`sd_lora.configs`);
@@ -36,7 +37,7 @@ from sd_lora.errors import UserError
 from sd_lora.formats.ldm_checkpoint import CONFIGS_METADATA_KEY, components_to_ldm
 from sd_lora.formats.metadata import IMPLEMENTATION, base_architecture
 from sd_lora.models.bases import BaseModelError
-from sd_lora.models.families import model_family
+from sd_lora.models.families import model_family, model_variant
 from sd_lora.models.single_file_header import (
     Header,
     HeaderError,
@@ -47,6 +48,11 @@ from sd_lora.models.single_file_header import (
     infer_vae_fields,
     read_header,
     shape_mismatches,
+)
+from sd_lora.models.single_file_sd3 import (
+    load_sd3_single_file,
+    sd3_configs_metadata,
+    sd3_tensors,
 )
 from sd_lora.models.tokenizers import clip_tokenizer, open_clip_tokenizer
 from sd_lora.util.atomic import atomic_path
@@ -227,15 +233,21 @@ def _write_folder(configs: PipelineConfigs, root: Path) -> Path:
 
 
 def load_single_file(
-    path: Path, dtype: torch.dtype, prediction_type: str | None
+    path: Path, dtype: torch.dtype, prediction_type: str | None, load_t5: bool = True
 ) -> StableDiffusionPipeline:
-    """Load an SD 1.x/2.x/SDXL LDM `.safetensors` checkpoint; raises BaseModelError naming the file."""
+    """Load an SD 1.x/2.x/SDXL LDM `.safetensors` checkpoint, or an SD3 one (without reading
+    its T5 unless `load_t5`); raises BaseModelError naming the file."""
     try:
         header = read_header(path)
     except Exception as e:
         raise BaseModelError(f"{path} is not a readable .safetensors file: {e}") from e
     try:
         family = detect_family(header)
+    except HeaderError as e:
+        raise BaseModelError(f"cannot load {path} as a base model: {e}") from e
+    if family == "sd3":  # rectified flow: load_pipeline refuses a prediction_type for it
+        return load_sd3_single_file(header, dtype, load_t5)
+    try:
         prediction, why = resolve_prediction_type(header, family, prediction_type)
         configs = choose_configs(header, family, prediction)
     except HeaderError as e:
@@ -294,44 +306,60 @@ def _check_loaded(pipe, path: Path, family: str) -> None:
 
 # --- writing: the reverse of load_single_file --------------------------------------------------------------------------------
 
-def pipeline_metadata(pipe, family: str, title: str) -> dict[str, str]:
+def pipeline_metadata(pipe, family: str, title: str, text_encoders: bool = True) -> dict[str, str]:
     """safetensors metadata: SAI model-spec keys plus the exact diffusers configs (ours)."""
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    scheduler = dict(pipe.scheduler.config)
-    scheduler["_class_name"] = type(pipe.scheduler).__name__
-    configs = {
-        "unet": dict(pipe.unet.config),
-        "vae": dict(pipe.vae.config),
-        "text_encoder": pipe.text_encoder.config.to_dict(),
-        "scheduler": scheduler,
-    }
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        configs["text_encoder_2"] = pipe.text_encoder_2.config.to_dict()
-    latent = pipe.unet.config.sample_size
+    if family == "sd3":
+        configs = sd3_configs_metadata(pipe, text_encoders)
+        denoiser, prediction = pipe.transformer, None  # rectified flow: modelspec has no name
+    else:
+        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+        scheduler = dict(pipe.scheduler.config)
+        scheduler["_class_name"] = type(pipe.scheduler).__name__
+        configs = {
+            "unet": dict(pipe.unet.config),
+            "vae": dict(pipe.vae.config),
+            "text_encoder": pipe.text_encoder.config.to_dict(),
+            "scheduler": scheduler,
+        }
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            configs["text_encoder_2"] = pipe.text_encoder_2.config.to_dict()
+        denoiser = pipe.unet
+    latent = denoiser.config.sample_size
     latent = latent if isinstance(latent, int) else max(latent)
     side = latent * 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # VAE halves per level
-    return {
+    metadata = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": base_architecture(family, prediction),
+        "modelspec.architecture": base_architecture(family, prediction or "flow", model_variant(pipe)),
         # what sd-scripts writes: "diffusers" for SD 1.x / 2.x, Stability's repository for SDXL
         "modelspec.implementation": IMPLEMENTATION[family],
         "modelspec.title": title,
-        "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
         "modelspec.resolution": f"{side}x{side}",
         CONFIGS_METADATA_KEY: json.dumps(configs, default=list),
     }
+    if prediction is not None:
+        metadata["modelspec.prediction_type"] = "v" if prediction == "v_prediction" else "epsilon"
+    return metadata
 
 
-def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype) -> Path:
-    """Write `pipe` (SD 1.x, 2.x or SDXL) as one LDM `.safetensors` file in `dtype`, atomically."""
+def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype,
+                     text_encoders: bool = True) -> Path:
+    """Write `pipe` (SD 1.x, 2.x, SDXL or SD3) as one LDM / original-layout `.safetensors` file
+    in `dtype`, atomically. `text_encoders=False` leaves them out, as SD3 base files do (SD3
+    only: the other families' loaders need them in the file)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: single-file checkpoints are written as .safetensors only")
     family = model_family(pipe)
-    tensors = components_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, family,
-                                getattr(pipe, "text_encoder_2", None))
+    if family == "sd3":
+        tensors = sd3_tensors(pipe, text_encoders)
+    elif not text_encoders:
+        raise UserError(f"a {family} checkpoint must hold its text encoders; only SD3 files "
+                        "may leave them out")
+    else:
+        tensors = components_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, family,
+                                    getattr(pipe, "text_encoder_2", None))
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
-    metadata = pipeline_metadata(pipe, family, title=path.stem)
+    metadata = pipeline_metadata(pipe, family, title=path.stem, text_encoders=text_encoders)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path

@@ -1,7 +1,7 @@
 """Read what a single-file LDM checkpoint is from its safetensors header alone.
 
 `read_header` takes tensor names and shapes without loading tensor data; `detect_family` tells SD
-1.x / 2.x / SDXL apart by their text-encoder keys; `infer_*_fields` derive the diffusers config
+1.x / 2.x / SDXL apart by their text-encoder keys, and SD3 / SD3.5 by its MMDiT's `joint_blocks`; `infer_*_fields` derive the diffusers config
 fields that the shapes determine (widths, block counts, attention placement, cross-attention
 width, text-encoder size); `expected_shapes` builds a config's models on the meta device and
 converts them with `ldm_checkpoint`, so `shape_mismatches` compares a config against a file
@@ -34,6 +34,7 @@ from sd_lora.formats.ldm_checkpoint import (
 
 SD1_TEXT = SD1_CLIP_PREFIX + "text_model."
 SDXL_MARKER = "conditioner.embedders."
+SD3_MARKER = UNET_PREFIX + "joint_blocks."  # the MMDiT's blocks (formats.sd3_checkpoint)
 # Present in some files, absent in others, read by no SD 1/2 loader: never compared.
 OPTIONAL_KEYS = frozenset(
     {
@@ -78,10 +79,19 @@ def _normalise(key: str) -> str:
 
 
 def detect_family(header: Header) -> str:
-    """'sd1', 'sd2' or 'sdxl' from the text-encoder keys; raises HeaderError for anything else."""
+    """'sd1', 'sd2' or 'sdxl' from the text-encoder keys, 'sd3' from the MMDiT's blocks;
+    raises HeaderError for anything else."""
     keys = header.shapes.keys()
     has_unet = any(k.startswith(UNET_PREFIX) for k in keys)
-    if any(k.startswith(SDXL_MARKER) for k in keys):
+    if any(k.startswith(SD3_MARKER) for k in keys):
+        family = "sd3"  # its text encoders are optional here: the SD3 loader says what is missing
+    elif any(k.startswith("joint_blocks.") for k in keys):
+        raise HeaderError(
+            "it holds an SD3 transformer alone (joint_blocks.* without model.diffusion_model.), "
+            "no VAE or text encoders; pass a full checkpoint (sd3.5_large.safetensors) or the "
+            "diffusers folder of an SD 3.5 model"
+        )
+    elif any(k.startswith(SDXL_MARKER) for k in keys):
         family = "sdxl"
     elif any(k.startswith(OPEN_CLIP_PREFIX + "transformer.resblocks.") for k in keys):
         family = "sd2"

@@ -81,6 +81,9 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
             hidden_size=SD3_CLIP_WIDTHS[1], intermediate_size=64, num_hidden_layers=3,
             hidden_act="gelu", pad_token_id=0))
         text_encoder_3 = T5EncoderModel(tiny_t5_config())
+    # SD3 reads CLIP-L's pooled output unprojected (SAI's reference code; diffusers' SD3 bases
+    # and its single-file converter give CLIP-L an identity projection): so does this one.
+    text_encoder.text_projection.weight.data = torch.eye(SD3_CLIP_WIDTHS[0])
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(**sd3_scheduler_config()),
