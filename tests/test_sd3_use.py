@@ -132,6 +132,9 @@ def test_inspect_names_the_transformer(files):
         assert set(info["components"]) == {"transformer", "text_encoder", "text_encoder_2"}
         assert info["components"]["transformer"]["modules"] == 41
         assert "  transformer: 41 modules" in format_inspection(info)
+        # which tools take which SD3 layout, by name (ComfyUI's reading of both: test_sd3.py)
+        assert ("diffusers 0.42 reads none of it" in info["tools"][0]) == (layout == "kohya")
+        assert ("ComfyUI reads it whole but at alpha = rank" in info["tools"][0]) == (layout != "kohya")
     tensors, metadata = read_safetensors(files[("a", "kohya")])
     unknown = {k.replace("joint_blocks_", "joint_blocks_9"): v for k, v in tensors.items()}
     path = files[("a", "kohya")].with_name("deeper.safetensors")

@@ -168,7 +168,7 @@ def inspect_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> dict
         "hashes": hashes,
         "metadata": metadata,
         "problems": problems,
-        "tools": tool_notes(layout, axes),  # tools that do not apply it as trained, by name
+        "tools": tool_notes(layout, axes, family),  # tools that do not apply it as trained
         "damage": _damage(path, tensors, hashes),
     }
 

@@ -34,11 +34,26 @@ PEFT_LAYOUT = (
 )
 
 
-def tool_notes(layout: str, dora_axes: set[str]) -> list[str]:
-    """Warnings for a file of `layout` ("kohya", "diffusers", ...) whose DoRA modules hold
-    magnitudes on `dora_axes` (see `dora_axes`; empty for no DoRA)."""
+SD3_PEFT_LAYOUT = (
+    "SD3 in the diffusers/PEFT layout: for diffusers (load_lora_weights) and sd-lora. ComfyUI "
+    "reads it whole but at alpha = rank (it reads no alphas from the metadata): right when "
+    "every alpha equals its rank, as sd-lora's defaults have it; else give ComfyUI the kohya "
+    "file (sd-lora convert FILE OUT --to kohya). AUTOMATIC1111 does not run SD3"
+)
+SD3_KOHYA = (
+    "SD3 in the kohya layout (original MMDiT names, fused qkv), as sd-scripts writes it: "
+    "ComfyUI and sd-scripts read it; diffusers 0.42 reads none of it (give diffusers users "
+    "the diffusers file); AUTOMATIC1111 does not run SD3"
+)
+
+
+def tool_notes(layout: str, dora_axes: set[str], family: str | None = None) -> list[str]:
+    """Warnings for a file of `layout` ("kohya", "diffusers", ...) for `family` whose DoRA
+    modules hold magnitudes on `dora_axes` (see `dora_axes`; empty for no DoRA)."""
     notes = []
-    if layout == "diffusers":
+    if family == "sd3":
+        notes.append(SD3_PEFT_LAYOUT if layout == "diffusers" else SD3_KOHYA)
+    elif layout == "diffusers":
         notes.append(PEFT_LAYOUT)
     if "row" in dora_axes and layout != "diffusers":
         notes.append(ROW_DORA)
