@@ -279,3 +279,18 @@ def test_an_sd3_folder_loads_and_trains_without_t5_reading_none_of_it(tmp_path):
     result = train_keeping_loop(sd3_job(tmp_path / "run", f'model.base="{folder}"',
                                         "model.load_t5=false", "train.max_steps=2"))[0]
     assert result.steps == 2 and result.adapter_files["kohya"].is_file()
+
+
+def test_sd3_dora_trains_into_the_diffusers_file_and_is_refused_for_kohya_before_loading(tmp_path):
+    from sd_lora.errors import UserError
+    from sd_lora.train.recipe import train
+
+    with pytest.raises(UserError, match=r"cannot carry DoRA's magnitudes"):
+        train(sd3_job(tmp_path / "k", "lora.use_dora=true"), show_progress=False)
+    assert not (tmp_path / "k").exists()  # refused before anything was made
+    job = sd3_job(tmp_path / "d", "lora.use_dora=true", 'export.formats=["diffusers"]',
+                  "train.max_steps=2")
+    result, loop = train_keeping_loop(job)
+    fresh = load_pipeline("tiny-sd3")
+    fresh.load_lora_weights(str(result.adapter_files["diffusers"]))
+    assert max_diff(sd3_outputs(fresh), sd3_outputs(loop.trainee.pipe)) < FP32_TOLERANCE

@@ -20,6 +20,7 @@ from sd_lora.data.scan import (
     size_warning,
 )
 from sd_lora.data.sd_scripts_toml import DatasetToml, apply_settings, read_dataset_toml
+from sd_lora.errors import UserError
 from sd_lora.models.bases import base_kind, declared_family
 from sd_lora.objective import check_options
 from sd_lora.train.memory import plan_line
@@ -158,6 +159,18 @@ def with_dataset_config(config: JobConfig) -> JobConfig:
     return apply_settings(config, read_dataset_toml(config.data.dataset_config))
 
 
+def check_for_family(config: JobConfig, family: str) -> None:
+    """Refuse settings the base's family cannot use, naming why: before any load when the
+    family is declared (`declared_family`), else as soon as the base has loaded."""
+    check_options(config.train, flow=family == "sd3")
+    if family == "sd3" and config.lora.use_dora and "kohya" in config.export.formats:
+        raise UserError(
+            "lora.use_dora with export.formats containing \"kohya\" on an SD3 base: the kohya "
+            "layout fuses each attention's q, k and v into one qkv module (as sd-scripts and "
+            "ComfyUI read it), which cannot carry DoRA's magnitudes. Set export.formats = "
+            "[\"diffusers\"] (diffusers applies SD3 DoRA from it), or train a plain LoRA")
+
+
 def check_job(config: JobConfig) -> JobCheck:
     """Find the base and scan the data and regularization folders (or the subsets of
     data.dataset_config); raises the first error that makes the job impossible (no such base,
@@ -166,7 +179,7 @@ def check_job(config: JobConfig) -> JobCheck:
     config = with_recommended(config)
     base = BASE_KINDS[base_kind(config.model.base)]
     if (family := declared_family(config.model.base)) is not None:  # else once it has loaded
-        check_options(config.train, flow=family == "sd3")
+        check_for_family(config, family)
     min_side = config.data.resolution or 0
     exts = config.data.caption_extensions
     if config.data.dataset_config:

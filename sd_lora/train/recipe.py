@@ -87,7 +87,7 @@ from sd_lora.train.outputs import (
     sample_prompts,
     write_summary,
 )
-from sd_lora.train.preflight import check_job, with_dataset_config
+from sd_lora.train.preflight import check_for_family, check_job, with_dataset_config
 from sd_lora.train.recommended import with_recommended
 from sd_lora.train.report import StyleScorer, write_quality_report
 from sd_lora.train.run_names import with_run_names
@@ -140,6 +140,7 @@ def _train(config: JobConfig, resume: bool, show_progress: bool,
     accelerator = make_accelerator(config.train, output_dir)
     set_seed(config.train.seed)  # LoRA initialisation and dropout draw from the global RNG
     pipe = load_training_base(config, accelerator, show_progress)
+    check_for_family(config, model_family(pipe))  # what the name alone could not tell
     resolution = config.data.resolution or native_resolution(pipe)
     check, small = check.at_native_size(resolution)
     if small:
