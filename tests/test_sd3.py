@@ -294,3 +294,18 @@ def test_sd3_dora_trains_into_the_diffusers_file_and_is_refused_for_kohya_before
     fresh = load_pipeline("tiny-sd3")
     fresh.load_lora_weights(str(result.adapter_files["diffusers"]))
     assert max_diff(sd3_outputs(fresh), sd3_outputs(loop.trainee.pipe)) < FP32_TOLERANCE
+
+
+def test_sd3_trains_from_the_command_line(tmp_path, capsys):
+    from sd_lora.cli.main import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(SAMPLE_DATA), "--base", "tiny-sd3", "--output", str(out),
+                 "--name", "s", "--max-steps", "3", "--no-progress",
+                 "--set", "report.enabled=false", "--set", "sample.steps=2"]) == 0
+    said = capsys.readouterr().out
+    assert "base tiny-sd3 (the built-in random SD3.5-topology test model" in said
+    assert "trained 3 steps" in said and "(then choose base 'tiny-sd3')" in said
+    with safe_open(str(out / "s.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert (out / "samples" / "final.png").is_file() and (out / "loss.png").is_file()
