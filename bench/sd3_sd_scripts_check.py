@@ -40,6 +40,10 @@ sys.path.insert(0, str(ROOT))
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
 from sd_lora.adapters.files import save_adapter  # noqa: E402
+from sd_lora.formats.sd3_checkpoint import (  # noqa: E402  (proved against diffusers' converter)
+    TRANSFORMER_PREFIX,
+    transformer_to_original,
+)
 from sd_lora.lora.inject import ADAPTER_NAME, add_lora, lora_weight, read_adapter_state  # noqa: E402
 from sd_lora.models.builtin.tiny_sd3 import tiny_sd3_transformer_config  # noqa: E402
 from sd_lora.models.load import load_pipeline  # noqa: E402
@@ -49,8 +53,21 @@ from sd_lora.models.text import (  # noqa: E402
     tokenize_all,
     tokenizers_of,
 )
-from tests.lora_helpers import fill_lora_B  # noqa: E402
-from tests.test_sd3_formats import original_state_dict  # noqa: E402  (proved against diffusers' converter)
+
+
+def original_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The transformer's weights in the original MMDiT names, without the file prefix."""
+    return {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in transformer_to_original(state).items()}
+
+
+def fill_lora_B(models, seed: int = 0, scale: float = 0.1) -> None:
+    """Random up projections (LoRA starts at lora_B = 0, which would change nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    for model in models:
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data = torch.randn(param.shape, generator=generator) * scale
+
 
 PROMPTS = ["a photo of a red cube on a table", "an oil painting of a lighthouse at dusk"]
 SIGMAS = (0.25, 0.7)  # the transformer reads sigma x 1000, as sd-scripts' MMDiT does

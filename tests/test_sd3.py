@@ -145,9 +145,10 @@ def comfyui_apply(pipe, kohya: dict[str, torch.Tensor], strength: float = 1.0) -
     test_sd3_formats) and converted back with diffusers' own converter."""
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    from tests.test_sd3_formats import original_state_dict
+    from sd_lora.formats.sd3_checkpoint import TRANSFORMER_PREFIX, transformer_to_original
 
-    original = original_state_dict(pipe.transformer.state_dict())
+    original = {k.removeprefix(TRANSFORMER_PREFIX): v
+                for k, v in transformer_to_original(pipe.transformer.state_dict()).items()}
     encoders = {"lora_te1_": pipe.text_encoder, "lora_te2_": pipe.text_encoder_2}
     for key in [k for k in kohya if k.endswith(".lora_down.weight")]:
         name = key.removesuffix(".lora_down.weight")

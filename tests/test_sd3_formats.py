@@ -14,7 +14,7 @@ from diffusers.loaders.single_file_utils import (
 )
 
 from sd_lora.choices import TRANSFORMER_TARGET_GROUPS
-from sd_lora.formats import mmdit
+from sd_lora.formats import mmdit, sd3_checkpoint
 from sd_lora.formats.adapter_state import AdapterState, LohaModule, LoraModule
 from sd_lora.formats.kohya import (
     KohyaKeyError,
@@ -24,6 +24,7 @@ from sd_lora.formats.kohya import (
     module_tensors,
     to_kohya,
 )
+from sd_lora.formats.sd3_checkpoint import transformer_to_original
 from sd_lora.models.single_file import bundled_folder
 
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
@@ -251,27 +252,11 @@ def test_likely_cause_names_sd3_and_unet_files():
 
 
 def original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers SD3 state dict renamed by our tables: q/k/v rows concatenated, the
-    AdaLayerNormContinuous rows swapped. `pos_embed` is a buffer, not a layer: the one rename
-    outside the module table."""
-    out: dict[str, torch.Tensor] = {}
-    fused: dict[str, dict[int, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        if key == "pos_embed.pos_embed":
-            out["pos_embed"] = tensor
-            continue
-        module, param = key.rsplit(".", 1)
-        name = mmdit.original_name(module)
-        if name.part is not None:
-            fused.setdefault(f"{name.path}.{param}", {})[name.part] = tensor
-            continue
-        weight = state_dict[f"{module}.weight"]
-        if weight.dim() == 2 and mmdit.swaps_scale_shift(module, *weight.shape):
-            tensor = mmdit.swap_scale_shift(tensor)
-        out[f"{name.path}.{param}"] = tensor
-    for key, parts in fused.items():
-        out[key] = torch.cat([parts[i] for i in range(3)])
-    return out
+    """The library's diffusers -> original renaming (`sd3_checkpoint.transformer_to_original`,
+    which single-file writing and the ComfyUI/sd-scripts checks use), without its file prefix:
+    what diffusers' converter reads."""
+    prefix = sd3_checkpoint.TRANSFORMER_PREFIX
+    return {k.removeprefix(prefix): v for k, v in transformer_to_original(state_dict).items()}
 
 
 def test_diffusers_converter_gives_back_the_tiny_model(tiny):
