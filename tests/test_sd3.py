@@ -90,6 +90,7 @@ def test_tiny_sd3_trains_and_diffusers_loads_its_exports_like_the_trained_model(
     assert "lora_te2_text_model_encoder_layers_2_self_attn_out_proj.lora_up.weight" in kohya
     assert metadata["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
     assert metadata["ss_base_model_version"] == "5-medium"
+    assert metadata["ss_network_module"] == "networks.lora_sd3"  # sd-scripts' SD3 network
     assert "modelspec.prediction_type" not in metadata  # modelspec has no value for flow
     fresh = load_pipeline("tiny-sd3")
     comfyui_apply(fresh, kohya)

@@ -27,6 +27,8 @@ from sd_lora.formats.adapter_state import DORA_NORM_KEY, AdapterState
 
 LYCORIS_NETWORK_MODULE = "lycoris.kohya"
 NETWORK_MODULE = "networks.lora"
+# sd-scripts' SD3 LoRA is a module of its own (its network reads the fused qkv and lora_te1/2)
+NETWORK_MODULES = {"sd3": "networks.lora_sd3"}
 IMPLEMENTATION = {
     "sd1": "diffusers",
     "sd2": "diffusers",
@@ -140,7 +142,8 @@ def _network_keys(state: AdapterState) -> dict[str, str]:
         # which DoRA formula the magnitudes are for (adapter_state.DoraModule.norm_of)
         **({DORA_NORM_KEY: "base"} if for_comfyui else {}),
         # sd-scripts' own module for plain LoRA; LyCORIS' for LoHa/LoKr, as its files say
-        "ss_network_module": NETWORK_MODULE if kinds == {"lora"} else LYCORIS_NETWORK_MODULE,
+        "ss_network_module": (NETWORK_MODULES.get(state.family, NETWORK_MODULE)
+                              if kinds == {"lora"} else LYCORIS_NETWORK_MODULE),
         "ss_network_dim": str(_most_common([m.r for m in modules])),
         "ss_network_alpha": str(float(_most_common([float(m.r if m.alpha is None else m.alpha)
                                                      for m in modules]))),
