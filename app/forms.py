@@ -52,7 +52,7 @@ def build_request(*values) -> GenerateRequest:
             name, te, unet, blocks = tag[0], tag[1], tag[2], tag[3] or blocks
         where = f"adapter slot {i + 1} ({name})"
         adapters.append(adapter_setting(
-            name=str(name), unet=number(unet, f"{where}: UNet strength"),
+            name=str(name), unet=number(unet, f"{where}: UNet (SD3: transformer) strength"),
             te=number(te, f"{where}: text-encoder strength"),
             blocks=(blocks or "").strip() or None,
         ))

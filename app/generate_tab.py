@@ -124,7 +124,7 @@ class GenerateTab:
                                            allow_custom_value=True, elem_id=f"lora-{i}-name")
                         info = gr.Markdown(elem_id=f"lora-{i}-info", elem_classes=["slot-info"])
                     with gr.Column(scale=2, min_width=160):
-                        unet = gr.Slider(label="UNet strength", elem_id=f"lora-{i}-unet", **STRENGTH)
+                        unet = gr.Slider(label="UNet strength (SD3: transformer)", elem_id=f"lora-{i}-unet", **STRENGTH)
                         te = gr.Slider(label="Text-encoder strength", elem_id=f"lora-{i}-te", **STRENGTH)
                 self.slots.append(Slot(name, unet, te, None, None, info, preview))
         with gr.Accordion("Advanced: per-block weights", open=False, elem_id="gen-blocks-panel"):
