@@ -53,20 +53,12 @@ from sd_lora.models.text import (  # noqa: E402
     tokenize_all,
     tokenizers_of,
 )
+from tests.lora_helpers import fill_lora_B  # noqa: E402  (the tests' random up projections)
 
 
 def original_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The transformer's weights in the original MMDiT names, without the file prefix."""
     return {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in transformer_to_original(state).items()}
-
-
-def fill_lora_B(models, seed: int = 0, scale: float = 0.1) -> None:
-    """Random up projections (LoRA starts at lora_B = 0, which would change nothing)."""
-    generator = torch.Generator().manual_seed(seed)
-    for model in models:
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data = torch.randn(param.shape, generator=generator) * scale
 
 
 PROMPTS = ["a photo of a red cube on a table", "an oil painting of a lighthouse at dusk"]
